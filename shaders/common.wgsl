@@ -1,0 +1,90 @@
+// Shared prelude, prepended to every kernel by the host (src/gpu/kernels.rs) together with
+// the element alias (`alias elem = f32;` or `enable f16; alias elem = f16;`) and the tile
+// constants BQ, BK.
+//
+// Indexing model: a "virtual row" is one query block of one (batch, head) slice,
+// row = slice * q_blocks + qb. A dispatch chunk covers rows [row_base, row_base + row_count)
+// and score tiles [tile_base, tile_base + tile_count). Every tensor is bound as a window whose
+// first element has global index *_base, so a global index g lives at g - *_base.
+
+struct Params {
+    seq_q: u32,
+    seq_kv: u32,
+    head_dim: u32,
+    heads: u32,
+    kv_heads: u32,
+    q_blocks: u32,
+    k_blocks: u32,
+    shared_pattern: u32,
+    nnz_per_slice: u32,
+    row_base: u32,
+    row_count: u32,
+    tile_base: u32,
+    tile_count: u32,
+    q_base: u32,
+    kv_base: u32,
+    o_base: u32,
+    scores_base: u32,
+    stats_base: u32,
+    off_row_ptr: u32,
+    off_col_idx: u32,
+    off_mask_of: u32,
+    off_blk_row: u32,
+    off_masks: u32,
+    d_chunks: u32,
+    scale: f32,
+    alpha: f32,
+    exponent: f32,
+    tolerance: f32,
+    max_iterations: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+const FULL_BLOCK: u32 = 0xffffffffu;
+// Finite sentinel for "no score yet" (no ±inf literals in WGSL).
+const NEG_BIG: f32 = -3.0e38;
+
+// Linear workgroup id of a 2D dispatch (x is capped at the adapter's per-dimension limit).
+fn linear_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.y * nwg.x + wid.x;
+}
+
+fn slice_of_row(row: u32) -> u32 {
+    return row / params.q_blocks;
+}
+
+fn kv_slice_of(slice: u32) -> u32 {
+    let group = params.heads / params.kv_heads;
+    return (slice / params.heads) * params.kv_heads + (slice % params.heads) / group;
+}
+
+// First and one-past-last stored block (pattern-local index) of virtual row `row`.
+fn row_block_range(row: u32) -> vec2<u32> {
+    let slice = slice_of_row(row);
+    let qb = row % params.q_blocks;
+    let prow = select(slice * params.q_blocks + qb, qb, params.shared_pattern == 1u);
+    return vec2<u32>(pat[params.off_row_ptr + prow], pat[params.off_row_ptr + prow + 1u]);
+}
+
+// Global score-tile index of pattern-local block `b` used by `slice`.
+fn tile_of(slice: u32, b: u32) -> u32 {
+    return select(b, slice * params.nnz_per_slice + b, params.shared_pattern == 1u);
+}
+
+// Whether element (r, c) of stored block `b` (query block qb) is an allowed pair.
+fn allowed(b: u32, qb: u32, r: u32, c: u32) -> bool {
+    let i = qb * BQ + r;
+    let j = pat[params.off_col_idx + b] * BK + c;
+    if (i >= params.seq_q || j >= params.seq_kv) {
+        return false;
+    }
+    let m = pat[params.off_mask_of + b];
+    if (m == FULL_BLOCK) {
+        return true;
+    }
+    let words_per_row = (BK + 31u) / 32u;
+    let word = pat[params.off_masks + m + r * words_per_row + c / 32u];
+    return ((word >> (c % 32u)) & 1u) == 1u;
+}

@@ -1,0 +1,112 @@
+// Row α-entmax over the pattern's allowed entries: p_i = [z_i - τ]₊^e with z = (α-1)(s - max),
+// e = 1/(α-1), Σp = 1. τ is found by Halley's method inside a maintained bracket
+// [-1, -(1/n)^(α-1)], falling back to bisection when a step leaves the bracket or is not
+// finite; stops on |Σp - 1| <= tolerance, a step or bracket below 1e-7, or max_iterations.
+// The final p is renormalised by its sum. Masked entries and empty rows are 0.
+
+fn pow_e(x: f32) -> f32 {
+    // Exact fast paths for sparsemax (e = 1) and 1.5-entmax (e = 2).
+    if (params.exponent == 1.0) {
+        return x;
+    }
+    if (params.exponent == 2.0) {
+        return x * x;
+    }
+    return exp2(params.exponent * log2(x));
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let w = linear_workgroup(wid, nwg);
+    if (w >= params.row_count * BQ) {
+        return;
+    }
+    let ctx = row_ctx(w);
+    if (ctx.qb * BQ + ctx.r >= params.seq_q) {
+        return;
+    }
+    let mc = row_max_count(ctx, lid);
+    let m = mc.x;
+    let n = mc.y;
+    let am1 = params.alpha - 1.0;
+    let e = params.exponent;
+
+    var lo = -1.0;
+    var hi = -exp2(am1 * log2(1.0 / max(n, 1.0)));
+    var tau = lo;
+    var iterations = 0u;
+    if (n > 0.0) {
+        loop {
+            var s0 = 0.0;
+            var s1 = 0.0;
+            var s2 = 0.0;
+            for (var el = lid; el < ctx.len; el += NT) {
+                if (element_allowed(ctx, el)) {
+                    let x = am1 * (scores[score_index(ctx, el)] - m) - tau;
+                    if (x > 0.0) {
+                        let px = pow_e(x);
+                        s0 += px;
+                        s1 += px / x;
+                        s2 += px / (x * x);
+                    }
+                }
+            }
+            let sums = reduce_sum(lid, vec4<f32>(s0, s1, s2, 0.0));
+            iterations += 1u;
+            let f = sums.x - 1.0;
+            if (abs(f) <= params.tolerance || iterations >= params.max_iterations) {
+                break;
+            }
+            if (f > 0.0) {
+                lo = tau;
+            } else {
+                hi = tau;
+            }
+            // f' = -e Σx^(e-1), f'' = e(e-1) Σx^(e-2); Halley: τ - 2ff'/(2f'² - ff'').
+            let d1 = -e * sums.y;
+            let d2 = e * (e - 1.0) * sums.z;
+            let denom = 2.0 * d1 * d1 - f * d2;
+            var next = 0.5 * (lo + hi);
+            var halley = false;
+            if (denom > 0.0 && denom < 3.0e38) {
+                let t = tau - 2.0 * f * d1 / denom;
+                if (t > lo && t < hi) {
+                    next = t;
+                    halley = true;
+                }
+            }
+            let step = abs(next - tau);
+            tau = next;
+            if ((halley && step <= 1e-7) || hi - lo <= 1e-7) {
+                break;
+            }
+        }
+    }
+    // Final probabilities, renormalised so Σp = 1 despite τ's last-ulp error.
+    var s = 0.0;
+    for (var el = lid; el < ctx.len; el += NT) {
+        if (element_allowed(ctx, el)) {
+            let x = am1 * (scores[score_index(ctx, el)] - m) - tau;
+            if (x > 0.0) {
+                s += pow_e(x);
+            }
+        }
+    }
+    let total = reduce_sum(lid, vec4<f32>(s, 0.0, 0.0, 0.0)).x;
+    var support = 0.0;
+    for (var el = lid; el < ctx.len; el += NT) {
+        let at = score_index(ctx, el);
+        var p = 0.0;
+        if (element_allowed(ctx, el) && total > 0.0) {
+            let x = am1 * (scores[at] - m) - tau;
+            if (x > 0.0) {
+                p = pow_e(x) / total;
+            }
+        }
+        support += select(0.0, 1.0, p > 0.0);
+        scores[at] = p;
+    }
+    let cnt = reduce_sum(lid, vec4<f32>(support, 0.0, 0.0, 0.0)).x;
+    write_stats(w, lid, u32(cnt), iterations);
+}

@@ -1,0 +1,509 @@
+//! `Engine`: the entry type. Owns (or shares) a device, caches pipelines, and offers three
+//! layers: `plan` (pure) → `encode` (records into the caller's encoder) → `attention` (uploads,
+//! submits and reads back).
+
+use super::device::{self, Capabilities};
+use super::kernels::{Kernel, KernelCache, KernelKey, KernelKind};
+use super::plan::{self, DType, Plan, PlanLimits, PlanOptions, Window};
+use crate::error::{Error, Result};
+use crate::pattern::BlockPattern;
+use crate::shape::validate_qkv;
+use crate::{AttentionShape, Normalizer};
+use ndarray::{Array2, Array3, Array4, ArrayView4};
+use wgpu::util::DeviceExt;
+
+/// Options of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionOptions {
+    pub normalizer: Normalizer,
+    /// Score scale; `None` = `1/sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    pub dtype: DType,
+    /// Also return the normalised probabilities in the pattern's layout.
+    pub return_probabilities: bool,
+    /// Also return per-row support sizes and entmax iteration counts.
+    pub return_row_stats: bool,
+    /// Entmax: stop when |Σp − 1| falls below this.
+    pub tolerance: f32,
+    /// Entmax: iteration cap of the threshold search.
+    pub max_iterations: u32,
+}
+
+impl Default for AttentionOptions {
+    fn default() -> Self {
+        Self {
+            normalizer: Normalizer::Softmax,
+            scale: None,
+            dtype: DType::F32,
+            return_probabilities: false,
+            return_row_stats: false,
+            tolerance: 1e-6,
+            max_iterations: 50,
+        }
+    }
+}
+
+impl AttentionOptions {
+    pub fn new(normalizer: Normalizer) -> Self {
+        Self { normalizer, ..Self::default() }
+    }
+}
+
+/// Probabilities in the pattern's layout: tile `t` holds block `b` of slice `s` at
+/// `t = s * nnz + b` (shared pattern) or `t = b` (per-slice pattern), each `block_q × block_k`.
+#[derive(Clone, Debug)]
+pub struct SparseProbabilities {
+    pub block_q: u32,
+    pub block_k: u32,
+    pub tiles: Vec<f32>,
+}
+
+impl SparseProbabilities {
+    /// Dense `[seq_q, seq_kv]` probabilities of problem slice `slice` (tests, small problems).
+    pub fn to_dense(&self, pattern: &BlockPattern, slice: usize) -> Array2<f32> {
+        let (bq, bk) = (self.block_q as usize, self.block_k as usize);
+        let ps = pattern.pattern_slice(slice);
+        let tile_offset = if pattern.slices() == 1 { slice * pattern.nnz() } else { 0 };
+        let mut dense = Array2::zeros((pattern.seq_q() as usize, pattern.seq_kv() as usize));
+        for qb in 0..pattern.q_blocks() as usize {
+            for b in pattern.row_blocks(ps, qb) {
+                let kb = pattern.col_idx()[b] as usize;
+                let tile = &self.tiles[(tile_offset + b) * bq * bk..][..bq * bk];
+                for r in 0..bq {
+                    for c in 0..bk {
+                        let (i, j) = (qb * bq + r, kb * bk + c);
+                        if i < dense.nrows() && j < dense.ncols() {
+                            dense[[i, j]] = tile[r * bk + c];
+                        }
+                    }
+                }
+            }
+        }
+        dense
+    }
+}
+
+/// Per query row: support size (entries with p > 0) and threshold-search iterations.
+#[derive(Clone, Debug)]
+pub struct RowStats {
+    /// `[slices, seq_q]`.
+    pub support: Array2<u32>,
+    /// `[slices, seq_q]`; 0 for softmax.
+    pub iterations: Array2<u32>,
+}
+
+/// Output of [`Engine::attention_with`].
+#[derive(Clone, Debug)]
+pub struct AttentionOutput {
+    pub o: Array4<f32>,
+    pub probabilities: Option<SparseProbabilities>,
+    pub row_stats: Option<RowStats>,
+}
+
+/// A pattern uploaded for the kernels (see [`plan::pack_pattern`]).
+#[derive(Debug)]
+pub struct GpuPattern {
+    pub buffer: wgpu::Buffer,
+    pub layout: plan::PackedPatternLayout,
+}
+
+/// Scratch for the three-kernel path: score tiles of the largest chunk, and row stats.
+#[derive(Debug)]
+pub struct Workspace {
+    pub scores: wgpu::Buffer,
+    pub stats: wgpu::Buffer,
+}
+
+/// The caller's tensors for [`Engine::encode`], in the plan's dtype, row-major as in DESIGN.md,
+/// with STORAGE usage.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionBuffers<'a> {
+    pub q: &'a wgpu::Buffer,
+    pub k: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    pub o: &'a wgpu::Buffer,
+}
+
+/// Binds `w` of `buf`, clipped to the buffer's end.
+fn bind(buf: &wgpu::Buffer, w: Window) -> wgpu::BindingResource<'_> {
+    let size = w.size.min(buf.size().saturating_sub(w.offset));
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: buf, offset: w.offset, size: std::num::NonZeroU64::new(size) })
+}
+
+/// The engine. Create with [`Engine::new`] (default adapter) or [`Engine::from_wgpu`].
+#[derive(Debug)]
+pub struct Engine {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    caps: Capabilities,
+    plan_limits: PlanLimits,
+    kernels: KernelCache,
+}
+
+impl Engine {
+    /// Best adapter (discrete → integrated → CPU), or the one `SPARSE_ATTN_ADAPTER` names.
+    pub fn new() -> Result<Self> {
+        let filter = std::env::var(device::ENV_ADAPTER).ok().filter(|s| !s.is_empty());
+        Self::with_adapter(filter.as_deref())
+    }
+
+    /// Like [`Engine::new`] with an explicit adapter filter (backend name or name substring).
+    pub fn with_adapter(filter: Option<&str>) -> Result<Self> {
+        let adapter = device::choose_adapter(filter)?;
+        let limits = adapter.limits();
+        device::required_limits_check(&limits)?;
+        let features = device::wanted_features(adapter.features());
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("sparse-attn device"),
+            required_features: features,
+            required_limits: limits,
+            ..Default::default()
+        }))?;
+        Self::from_wgpu(device, queue)
+    }
+
+    /// Shares the caller's device and queue. Fails if the device lacks a required limit.
+    pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        let limits = device.limits();
+        device::required_limits_check(&limits)?;
+        let caps = device::capabilities(device.features());
+        let info = device.adapter_info();
+        tracing::info!(adapter = %info.name, backend = ?info.backend, ?caps, "sparse-attn engine ready");
+        Ok(Self { plan_limits: PlanLimits::from_wgpu(&limits), device, queue, info, caps, kernels: KernelCache::default() })
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+    pub fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+    pub fn plan_limits(&self) -> PlanLimits {
+        self.plan_limits
+    }
+
+    /// Lowers the limits the planner uses (never above the device's): forces chunking in tests.
+    pub fn set_plan_limits(&mut self, limits: PlanLimits) {
+        let dev = PlanLimits::from_wgpu(&self.device.limits());
+        self.plan_limits = PlanLimits {
+            max_binding_bytes: limits.max_binding_bytes.min(dev.max_binding_bytes),
+            max_workgroups_per_dim: limits.max_workgroups_per_dim.clamp(1, dev.max_workgroups_per_dim),
+            binding_alignment: limits.binding_alignment.max(dev.binding_alignment),
+            max_buffer_bytes: limits.max_buffer_bytes.min(dev.max_buffer_bytes),
+        };
+    }
+
+    /// Number of compiled pipelines (for tests of the cache).
+    pub fn compiled_pipelines(&self) -> usize {
+        self.kernels.len()
+    }
+
+    fn plan_options(&self, shape: &AttentionShape, opts: &AttentionOptions) -> Result<PlanOptions> {
+        if opts.dtype == DType::F16 && !self.caps.f16 {
+            return Err(Error::Unsupported(format!(
+                "f16 storage needs SHADER_F16, which adapter `{}` lacks (or {} is set)",
+                self.info.name,
+                device::ENV_NO_F16
+            )));
+        }
+        if !(opts.tolerance > 0.0) || opts.max_iterations == 0 {
+            return Err(Error::Normalizer("entmax tolerance must be > 0 and max_iterations >= 1".into()));
+        }
+        Ok(PlanOptions {
+            normalizer: opts.normalizer,
+            scale: opts.scale.unwrap_or_else(|| shape.default_scale()),
+            dtype: opts.dtype,
+            tolerance: opts.tolerance,
+            max_iterations: opts.max_iterations,
+        })
+    }
+
+    /// Plans a call (pure; no GPU work).
+    pub fn plan(&self, shape: &AttentionShape, pattern: &BlockPattern, opts: &AttentionOptions) -> Result<Plan> {
+        let p = self.plan_options(shape, opts)?;
+        plan::plan_three_kernel(shape, pattern, &p, &self.plan_limits)
+    }
+
+    /// Uploads a pattern once; reuse it across calls with the same pattern.
+    pub fn upload_pattern(&self, pattern: &BlockPattern) -> GpuPattern {
+        let words = plan::pack_pattern(pattern);
+        let buffer = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("sparse-attn pattern"),
+            contents: bytemuck::cast_slice(&words),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        GpuPattern { buffer, layout: plan::PackedPatternLayout::of(pattern) }
+    }
+
+    /// Scratch buffers sized for `plan`.
+    pub fn create_workspace(&self, plan: &Plan) -> Workspace {
+        let slices = plan.shape.slices() as u64;
+        let rows = slices * plan.shape.seq_q.div_ceil(plan.block_q as usize) as u64 * plan.block_q as u64;
+        Workspace {
+            scores: self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("sparse-attn scores scratch"),
+                size: plan.scratch_bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            }),
+            stats: self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("sparse-attn row stats"),
+                size: (rows * 2 * 4).max(4),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            }),
+        }
+    }
+
+    fn kernel(&self, kind: KernelKind, plan: &Plan) -> std::sync::Arc<Kernel> {
+        let d_chunk = if kind == KernelKind::Spmm { plan.d_chunk } else { 0 };
+        self.kernels.get(
+            &self.device,
+            KernelKey { kind, dtype: plan.dtype, block_q: plan.block_q, block_k: plan.block_k, d_chunk },
+        )
+    }
+
+    /// Compiles every pipeline `plan` needs (so the hot path compiles nothing).
+    pub fn prepare(&self, plan: &Plan) {
+        for kind in [KernelKind::Sddmm, self.normalize_kind(plan), KernelKind::Spmm] {
+            self.kernel(kind, plan);
+        }
+    }
+
+    fn normalize_kind(&self, plan: &Plan) -> KernelKind {
+        match plan.normalizer {
+            Normalizer::Softmax => KernelKind::NormalizeSoftmax,
+            _ => KernelKind::NormalizeEntmax,
+        }
+    }
+
+    /// Records the three-kernel path for `plan` into `encoder`. With `probabilities`, each
+    /// chunk's normalised tiles are copied there (size `plan.total_tiles * bq * bk * 4`).
+    pub fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        plan: &Plan,
+        buffers: AttentionBuffers<'_>,
+        pattern: &GpuPattern,
+        workspace: &Workspace,
+        probabilities: Option<&wgpu::Buffer>,
+    ) -> Result<()> {
+        if pattern.layout != plan.layout {
+            return Err(Error::Shape("the uploaded pattern is not the one the plan was made for".into()));
+        }
+        let s = &plan.shape;
+        let eb = plan.dtype.bytes();
+        let need_q = (s.slices() * s.seq_q * s.head_dim) as u64 * eb;
+        let need_kv = (s.batch * s.kv_heads * s.seq_kv * s.head_dim) as u64 * eb;
+        for (name, buf, need) in [("q", buffers.q, need_q), ("k", buffers.k, need_kv), ("v", buffers.v, need_kv), ("o", buffers.o, need_q)] {
+            if buf.size() < need {
+                return Err(Error::Shape(format!("buffer `{name}` has {} bytes, the plan needs {need}", buf.size())));
+            }
+        }
+        if workspace.scores.size() < plan.scratch_bytes {
+            return Err(Error::Shape("workspace was created for a smaller plan".into()));
+        }
+        let tile_bytes = (plan.block_q * plan.block_k) as u64 * 4;
+        let sddmm = self.kernel(KernelKind::Sddmm, plan);
+        let normalize = self.kernel(self.normalize_kind(plan), plan);
+        let spmm = self.kernel(KernelKind::Spmm, plan);
+        for (ci, chunk) in plan.chunks.iter().enumerate() {
+            let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("sparse-attn params"),
+                contents: bytemuck::bytes_of(&chunk.params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+            let scores_size = ((chunk.tiles.end - chunk.tiles.start) as u64 * tile_bytes).max(tile_bytes);
+            let scores = Window { offset: 0, size: scores_size, base: chunk.params.scores_base };
+            let group = |k: &Kernel, resources: Vec<wgpu::BindingResource>| {
+                let entries: Vec<wgpu::BindGroupEntry> =
+                    resources.into_iter().enumerate().map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource }).collect();
+                self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(&format!("sparse-attn {} chunk {ci}", k.key.kind.name())),
+                    layout: &k.layout,
+                    entries: &entries,
+                })
+            };
+            let params = uniform.as_entire_binding();
+            let pat = pattern.buffer.as_entire_binding();
+            let passes = [
+                (
+                    &sddmm,
+                    group(&sddmm, vec![params.clone(), bind(buffers.q, chunk.q), bind(buffers.k, chunk.kv), pat.clone(), bind(&workspace.scores, scores)]),
+                    chunk.sddmm,
+                ),
+                (
+                    &normalize,
+                    group(&normalize, vec![params.clone(), pat.clone(), bind(&workspace.scores, scores), bind(&workspace.stats, chunk.stats)]),
+                    chunk.normalize,
+                ),
+                (
+                    &spmm,
+                    group(&spmm, vec![params.clone(), bind(buffers.v, chunk.kv), pat.clone(), bind(&workspace.scores, scores), bind(buffers.o, chunk.o)]),
+                    chunk.spmm,
+                ),
+            ];
+            for (stage, (kernel, bind_group, grid)) in passes.iter().enumerate() {
+                if !grid.is_empty() {
+                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some(kernel.key.kind.name()),
+                        timestamp_writes: None,
+                    });
+                    pass.set_pipeline(&kernel.pipeline);
+                    pass.set_bind_group(0, bind_group, &[]);
+                    pass.dispatch_workgroups(grid.x, grid.y, 1);
+                }
+                if stage == 1 {
+                    if let Some(dst) = probabilities {
+                        let n = (chunk.tiles.end - chunk.tiles.start) as u64 * tile_bytes;
+                        if n > 0 {
+                            encoder.copy_buffer_to_buffer(&workspace.scores, 0, dst, chunk.tiles.start as u64 * tile_bytes, n);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn upload(&self, label: &str, a: &ArrayView4<f32>, dtype: DType, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        let data: Vec<f32> = a.iter().copied().collect();
+        let mut bytes: Vec<u8> = match dtype {
+            DType::F32 => bytemuck::cast_slice(&data).to_vec(),
+            DType::F16 => {
+                let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                bytemuck::cast_slice(&h).to_vec()
+            }
+        };
+        bytes.resize(bytes.len().div_ceil(4) * 4, 0);
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents: &bytes, usage })
+    }
+
+    /// Attention with the default options for `normalizer` (softmax or entmax), f32 storage.
+    pub fn attention<'a>(
+        &self,
+        q: impl Into<ArrayView4<'a, f32>>,
+        k: impl Into<ArrayView4<'a, f32>>,
+        v: impl Into<ArrayView4<'a, f32>>,
+        pattern: &BlockPattern,
+        normalizer: Normalizer,
+    ) -> Result<Array4<f32>> {
+        Ok(self.attention_with(q, k, v, pattern, &AttentionOptions::new(normalizer))?.o)
+    }
+
+    /// Attention with explicit options; optionally returns probabilities and row stats.
+    pub fn attention_with<'a>(
+        &self,
+        q: impl Into<ArrayView4<'a, f32>>,
+        k: impl Into<ArrayView4<'a, f32>>,
+        v: impl Into<ArrayView4<'a, f32>>,
+        pattern: &BlockPattern,
+        opts: &AttentionOptions,
+    ) -> Result<AttentionOutput> {
+        let (q, k, v) = (q.into(), k.into(), v.into());
+        let shape = validate_qkv(&q, &k, &v)?;
+        if opts.dtype == DType::F16 {
+            for (name, a) in [("q", &q), ("k", &k), ("v", &v)] {
+                if let Some((index, &value)) = a.iter().enumerate().find(|(_, x)| x.abs() > half::f16::MAX.to_f32()) {
+                    return Err(Error::Unsupported(format!("{name}[{index}] = {value} is outside the f16 range (±65504)")));
+                }
+            }
+        }
+        let plan = self.plan(&shape, pattern, opts)?;
+        self.prepare(&plan);
+        let storage = wgpu::BufferUsages::STORAGE;
+        let qb = self.upload("sparse-attn q", &q, opts.dtype, storage);
+        let kb = self.upload("sparse-attn k", &k, opts.dtype, storage);
+        let vb = self.upload("sparse-attn v", &v, opts.dtype, storage);
+        let o_elems = (shape.slices() * shape.seq_q * shape.head_dim) as u64;
+        let o_bytes = (o_elems * opts.dtype.bytes()).div_ceil(4) * 4;
+        let ob = self.buffer("sparse-attn o", o_bytes, storage | wgpu::BufferUsages::COPY_SRC);
+        let gpu_pattern = self.upload_pattern(pattern);
+        let ws = self.create_workspace(&plan);
+        let tile_bytes = (plan.block_q * plan.block_k) as u64 * 4;
+        let probs = opts.return_probabilities.then(|| {
+            self.buffer("sparse-attn probabilities", (plan.total_tiles * tile_bytes).max(4), wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ)
+        });
+
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sparse-attn attention") });
+        self.encode(&mut encoder, &plan, AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob }, &gpu_pattern, &ws, probs.as_ref())?;
+        let o_read = self.buffer("sparse-attn o readback", o_bytes, wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ);
+        encoder.copy_buffer_to_buffer(&ob, 0, &o_read, 0, o_bytes);
+        let stats_read = opts.return_row_stats.then(|| {
+            let b = self.buffer("sparse-attn stats readback", ws.stats.size(), wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ);
+            encoder.copy_buffer_to_buffer(&ws.stats, 0, &b, 0, ws.stats.size());
+            b
+        });
+        self.queue.submit([encoder.finish()]);
+        if let Some(e) = pollster::block_on(oom.pop()) {
+            return Err(Error::Gpu(format!("out of memory: {e}")));
+        }
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(e.to_string()));
+        }
+
+        let raw = self.read_buffer(&o_read)?;
+        let o_flat: Vec<f32> = match opts.dtype {
+            DType::F32 => bytemuck::cast_slice::<u8, f32>(&raw)[..o_elems as usize].to_vec(),
+            DType::F16 => bytemuck::cast_slice::<u8, half::f16>(&raw)[..o_elems as usize].iter().map(|x| x.to_f32()).collect(),
+        };
+        let o = Array4::from_shape_vec((shape.batch, shape.heads, shape.seq_q, shape.head_dim), o_flat)
+            .map_err(|e| Error::Gpu(format!("readback shape: {e}")))?;
+        let probabilities = match probs {
+            Some(b) => {
+                let raw = self.read_buffer(&b)?;
+                let mut tiles: Vec<f32> = bytemuck::cast_slice(&raw).to_vec();
+                tiles.truncate((plan.total_tiles * (plan.block_q * plan.block_k) as u64) as usize);
+                Some(SparseProbabilities { block_q: plan.block_q, block_k: plan.block_k, tiles })
+            }
+            None => None,
+        };
+        let row_stats = match stats_read {
+            Some(b) => {
+                let raw = self.read_buffer(&b)?;
+                let words: &[u32] = bytemuck::cast_slice(&raw);
+                let padded = shape.seq_q.div_ceil(plan.block_q as usize) * plan.block_q as usize;
+                let pick = |field: usize| {
+                    Array3::from_shape_fn((shape.slices(), padded, 1), |(s, i, _)| words[2 * (s * padded + i) + field])
+                        .slice_move(ndarray::s![.., ..shape.seq_q, 0])
+                };
+                Some(RowStats { support: pick(0), iterations: pick(1) })
+            }
+            None => None,
+        };
+        Ok(AttentionOutput { o, probabilities, row_stats })
+    }
+
+    fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: size.max(4), usage, mapped_at_creation: false })
+    }
+
+    /// Maps a MAP_READ buffer and copies its bytes out (waits for the GPU).
+    pub fn read_buffer(&self, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        buffer.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+        rx.recv()
+            .map_err(|e| Error::Gpu(format!("map callback dropped: {e}")))?
+            .map_err(|e| Error::Gpu(format!("map failed: {e}")))?;
+        let bytes = buffer.get_mapped_range(..).map_err(|e| Error::Gpu(format!("mapped range: {e}")))?.to_vec();
+        buffer.unmap();
+        Ok(bytes)
+    }
+
+    /// Waits until all submitted work finished (for benchmarks).
+    pub fn wait_idle(&self) -> Result<()> {
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(|e| Error::Gpu(format!("poll: {e}")))
+    }
+}

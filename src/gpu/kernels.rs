@@ -1,0 +1,178 @@
+//! Shader sources, explicit bind-group layouts, and the pipeline cache (one compile per key).
+
+use super::plan::DType;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+const COMMON: &str = include_str!("../../shaders/common.wgsl");
+const NORMALIZE_COMMON: &str = include_str!("../../shaders/normalize_common.wgsl");
+
+/// The kernels of the three-kernel path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelKind {
+    Sddmm,
+    NormalizeSoftmax,
+    NormalizeEntmax,
+    Spmm,
+}
+
+/// How a binding is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Uniform,
+    Read,
+    ReadWrite,
+}
+
+impl KernelKind {
+    pub const ALL: [KernelKind; 4] = [KernelKind::Sddmm, KernelKind::NormalizeSoftmax, KernelKind::NormalizeEntmax, KernelKind::Spmm];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelKind::Sddmm => "sddmm",
+            KernelKind::NormalizeSoftmax => "normalize_softmax",
+            KernelKind::NormalizeEntmax => "normalize_entmax",
+            KernelKind::Spmm => "spmm",
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            KernelKind::Sddmm => include_str!("../../shaders/sddmm.wgsl"),
+            KernelKind::NormalizeSoftmax => include_str!("../../shaders/normalize_softmax.wgsl"),
+            KernelKind::NormalizeEntmax => include_str!("../../shaders/normalize_entmax.wgsl"),
+            KernelKind::Spmm => include_str!("../../shaders/spmm.wgsl"),
+        }
+    }
+
+    /// The bindings, in order, as the shader declares them.
+    pub fn bindings(self) -> &'static [Access] {
+        use Access::*;
+        match self {
+            // params, q, k, pattern, scores
+            KernelKind::Sddmm => &[Uniform, Read, Read, Read, ReadWrite],
+            // params, pattern, scores, stats
+            KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax => &[Uniform, Read, ReadWrite, ReadWrite],
+            // params, v, pattern, scores, o
+            KernelKind::Spmm => &[Uniform, Read, Read, Read, ReadWrite],
+        }
+    }
+}
+
+/// Everything that changes a compiled pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelKey {
+    pub kind: KernelKind,
+    pub dtype: DType,
+    pub block_q: u32,
+    pub block_k: u32,
+    /// SpMM output columns per workgroup (unused elsewhere; 0).
+    pub d_chunk: u32,
+}
+
+/// Full WGSL for a key: element alias, tile constants, the common prelude, the kernel.
+pub fn shader_source(key: &KernelKey) -> String {
+    let mut s = String::new();
+    match key.dtype {
+        DType::F32 => s.push_str("alias elem = f32;\n"),
+        DType::F16 => s.push_str("enable f16;\nalias elem = f16;\n"),
+    }
+    s.push_str(&format!(
+        "const BQ: u32 = {}u;\nconst BK: u32 = {}u;\nconst DCH: u32 = {}u;\n",
+        key.block_q,
+        key.block_k,
+        key.d_chunk.max(16)
+    ));
+    s.push_str(COMMON);
+    if matches!(key.kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax) {
+        s.push_str(NORMALIZE_COMMON);
+    }
+    s.push_str(key.kind.body());
+    s
+}
+
+/// A compiled pipeline with its bind-group layout.
+#[derive(Debug)]
+pub struct Kernel {
+    pub key: KernelKey,
+    pub layout: wgpu::BindGroupLayout,
+    pub pipeline: wgpu::ComputePipeline,
+}
+
+/// Pipelines compiled once per key.
+#[derive(Debug, Default)]
+pub struct KernelCache {
+    map: Mutex<HashMap<KernelKey, Arc<Kernel>>>,
+}
+
+impl KernelCache {
+    pub fn get(&self, device: &wgpu::Device, key: KernelKey) -> Arc<Kernel> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key).or_insert_with(|| Arc::new(compile(device, key))).clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn compile(device: &wgpu::Device, key: KernelKey) -> Kernel {
+    let label = format!("sparse-attn {} {:?} {}x{} dch{}", key.kind.name(), key.dtype, key.block_q, key.block_k, key.d_chunk);
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = key
+        .kind
+        .bindings()
+        .iter()
+        .enumerate()
+        .map(|(i, access)| wgpu::BindGroupLayoutEntry {
+            binding: i as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: match access {
+                    Access::Uniform => wgpu::BufferBindingType::Uniform,
+                    Access::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                    Access::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(&label), entries: &entries });
+    let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(&label),
+        bind_group_layouts: &[Some(&layout)],
+        immediate_size: 0,
+    });
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(&label),
+        source: wgpu::ShaderSource::Wgsl(shader_source(&key).into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(&label),
+        layout: Some(&pipeline_layout),
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    Kernel { key, layout, pipeline }
+}
+
+/// Every (kind, dtype) source at one representative tile, for offline validation with naga.
+pub fn all_shader_sources() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for kind in KernelKind::ALL {
+        for dtype in [DType::F32, DType::F16] {
+            for (bq, bk) in [(16, 16), (32, 64), (128, 128)] {
+                let key = KernelKey { kind, dtype, block_q: bq, block_k: bk, d_chunk: 64 };
+                out.push((format!("{} {:?} {bq}x{bk}", kind.name(), dtype), shader_source(&key)));
+            }
+        }
+    }
+    out
+}

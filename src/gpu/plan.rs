@@ -1,0 +1,414 @@
+//! Planning: pure (no device). Validates a problem against the adapter's limits, picks tile
+//! parameters and splits the work into chunks whose bindings and dispatches fit the limits.
+
+use crate::error::{Error, Result};
+use crate::pattern::BlockPattern;
+use crate::{AttentionShape, Normalizer};
+
+/// Storage element type of Q, K, V and O (accumulation is always f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum DType {
+    F32,
+    F16,
+}
+
+impl DType {
+    pub fn bytes(self) -> u64 {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+/// The device limits the planner obeys. `Engine` fills these from the device; tests may lower
+/// them to force chunking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanLimits {
+    /// `max_storage_buffer_binding_size`.
+    pub max_binding_bytes: u64,
+    /// `max_compute_workgroups_per_dimension`.
+    pub max_workgroups_per_dim: u32,
+    /// `min_storage_buffer_offset_alignment`.
+    pub binding_alignment: u64,
+    /// `max_buffer_size`.
+    pub max_buffer_bytes: u64,
+}
+
+impl PlanLimits {
+    pub fn from_wgpu(l: &wgpu::Limits) -> Self {
+        Self {
+            max_binding_bytes: l.max_storage_buffer_binding_size as u64,
+            max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
+            binding_alignment: l.min_storage_buffer_offset_alignment as u64,
+            max_buffer_bytes: l.max_buffer_size,
+        }
+    }
+}
+
+/// A byte window of a buffer bound for one chunk; `base` is the global element index of its
+/// first element (what the shader subtracts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub offset: u64,
+    pub size: u64,
+    pub base: u32,
+}
+
+impl Window {
+    /// Window covering global elements `[lo, hi)` of `elem` bytes each, aligned down to `align`.
+    fn covering(lo: u64, hi: u64, elem: u64, align: u64) -> Self {
+        let offset = (lo * elem) / align * align;
+        let size = (hi.max(lo + 1) * elem - offset).div_ceil(4) * 4;
+        Window { offset, size, base: (offset / elem) as u32 }
+    }
+}
+
+/// The uniform block every kernel reads (mirrors `Params` in shaders/common.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    pub seq_q: u32,
+    pub seq_kv: u32,
+    pub head_dim: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub q_blocks: u32,
+    pub k_blocks: u32,
+    pub shared_pattern: u32,
+    pub nnz_per_slice: u32,
+    pub row_base: u32,
+    pub row_count: u32,
+    pub tile_base: u32,
+    pub tile_count: u32,
+    pub q_base: u32,
+    pub kv_base: u32,
+    pub o_base: u32,
+    pub scores_base: u32,
+    pub stats_base: u32,
+    pub off_row_ptr: u32,
+    pub off_col_idx: u32,
+    pub off_mask_of: u32,
+    pub off_blk_row: u32,
+    pub off_masks: u32,
+    pub d_chunks: u32,
+    pub scale: f32,
+    pub alpha: f32,
+    pub exponent: f32,
+    pub tolerance: f32,
+    pub max_iterations: u32,
+    pub pad: [u32; 3],
+}
+
+/// Offsets (in u32 words) of the pattern arrays packed into one storage buffer:
+/// `[row_ptr | col_idx | mask_of | blk_row | masks]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackedPatternLayout {
+    pub row_ptr: u32,
+    pub col_idx: u32,
+    pub mask_of: u32,
+    pub blk_row: u32,
+    pub masks: u32,
+    pub words: u32,
+}
+
+impl PackedPatternLayout {
+    pub fn of(p: &BlockPattern) -> Self {
+        let row_ptr = 0u32;
+        let col_idx = p.row_ptr().len() as u32;
+        let mask_of = col_idx + p.nnz() as u32;
+        let blk_row = mask_of + p.nnz() as u32;
+        let masks = blk_row + p.nnz() as u32;
+        // At least one word so the binding is never empty.
+        let words = masks + (p.masks().len() as u32).max(1);
+        Self { row_ptr, col_idx, mask_of, blk_row, masks, words }
+    }
+}
+
+/// Packs a pattern for upload (layout per [`PackedPatternLayout::of`]).
+pub fn pack_pattern(p: &BlockPattern) -> Vec<u32> {
+    let layout = PackedPatternLayout::of(p);
+    let mut words = Vec::with_capacity(layout.words as usize);
+    words.extend_from_slice(p.row_ptr());
+    words.extend_from_slice(p.col_idx());
+    words.extend_from_slice(p.mask_of());
+    for (row, w) in p.row_ptr().windows(2).enumerate() {
+        words.extend(std::iter::repeat_n(row as u32, (w[1] - w[0]) as usize));
+    }
+    words.extend_from_slice(p.masks());
+    words.resize(layout.words as usize, 0);
+    words
+}
+
+/// Workgroups of a 1-D job laid out on a 2-D grid within the per-dimension limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grid {
+    pub x: u32,
+    pub y: u32,
+}
+
+impl Grid {
+    fn for_count(count: u64, max_dim: u32) -> Option<Self> {
+        if count == 0 {
+            return Some(Grid { x: 0, y: 0 });
+        }
+        let x = count.min(max_dim as u64);
+        let y = count.div_ceil(x);
+        (y <= max_dim as u64).then_some(Grid { x: x as u32, y: y as u32 })
+    }
+    pub fn is_empty(&self) -> bool {
+        self.x == 0
+    }
+}
+
+/// One dispatch chunk: a contiguous range of virtual rows (query blocks of slices).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chunk {
+    pub rows: std::ops::Range<u32>,
+    pub tiles: std::ops::Range<u32>,
+    pub q: Window,
+    pub kv: Window,
+    pub o: Window,
+    pub stats: Window,
+    pub sddmm: Grid,
+    pub normalize: Grid,
+    pub spmm: Grid,
+    pub params: Params,
+}
+
+/// What the three-kernel path will run: kernels' tile parameters and the chunks.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub shape: AttentionShape,
+    pub dtype: DType,
+    pub normalizer: Normalizer,
+    pub block_q: u32,
+    pub block_k: u32,
+    /// Output columns per SpMM workgroup.
+    pub d_chunk: u32,
+    pub chunks: Vec<Chunk>,
+    /// Bytes of the largest chunk's score tiles (the scratch buffer's size).
+    pub scratch_bytes: u64,
+    /// Total score tiles (for the optional probabilities output).
+    pub total_tiles: u64,
+    pub layout: PackedPatternLayout,
+}
+
+/// Settings that shape a plan.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanOptions {
+    pub normalizer: Normalizer,
+    pub scale: f32,
+    pub dtype: DType,
+    /// Entmax stopping tolerance on |Σp − 1|.
+    pub tolerance: f32,
+    pub max_iterations: u32,
+}
+
+/// Largest head_dim the kernels accept (SpMM splits columns, SDDMM loops over head_dim).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Output columns per SpMM workgroup: a power of two in [16, 64].
+pub fn d_chunk_for(head_dim: usize) -> u32 {
+    (head_dim.next_power_of_two() as u32).clamp(16, 64)
+}
+
+/// Plans the three-kernel path. Pure: reads only the pattern's host arrays.
+pub fn plan_three_kernel(
+    shape: &AttentionShape,
+    pattern: &BlockPattern,
+    opts: &PlanOptions,
+    limits: &PlanLimits,
+) -> Result<Plan> {
+    shape.validate()?;
+    opts.normalizer.validate()?;
+    pattern.check_fits(shape)?;
+    if shape.head_dim > MAX_HEAD_DIM {
+        return Err(Error::Unsupported(format!(
+            "head_dim {} exceeds the largest supported head_dim {MAX_HEAD_DIM}",
+            shape.head_dim
+        )));
+    }
+    if !opts.scale.is_finite() {
+        return Err(Error::Shape(format!("scale must be finite, got {}", opts.scale)));
+    }
+    let (bq, bk) = (pattern.block_q(), pattern.block_k());
+    let q_blocks = pattern.q_blocks();
+    let slices = shape.slices() as u32;
+    let rows_total = slices as u64 * q_blocks as u64;
+    let shared = pattern.slices() == 1;
+    let nnz_slice = if shared { pattern.nnz() as u32 } else { 0 };
+    let total_tiles = if shared { pattern.nnz() as u64 * slices as u64 } else { pattern.nnz() as u64 };
+    if total_tiles > u32::MAX as u64 || total_tiles * (bq * bk) as u64 > u32::MAX as u64 {
+        return Err(Error::Unsupported(format!(
+            "{total_tiles} score tiles of {bq}x{bk} exceed the kernels' u32 score indexing; use fewer slices per call"
+        )));
+    }
+    let layout = PackedPatternLayout::of(pattern);
+    let pattern_bytes = layout.words as u64 * 4;
+    if pattern_bytes > limits.max_binding_bytes {
+        return Err(Error::Limit {
+            limit: "max_storage_buffer_binding_size (packed pattern)",
+            required: pattern_bytes,
+            available: limits.max_binding_bytes,
+        });
+    }
+    let d = shape.head_dim as u64;
+    let d_chunk = d_chunk_for(shape.head_dim);
+    let d_chunks = (shape.head_dim as u32).div_ceil(d_chunk);
+    let eb = opts.dtype.bytes();
+    let tile_bytes = (bq * bk) as u64 * 4;
+    let (seq_q, seq_kv) = (shape.seq_q as u64, shape.seq_kv as u64);
+    let kv_slice = |s: u32| shape.kv_slice(s as usize) as u64;
+
+    let row_info = |r: u64| {
+        let s = (r / q_blocks as u64) as u32;
+        let qb = (r % q_blocks as u64) as u32;
+        let blocks = pattern.row_blocks(pattern.pattern_slice(s as usize), qb as usize);
+        let tile0 = if shared { s as u64 * nnz_slice as u64 + blocks.start as u64 } else { blocks.start as u64 };
+        let cols = (!blocks.is_empty()).then(|| (pattern.col_idx()[blocks.start], pattern.col_idx()[blocks.end - 1]));
+        (s, qb, tile0, tile0 + blocks.len() as u64, cols)
+    };
+
+    struct Acc {
+        r0: u64,
+        s0: u32,
+        qb0: u32,
+        tile0: u64,
+        tile1: u64,
+        cmin: u32,
+        cmax: u32,
+    }
+    let windows = |a: &Acc, r_last: u64| {
+        let (s1, qb1, ..) = row_info(r_last);
+        let q_lo = (a.s0 as u64 * seq_q + (a.qb0 * bq) as u64) * d;
+        let q_hi = (s1 as u64 * seq_q + (((qb1 + 1) * bq) as u64).min(seq_q)) * d;
+        let q = Window::covering(q_lo, q_hi, eb, limits.binding_alignment);
+        let kv = if a.cmin <= a.cmax {
+            let lo = (kv_slice(a.s0) * seq_kv + (a.cmin * bk) as u64) * d;
+            let hi = (kv_slice(s1) * seq_kv + (((a.cmax + 1) * bk) as u64).min(seq_kv)) * d;
+            Window::covering(lo, hi, eb, limits.binding_alignment)
+        } else {
+            Window::covering(0, 1, eb, limits.binding_alignment)
+        };
+        let stats_lo = 2 * a.r0 * bq as u64;
+        let stats_hi = 2 * (r_last + 1) * bq as u64;
+        let stats = Window::covering(stats_lo, stats_hi, 4, limits.binding_alignment);
+        let scores = (a.tile1 - a.tile0).max(1) * tile_bytes;
+        let rows = r_last + 1 - a.r0;
+        let grids = (
+            Grid::for_count(a.tile1 - a.tile0, limits.max_workgroups_per_dim),
+            Grid::for_count(rows * bq as u64, limits.max_workgroups_per_dim),
+            Grid::for_count(rows * d_chunks as u64, limits.max_workgroups_per_dim),
+        );
+        (q, kv, stats, scores, grids)
+    };
+    let fits = |q: &Window, kv: &Window, stats: &Window, scores: u64| {
+        [q.size, kv.size, stats.size, scores].into_iter().all(|b| b <= limits.max_binding_bytes)
+    };
+
+    let mut chunks = Vec::new();
+    let mut scratch_bytes = tile_bytes;
+    let mut r = 0u64;
+    while r < rows_total {
+        let (s0, qb0, t0, t1, cols) = row_info(r);
+        let mut acc = Acc { r0: r, s0, qb0, tile0: t0, tile1: t1, cmin: u32::MAX, cmax: 0 };
+        if let Some((a, b)) = cols {
+            (acc.cmin, acc.cmax) = (a, b);
+        }
+        let (q, kv, stats, scores, (g1, g2, g3)) = windows(&acc, r);
+        if !fits(&q, &kv, &stats, scores) || g1.is_none() || g2.is_none() || g3.is_none() {
+            let required = [q.size, kv.size, stats.size, scores].into_iter().max().unwrap_or(0);
+            return Err(Error::Limit {
+                limit: "max_storage_buffer_binding_size (one query-block row of the three-kernel path)",
+                required,
+                available: limits.max_binding_bytes,
+            });
+        }
+        let mut last = r;
+        // Grow the chunk row by row while every binding and grid still fits.
+        while last + 1 < rows_total {
+            let (_, _, _, n_t1, n_cols) = row_info(last + 1);
+            let mut trial = Acc { tile1: n_t1, ..acc };
+            if let Some((a, b)) = n_cols {
+                trial.cmin = trial.cmin.min(a);
+                trial.cmax = trial.cmax.max(b);
+            }
+            let (q, kv, stats, scores, (g1, g2, g3)) = windows(&trial, last + 1);
+            if !fits(&q, &kv, &stats, scores) || g1.is_none() || g2.is_none() || g3.is_none() {
+                break;
+            }
+            acc = trial;
+            last += 1;
+        }
+        let (q, kv, stats, scores, (g1, g2, g3)) = windows(&acc, last);
+        let o = q;
+        scratch_bytes = scratch_bytes.max(scores);
+        let params = Params {
+            seq_q: seq_q as u32,
+            seq_kv: seq_kv as u32,
+            head_dim: d as u32,
+            heads: shape.heads as u32,
+            kv_heads: shape.kv_heads as u32,
+            q_blocks,
+            k_blocks: pattern.k_blocks(),
+            shared_pattern: shared as u32,
+            nnz_per_slice: nnz_slice.max(1),
+            row_base: acc.r0 as u32,
+            row_count: (last + 1 - acc.r0) as u32,
+            tile_base: acc.tile0 as u32,
+            tile_count: (acc.tile1 - acc.tile0) as u32,
+            q_base: q.base,
+            kv_base: kv.base,
+            o_base: o.base,
+            scores_base: (acc.tile0 * (bq * bk) as u64) as u32,
+            stats_base: stats.base,
+            off_row_ptr: layout.row_ptr,
+            off_col_idx: layout.col_idx,
+            off_mask_of: layout.mask_of,
+            off_blk_row: layout.blk_row,
+            off_masks: layout.masks,
+            d_chunks,
+            scale: opts.scale,
+            alpha: opts.normalizer.alpha().unwrap_or(1.0) as f32,
+            exponent: opts.normalizer.alpha().map_or(1.0, |a| 1.0 / (a - 1.0)) as f32,
+            tolerance: opts.tolerance,
+            max_iterations: opts.max_iterations,
+            pad: [0; 3],
+        };
+        chunks.push(Chunk {
+            rows: acc.r0 as u32..(last + 1) as u32,
+            tiles: acc.tile0 as u32..acc.tile1 as u32,
+            q,
+            kv,
+            o,
+            stats,
+            sddmm: g1.unwrap_or(Grid { x: 0, y: 0 }),
+            normalize: g2.unwrap_or(Grid { x: 0, y: 0 }),
+            spmm: g3.unwrap_or(Grid { x: 0, y: 0 }),
+            params,
+        });
+        r = last + 1;
+    }
+    if scratch_bytes > limits.max_buffer_bytes {
+        return Err(Error::Limit { limit: "max_buffer_size", required: scratch_bytes, available: limits.max_buffer_bytes });
+    }
+    Ok(Plan {
+        shape: *shape,
+        dtype: opts.dtype,
+        normalizer: opts.normalizer,
+        block_q: bq,
+        block_k: bk,
+        d_chunk,
+        chunks,
+        scratch_bytes,
+        total_tiles,
+        layout,
+    })
+}

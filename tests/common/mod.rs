@@ -1,0 +1,68 @@
+//! Helpers shared by the GPU tests: engine acquisition (fail in CI, skip elsewhere), seeded data,
+//! and per-dtype comparisons that print index, got and expected.
+#![allow(dead_code)]
+
+use ndarray::Array4;
+use rand::{Rng, SeedableRng};
+use sparse_attn::{DType, Engine};
+use std::sync::OnceLock;
+
+/// The shared engine, or None with a one-line reason (a failure when CI=true).
+pub fn engine() -> Option<&'static Engine> {
+    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
+    let e = ENGINE.get_or_init(|| {
+        let e = Engine::new().map_err(|e| e.to_string());
+        if let Ok(e) = &e {
+            let info = e.adapter_info();
+            eprintln!("GPU tests on adapter `{}` ({:?}, driver {} {}), caps {:?}", info.name, info.backend, info.driver, info.driver_info, e.capabilities());
+        }
+        e
+    });
+    match e {
+        Ok(e) => Some(e),
+        Err(reason) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true but no GPU adapter: {reason}");
+            }
+            eprintln!("skipping GPU test: {reason}");
+            None
+        }
+    }
+}
+
+/// Seeded normal-ish data in [-range, range].
+pub fn random4(shape: (usize, usize, usize, usize), seed: u64, range: f32) -> Array4<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    Array4::from_shape_simple_fn(shape, || {
+        let x: f32 = (0..3).map(|_| rng.random::<f32>() * 2.0 - 1.0).sum::<f32>() / 3.0;
+        x * range
+    })
+}
+
+/// (rel, abs) tolerance per dtype.
+pub fn tolerance(dtype: DType) -> (f32, f32) {
+    match dtype {
+        DType::F32 => (1e-4, 1e-5),
+        DType::F16 => (1e-2, 2e-3),
+    }
+}
+
+/// Asserts |got − want| <= abs + rel·|want| elementwise; NaN positions must match.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], (rel, abs): (f32, f32)) {
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
+    let mut worst: Option<(usize, f32, f32, f32)> = None;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if g.is_nan() || w.is_nan() {
+            assert!(g.is_nan() && w.is_nan(), "{what}: NaN mismatch at index {i}: got {g}, expected {w}");
+            continue;
+        }
+        let err = (g - w).abs();
+        let excess = err - (abs + rel * w.abs());
+        if excess > 0.0 && worst.is_none_or(|(_, _, _, e)| excess > e) {
+            worst = Some((i, g, w, excess));
+        }
+    }
+    if let Some((i, g, w, _)) = worst {
+        panic!("{what}: worst mismatch at index {i}: got {g}, expected {w} (rel {rel}, abs {abs})");
+    }
+}
