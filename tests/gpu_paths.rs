@@ -1,0 +1,182 @@
+//! GPU paths beyond the suite matrix: forced chunking, optional outputs, the buffer-level API,
+//! determinism, extreme inputs, and typed errors.
+
+mod common;
+
+use common::{assert_close, engine, random4, tolerance};
+use sparse_attn::gpu::plan::PlanLimits;
+use sparse_attn::patterns::{Dense, RandomBlocks, Window};
+use sparse_attn::{reference, AttentionBuffers, AttentionOptions, AttentionShape, DType, Engine, Error, Normalizer};
+use wgpu::util::DeviceExt;
+
+#[test]
+fn forced_chunking_splits_bindings_and_dispatches() {
+    if engine().is_none() {
+        return;
+    }
+    let mut small = Engine::new().expect("engine");
+    // 32 KiB bindings and 7 workgroups per dimension force many chunks and 2-D grids.
+    small.set_plan_limits(PlanLimits { max_binding_bytes: 32 * 1024, max_workgroups_per_dim: 7, binding_alignment: 256, max_buffer_bytes: u64::MAX });
+    let shape = AttentionShape::new(2, 3, 150, 32).with_kv_heads(1);
+    let q = random4((2, 3, 150, 32), 1, 2.0);
+    let k = random4((2, 1, 150, 32), 2, 2.0);
+    let v = random4((2, 1, 150, 32), 3, 1.0);
+    for (pattern, normalizer) in [
+        (Dense::new().with_blocks(16, 16).build(&shape).unwrap(), Normalizer::Softmax),
+        (RandomBlocks::new(0.6, 5).with_partial(0.3).per_slice(true).with_blocks(16, 32).build(&shape).unwrap(), Normalizer::ENTMAX15),
+    ] {
+        let plan = small.plan(&shape, &pattern, &AttentionOptions::new(normalizer)).expect("plan");
+        assert!(plan.chunks.len() > 4, "expected the limits to force chunking, got {} chunks", plan.chunks.len());
+        assert!(plan.chunks.iter().any(|c| c.sddmm.y > 1 || c.normalize.y > 1), "expected a 2-D grid somewhere");
+        let got = small.attention(&q, &k, &v, &pattern, normalizer).expect("gpu");
+        let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
+        assert_close("chunked", got.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+    }
+}
+
+#[test]
+fn probabilities_and_row_stats_match_reference() {
+    let Some(engine) = engine() else { return };
+    let shape = AttentionShape::new(1, 2, 90, 32);
+    let q = random4((1, 2, 90, 32), 4, 3.0);
+    let k = random4((1, 2, 90, 32), 5, 3.0);
+    let v = random4((1, 2, 90, 32), 6, 1.0);
+    let pattern = RandomBlocks::new(0.7, 9).with_partial(0.4).with_blocks(16, 32).build(&shape).unwrap();
+    for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.7 }] {
+        let opts = AttentionOptions { return_probabilities: true, return_row_stats: true, ..AttentionOptions::new(normalizer) };
+        let out = engine.attention_with(&q, &k, &v, &pattern, &opts).expect("gpu");
+        let probs = out.probabilities.expect("probabilities requested");
+        let stats = out.row_stats.expect("row stats requested");
+        for slice in 0..2 {
+            let mask = pattern.to_dense_mask(0);
+            let qs = q.slice(ndarray::s![0, slice, .., ..]);
+            let ks = k.slice(ndarray::s![0, slice, .., ..]);
+            let want = reference::probabilities(&qs, &ks, &mask, shape.default_scale() as f64, normalizer);
+            let got = probs.to_dense(&pattern, slice);
+            let want32: Vec<f32> = want.iter().map(|&x| x as f32).collect();
+            assert_close(&format!("P {} slice {slice}", normalizer.label()), got.as_slice().unwrap(), &want32, (1e-4, 1e-6));
+            for i in 0..90 {
+                let support = want.row(i).iter().filter(|&&p| p > 1e-9).count() as i64;
+                let ties = want.row(i).iter().filter(|&&p| p > 0.0 && p <= 1e-9).count() as i64;
+                let g = stats.support[[slice, i]] as i64;
+                assert!(g >= support && g <= support + ties, "row {i}: GPU support {g}, reference {support} (+{ties} tiny)");
+                let it = stats.iterations[[slice, i]];
+                match normalizer {
+                    Normalizer::Softmax => assert_eq!(it, 0),
+                    _ if mask.row(i).iter().any(|&m| m) => assert!((1..=opts.max_iterations).contains(&it), "row {i}: {it} iterations"),
+                    _ => assert_eq!(it, 0, "empty row {i} should not iterate"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn buffer_level_call_records_into_callers_encoder() {
+    let Some(engine) = engine() else { return };
+    let shape = AttentionShape::new(1, 2, 64, 32);
+    let q = random4((1, 2, 64, 32), 7, 2.0);
+    let k = random4((1, 2, 64, 32), 8, 2.0);
+    let v = random4((1, 2, 64, 32), 9, 1.0);
+    let pattern = Window::new(20).with_blocks(16, 16).build(&shape).unwrap();
+    let opts = AttentionOptions::new(Normalizer::ENTMAX15);
+    let plan = engine.plan(&shape, &pattern, &opts).expect("plan");
+    let dev = engine.device();
+    let upload = |a: &ndarray::Array4<f32>| {
+        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("test input"), contents: bytemuck::cast_slice(a.as_slice().unwrap()), usage: wgpu::BufferUsages::STORAGE })
+    };
+    let (qb, kb, vb) = (upload(&q), upload(&k), upload(&v));
+    let bytes = (2 * 64 * 32 * 4) as u64;
+    let ob = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("test o"), size: bytes, usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC, mapped_at_creation: false });
+    let read = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("test read"), size: bytes, usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ, mapped_at_creation: false });
+    let gp = engine.upload_pattern(&pattern);
+    let ws = engine.create_workspace(&plan);
+    let mut enc = dev.create_command_encoder(&Default::default());
+    engine.encode(&mut enc, &plan, AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob }, &gp, &ws, None).expect("encode");
+    enc.copy_buffer_to_buffer(&ob, 0, &read, 0, bytes);
+    engine.queue().submit([enc.finish()]);
+    let got: Vec<f32> = bytemuck::cast_slice(&engine.read_buffer(&read).unwrap()).to_vec();
+    let want = reference::attention(&q, &k, &v, &pattern, Normalizer::ENTMAX15).unwrap();
+    assert_close("buffer-level", &got, want.as_slice().unwrap(), tolerance(DType::F32));
+}
+
+#[test]
+fn repeated_calls_are_bitwise_deterministic_and_reuse_pipelines() {
+    let Some(engine) = engine() else { return };
+    let shape = AttentionShape::new(1, 2, 80, 32);
+    let q = random4((1, 2, 80, 32), 11, 2.0);
+    let k = random4((1, 2, 80, 32), 12, 2.0);
+    let v = random4((1, 2, 80, 32), 13, 1.0);
+    let pattern = Dense::new().with_blocks(32, 16).build(&shape).unwrap();
+    let a = engine.attention(&q, &k, &v, &pattern, Normalizer::ENTMAX15).unwrap();
+    let compiled = engine.compiled_pipelines();
+    let b = engine.attention(&q, &k, &v, &pattern, Normalizer::ENTMAX15).unwrap();
+    assert_eq!(engine.compiled_pipelines(), compiled, "second identical call compiled a pipeline");
+    let bits = |x: &ndarray::Array4<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a), bits(&b), "two identical calls differ");
+}
+
+#[test]
+fn extreme_scores_stay_finite_and_correct() {
+    let Some(engine) = engine() else { return };
+    let shape = AttentionShape::new(1, 2, 48, 16);
+    // |scores| up to ~1e4: a naive exp or a τ bracket without the max shift would overflow.
+    let q = random4((1, 2, 48, 16), 14, 100.0);
+    let k = random4((1, 2, 48, 16), 15, 100.0);
+    let v = random4((1, 2, 48, 16), 16, 1.0);
+    let pattern = RandomBlocks::new(0.8, 3).with_partial(0.5).with_blocks(16, 16).build(&shape).unwrap();
+    for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.1 }] {
+        let got = engine.attention(&q, &k, &v, &pattern, normalizer).unwrap();
+        assert!(got.iter().all(|x| x.is_finite()), "{}: non-finite output", normalizer.label());
+        let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
+        assert_close(&format!("extreme {}", normalizer.label()), got.as_slice().unwrap(), want.as_slice().unwrap(), (1e-3, 1e-4));
+    }
+    if engine.capabilities().f16 {
+        // f16-range inputs (|x| near 6e4) in f16 storage.
+        let qh = random4((1, 2, 48, 16), 17, 60000.0).mapv(|x| half::f16::from_f32(x).to_f32());
+        let opts = AttentionOptions { dtype: DType::F16, ..AttentionOptions::new(Normalizer::ENTMAX15) };
+        let got = engine.attention_with(&qh, &k, &v, &pattern, &opts).unwrap().o;
+        assert!(got.iter().all(|x| x.is_finite()), "f16-range inputs gave non-finite output");
+        let kh = k.mapv(|x| half::f16::from_f32(x).to_f32());
+        let vh = v.mapv(|x| half::f16::from_f32(x).to_f32());
+        let want = reference::attention(&qh, &kh, &vh, &pattern, Normalizer::ENTMAX15).unwrap();
+        assert_close("f16-range", got.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F16));
+    }
+}
+
+#[test]
+fn bad_inputs_are_typed_errors_before_gpu_work() {
+    let Some(engine) = engine() else { return };
+    let shape = AttentionShape::new(1, 2, 32, 16);
+    let q = random4((1, 2, 32, 16), 1, 1.0);
+    let k = random4((1, 2, 32, 16), 2, 1.0);
+    let v = random4((1, 2, 32, 16), 3, 1.0);
+    let pattern = Dense::new().with_blocks(16, 16).build(&shape).unwrap();
+    let msg = |r: Result<ndarray::Array4<f32>, Error>| r.expect_err("expected an error").to_string();
+
+    let k_bad = random4((1, 2, 32, 8), 2, 1.0);
+    assert!(msg(engine.attention(&q, &k_bad, &k_bad, &pattern, Normalizer::Softmax)).contains("head_dim"));
+    let v_bad = random4((1, 2, 31, 16), 2, 1.0);
+    assert!(msg(engine.attention(&q, &k, &v_bad, &pattern, Normalizer::Softmax)).contains("V is"));
+    let zero = ndarray::Array4::<f32>::zeros((1, 2, 0, 16));
+    assert!(matches!(engine.attention(&zero, &k, &v, &pattern, Normalizer::Softmax), Err(Error::ZeroSize("seq_q"))));
+    let mut q_nan = q.clone();
+    q_nan[[0, 1, 3, 4]] = f32::NAN;
+    match engine.attention(&q_nan, &k, &v, &pattern, Normalizer::Softmax) {
+        Err(Error::NonFinite { tensor: "q", index, .. }) => assert_eq!(index, 32 * 16 + 3 * 16 + 4),
+        other => panic!("expected NonFinite, got {other:?}"),
+    }
+    let k3 = random4((1, 3, 32, 16), 2, 1.0);
+    assert!(msg(engine.attention(&q, &k3, &k3, &pattern, Normalizer::Softmax)).contains("multiple of kv_heads"));
+    let other = Dense::new().with_blocks(16, 16).build(&AttentionShape::new(1, 2, 48, 16)).unwrap();
+    assert!(matches!(engine.attention(&q, &k, &v, &other, Normalizer::Softmax), Err(Error::Pattern(_))));
+    assert!(msg(engine.attention(&q, &k, &v, &pattern, Normalizer::Entmax { alpha: 1.0 })).contains("Softmax"));
+    assert!(msg(engine.attention(&q, &k, &v, &pattern, Normalizer::Entmax { alpha: 2.5 })).contains("(1, 2]"));
+    assert!(matches!(engine.attention(&q, &k, &v, &pattern, Normalizer::Entmax { alpha: f32::NAN }), Err(Error::Normalizer(_))));
+    let wide = AttentionShape::new(1, 1, 16, 300);
+    let qw = random4((1, 1, 16, 300), 1, 1.0);
+    let pw = Dense::new().with_blocks(16, 16).build(&wide).unwrap();
+    assert!(msg(engine.attention(&qw, &qw, &qw, &pw, Normalizer::Softmax)).contains("256"));
+    // Reference rejects the same inputs.
+    assert!(reference::attention(&q_nan, &k, &v, &pattern, Normalizer::Softmax).is_err());
+}
