@@ -92,7 +92,7 @@ fn buffer_level_call_records_into_callers_encoder() {
     let gp = engine.upload_pattern(&pattern);
     let ws = engine.create_workspace(&plan);
     let mut enc = dev.create_command_encoder(&Default::default());
-    engine.encode(&mut enc, &plan, AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob }, &gp, &ws, None).expect("encode");
+    engine.encode(&mut enc, &plan, AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob }, &gp, &ws, None, None).expect("encode");
     enc.copy_buffer_to_buffer(&ob, 0, &read, 0, bytes);
     engine.queue().submit([enc.finish()]);
     let got: Vec<f32> = bytemuck::cast_slice(&engine.read_buffer(&read).unwrap()).to_vec();

@@ -294,6 +294,7 @@ impl Engine {
         pattern: &GpuPattern,
         workspace: &Workspace,
         probabilities: Option<&wgpu::Buffer>,
+        mut timer: Option<&mut super::timing::PassTimer>,
     ) -> Result<()> {
         if pattern.layout != plan.layout {
             return Err(Error::Shape("the uploaded pattern is not the one the plan was made for".into()));
@@ -352,10 +353,8 @@ impl Engine {
             ];
             for (stage, (kernel, bind_group, grid)) in passes.iter().enumerate() {
                 if !grid.is_empty() {
-                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some(kernel.key.kind.name()),
-                        timestamp_writes: None,
-                    });
+                    let timestamp_writes = timer.as_deref_mut().and_then(|t| t.pass_writes(kernel.key.kind.name()));
+                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(kernel.key.kind.name()), timestamp_writes });
                     pass.set_pipeline(&kernel.pipeline);
                     pass.set_bind_group(0, bind_group, &[]);
                     pass.dispatch_workgroups(grid.x, grid.y, 1);
@@ -435,7 +434,7 @@ impl Engine {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sparse-attn attention") });
-        self.encode(&mut encoder, &plan, AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob }, &gpu_pattern, &ws, probs.as_ref())?;
+        self.encode(&mut encoder, &plan, AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob }, &gpu_pattern, &ws, probs.as_ref(), None)?;
         let o_read = self.buffer("sparse-attn o readback", o_bytes, wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ);
         encoder.copy_buffer_to_buffer(&ob, 0, &o_read, 0, o_bytes);
         let stats_read = opts.return_row_stats.then(|| {

@@ -5,3 +5,4 @@ pub mod device;
 pub mod engine;
 pub mod kernels;
 pub mod plan;
+pub mod timing;
