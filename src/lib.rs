@@ -29,7 +29,8 @@ pub mod shape;
 
 pub use error::{Error, Result};
 pub use gpu::engine::{AttentionBuffers, AttentionOptions, AttentionOutput, Engine, RowStats, SparseProbabilities, Workspace};
-pub use gpu::plan::DType;
+pub use gpu::engine::{PreparedAttention, RunTimes};
+pub use gpu::plan::{DType, ExecPath};
 pub use normalizer::Normalizer;
 pub use pattern::{BlockPattern, PatternError};
 pub use shape::AttentionShape;

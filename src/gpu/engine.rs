@@ -4,7 +4,7 @@
 
 use super::device::{self, Capabilities};
 use super::kernels::{Kernel, KernelCache, KernelKey, KernelKind};
-use super::plan::{self, DType, Plan, PlanLimits, PlanOptions, Window};
+use super::plan::{self, DType, ExecPath, Plan, PlanLimits, PlanOptions, Window};
 use crate::error::{Error, Result};
 use crate::pattern::BlockPattern;
 use crate::shape::validate_qkv;
@@ -27,6 +27,8 @@ pub struct AttentionOptions {
     pub tolerance: f32,
     /// Entmax: iteration cap of the threshold search.
     pub max_iterations: u32,
+    /// Kernel path; `Auto` picks fused unless probabilities are requested.
+    pub path: ExecPath,
 }
 
 impl Default for AttentionOptions {
@@ -39,6 +41,7 @@ impl Default for AttentionOptions {
             return_row_stats: false,
             tolerance: 1e-6,
             max_iterations: 50,
+            path: ExecPath::Auto,
         }
     }
 }
@@ -406,6 +409,20 @@ impl Engine {
         pattern: &BlockPattern,
         opts: &AttentionOptions,
     ) -> Result<AttentionOutput> {
+        let prepared = self.prepare_attention(q, k, v, pattern, opts)?;
+        prepared.run_and_read(opts.return_probabilities, opts.return_row_stats)
+    }
+
+    /// Validates, plans, compiles and uploads once; the result can be run many times
+    /// (benchmarks) and read back.
+    pub fn prepare_attention<'a>(
+        &self,
+        q: impl Into<ArrayView4<'a, f32>>,
+        k: impl Into<ArrayView4<'a, f32>>,
+        v: impl Into<ArrayView4<'a, f32>>,
+        pattern: &BlockPattern,
+        opts: &AttentionOptions,
+    ) -> Result<PreparedAttention<'_>> {
         let (q, k, v) = (q.into(), k.into(), v.into());
         let shape = validate_qkv(&q, &k, &v)?;
         if opts.dtype == DType::F16 {
@@ -415,71 +432,26 @@ impl Engine {
                 }
             }
         }
+        if opts.path == ExecPath::Fused && (opts.return_probabilities || opts.return_row_stats) {
+            return Err(Error::Unsupported("the fused path does not materialise probabilities or row stats; use ExecPath::ThreeKernel or Auto".into()));
+        }
         let plan = self.plan(&shape, pattern, opts)?;
         self.prepare(&plan);
         let storage = wgpu::BufferUsages::STORAGE;
-        let qb = self.upload("sparse-attn q", &q, opts.dtype, storage);
-        let kb = self.upload("sparse-attn k", &k, opts.dtype, storage);
-        let vb = self.upload("sparse-attn v", &v, opts.dtype, storage);
         let o_elems = (shape.slices() * shape.seq_q * shape.head_dim) as u64;
         let o_bytes = (o_elems * opts.dtype.bytes()).div_ceil(4) * 4;
-        let ob = self.buffer("sparse-attn o", o_bytes, storage | wgpu::BufferUsages::COPY_SRC);
-        let gpu_pattern = self.upload_pattern(pattern);
-        let ws = self.create_workspace(&plan);
-        let tile_bytes = (plan.block_q * plan.block_k) as u64 * 4;
-        let probs = opts.return_probabilities.then(|| {
-            self.buffer("sparse-attn probabilities", (plan.total_tiles * tile_bytes).max(4), wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ)
-        });
-
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sparse-attn attention") });
-        self.encode(&mut encoder, &plan, AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob }, &gpu_pattern, &ws, probs.as_ref(), None)?;
-        let o_read = self.buffer("sparse-attn o readback", o_bytes, wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ);
-        encoder.copy_buffer_to_buffer(&ob, 0, &o_read, 0, o_bytes);
-        let stats_read = opts.return_row_stats.then(|| {
-            let b = self.buffer("sparse-attn stats readback", ws.stats.size(), wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ);
-            encoder.copy_buffer_to_buffer(&ws.stats, 0, &b, 0, ws.stats.size());
-            b
-        });
-        self.queue.submit([encoder.finish()]);
-        if let Some(e) = pollster::block_on(oom.pop()) {
-            return Err(Error::Gpu(format!("out of memory: {e}")));
-        }
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(e.to_string()));
-        }
-
-        let raw = self.read_buffer(&o_read)?;
-        let o_flat: Vec<f32> = match opts.dtype {
-            DType::F32 => bytemuck::cast_slice::<u8, f32>(&raw)[..o_elems as usize].to_vec(),
-            DType::F16 => bytemuck::cast_slice::<u8, half::f16>(&raw)[..o_elems as usize].iter().map(|x| x.to_f32()).collect(),
-        };
-        let o = Array4::from_shape_vec((shape.batch, shape.heads, shape.seq_q, shape.head_dim), o_flat)
-            .map_err(|e| Error::Gpu(format!("readback shape: {e}")))?;
-        let probabilities = match probs {
-            Some(b) => {
-                let raw = self.read_buffer(&b)?;
-                let mut tiles: Vec<f32> = bytemuck::cast_slice(&raw).to_vec();
-                tiles.truncate((plan.total_tiles * (plan.block_q * plan.block_k) as u64) as usize);
-                Some(SparseProbabilities { block_q: plan.block_q, block_k: plan.block_k, tiles })
-            }
-            None => None,
-        };
-        let row_stats = match stats_read {
-            Some(b) => {
-                let raw = self.read_buffer(&b)?;
-                let words: &[u32] = bytemuck::cast_slice(&raw);
-                let padded = shape.seq_q.div_ceil(plan.block_q as usize) * plan.block_q as usize;
-                let pick = |field: usize| {
-                    Array3::from_shape_fn((shape.slices(), padded, 1), |(s, i, _)| words[2 * (s * padded + i) + field])
-                        .slice_move(ndarray::s![.., ..shape.seq_q, 0])
-                };
-                Some(RowStats { support: pick(0), iterations: pick(1) })
-            }
-            None => None,
-        };
-        Ok(AttentionOutput { o, probabilities, row_stats })
+        Ok(PreparedAttention {
+            engine: self,
+            q: self.upload("sparse-attn q", &q, opts.dtype, storage),
+            k: self.upload("sparse-attn k", &k, opts.dtype, storage),
+            v: self.upload("sparse-attn v", &v, opts.dtype, storage),
+            o: self.buffer("sparse-attn o", o_bytes, storage | wgpu::BufferUsages::COPY_SRC),
+            pattern: self.upload_pattern(pattern),
+            workspace: self.create_workspace(&plan),
+            plan,
+            o_elems,
+            o_bytes,
+        })
     }
 
     fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
@@ -504,5 +476,159 @@ impl Engine {
     /// Waits until all submitted work finished (for benchmarks).
     pub fn wait_idle(&self) -> Result<()> {
         self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(|e| Error::Gpu(format!("poll: {e}")))
+    }
+}
+
+/// Median of a sample (NaN when empty).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+/// Timings of repeated runs of a prepared call.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RunTimes {
+    /// Wall-clock per run, submit to GPU idle, in ms.
+    pub wall_ms: Vec<f64>,
+    /// GPU time per run from timestamp queries (sum over passes), in ms; empty without them.
+    pub gpu_ms: Vec<f64>,
+    /// Median GPU ms per kernel kind over runs.
+    pub stage_ms: std::collections::BTreeMap<String, f64>,
+}
+
+impl RunTimes {
+    /// GPU median where timestamps exist, else the wall-clock median.
+    pub fn median_ms(&self) -> f64 {
+        if self.gpu_ms.is_empty() {
+            median(&self.wall_ms)
+        } else {
+            median(&self.gpu_ms)
+        }
+    }
+}
+
+/// A call with its inputs uploaded, pipelines compiled and scratch allocated.
+#[derive(Debug)]
+pub struct PreparedAttention<'e> {
+    engine: &'e Engine,
+    plan: Plan,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    o: wgpu::Buffer,
+    pattern: GpuPattern,
+    workspace: Workspace,
+    o_elems: u64,
+    o_bytes: u64,
+}
+
+impl PreparedAttention<'_> {
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn buffers(&self) -> AttentionBuffers<'_> {
+        AttentionBuffers { q: &self.q, k: &self.k, v: &self.v, o: &self.o }
+    }
+
+    /// Runs `iters` times after `warmup` runs, waiting for the GPU after each run.
+    pub fn time(&self, warmup: usize, iters: usize) -> Result<RunTimes> {
+        let e = self.engine;
+        let passes = (self.plan.chunks.len() * 3) as u32;
+        let mut timer = super::timing::PassTimer::new(&e.device, &e.queue, passes);
+        let mut times = RunTimes::default();
+        let mut stages: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        for i in 0..warmup + iters {
+            let mut encoder = e.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sparse-attn timed run") });
+            e.encode(&mut encoder, &self.plan, self.buffers(), &self.pattern, &self.workspace, None, timer.as_mut())?;
+            if let Some(t) = &timer {
+                t.resolve(&mut encoder);
+            }
+            let t0 = std::time::Instant::now();
+            e.queue.submit([encoder.finish()]);
+            e.wait_idle()?;
+            let wall = t0.elapsed().as_secs_f64() * 1e3;
+            let per_stage = match timer.as_mut() {
+                Some(t) => t.read(e)?,
+                None => Default::default(),
+            };
+            if i >= warmup {
+                times.wall_ms.push(wall);
+                if !per_stage.is_empty() {
+                    times.gpu_ms.push(per_stage.values().sum::<f64>() / 1e6);
+                    for (k, ns) in per_stage {
+                        stages.entry(k.to_string()).or_default().push(ns / 1e6);
+                    }
+                }
+            }
+        }
+        times.stage_ms = stages.into_iter().map(|(k, v)| (k, median(&v))).collect();
+        Ok(times)
+    }
+
+    /// Runs once and reads O (and, if asked, probabilities and row stats) back.
+    pub fn run_and_read(&self, probabilities: bool, row_stats: bool) -> Result<AttentionOutput> {
+        let e = self.engine;
+        let plan = &self.plan;
+        let shape = plan.shape;
+        let tile_bytes = (plan.block_q * plan.block_k) as u64 * 4;
+        let probs = probabilities.then(|| {
+            e.buffer("sparse-attn probabilities", (plan.total_tiles * tile_bytes).max(4), wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ)
+        });
+        let scope = e.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = e.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let mut encoder = e.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sparse-attn attention") });
+        e.encode(&mut encoder, plan, self.buffers(), &self.pattern, &self.workspace, probs.as_ref(), None)?;
+        let o_read = e.buffer("sparse-attn o readback", self.o_bytes, wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ);
+        encoder.copy_buffer_to_buffer(&self.o, 0, &o_read, 0, self.o_bytes);
+        let stats = &self.workspace.stats;
+        let stats_read = row_stats.then(|| {
+            let b = e.buffer("sparse-attn stats readback", stats.size(), wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ);
+            encoder.copy_buffer_to_buffer(stats, 0, &b, 0, stats.size());
+            b
+        });
+        e.queue.submit([encoder.finish()]);
+        if let Some(err) = pollster::block_on(oom.pop()) {
+            return Err(Error::Gpu(format!("out of memory: {err}")));
+        }
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(err.to_string()));
+        }
+        let raw = e.read_buffer(&o_read)?;
+        let n = self.o_elems as usize;
+        let o_flat: Vec<f32> = match plan.dtype {
+            DType::F32 => bytemuck::cast_slice::<u8, f32>(&raw)[..n].to_vec(),
+            DType::F16 => bytemuck::cast_slice::<u8, half::f16>(&raw)[..n].iter().map(|x| x.to_f32()).collect(),
+        };
+        let o = Array4::from_shape_vec((shape.batch, shape.heads, shape.seq_q, shape.head_dim), o_flat)
+            .map_err(|err| Error::Gpu(format!("readback shape: {err}")))?;
+        let probabilities = match probs {
+            Some(b) => {
+                let raw = e.read_buffer(&b)?;
+                let mut tiles: Vec<f32> = bytemuck::cast_slice(&raw).to_vec();
+                tiles.truncate((plan.total_tiles * (plan.block_q * plan.block_k) as u64) as usize);
+                Some(SparseProbabilities { block_q: plan.block_q, block_k: plan.block_k, tiles })
+            }
+            None => None,
+        };
+        let row_stats = match stats_read {
+            Some(b) => {
+                let raw = e.read_buffer(&b)?;
+                let words: &[u32] = bytemuck::cast_slice(&raw);
+                let padded = shape.seq_q.div_ceil(plan.block_q as usize) * plan.block_q as usize;
+                let pick = |field: usize| {
+                    Array3::from_shape_fn((shape.slices(), padded, 1), |(s, i, _)| words[2 * (s * padded + i) + field])
+                        .slice_move(ndarray::s![.., ..shape.seq_q, 0])
+                };
+                Some(RowStats { support: pick(0), iterations: pick(1) })
+            }
+            None => None,
+        };
+        Ok(AttentionOutput { o, probabilities, row_stats })
     }
 }

@@ -27,6 +27,28 @@ impl DType {
     }
 }
 
+/// Which kernels run a call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum ExecPath {
+    /// The fused kernel unless the caller asks for probabilities (then three-kernel).
+    #[default]
+    Auto,
+    /// One fused kernel per query tile (online softmax; two-pass entmax). No scores buffer.
+    Fused,
+    /// SDDMM → normalise → SpMM through a scores buffer; can return the probabilities.
+    ThreeKernel,
+}
+
+impl ExecPath {
+    pub fn label(self) -> &'static str {
+        match self {
+            ExecPath::Auto => "auto",
+            ExecPath::Fused => "fused",
+            ExecPath::ThreeKernel => "three-kernel",
+        }
+    }
+}
+
 /// The device limits the planner obeys. `Engine` fills these from the device; tests may lower
 /// them to force chunking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
