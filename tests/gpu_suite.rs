@@ -8,7 +8,7 @@ use common::{assert_close, engine, random4, tolerance};
 use ndarray::Array4;
 use sparse_attn::pattern::{BlockMask, PatternAccumulator, PatternGeometry};
 use sparse_attn::patterns::{Causal, Dense, GlobalTokens, RandomBlocks, Window};
-use sparse_attn::{reference, AttentionOptions, AttentionShape, BlockPattern, DType, Error, Normalizer};
+use sparse_attn::{reference, AttentionOptions, AttentionShape, BlockPattern, DType, Error, ExecPath, Normalizer};
 
 /// Shapes every case runs: (batch, heads, kv_heads, seq_q, seq_kv, head_dim).
 const SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
@@ -77,20 +77,22 @@ fn run_case(normalizer: Normalizer, kind: &str, dtype: DType, bq: u32, bk: u32) 
         let k = as_stored(&random4((s.0, s.2, s.4, s.5), 20 + n as u64, 3.0), dtype);
         let v = as_stored(&random4((s.0, s.2, s.4, s.5), 30 + n as u64, 1.0), dtype);
         let pattern = build_pattern(kind, &shape, bq, bk);
-        let opts = AttentionOptions { dtype, ..AttentionOptions::new(normalizer) };
-        let got = engine.attention_with(&q, &k, &v, &pattern, &opts);
-        if dtype == DType::F16 && !engine.capabilities().f16 {
-            assert!(matches!(got, Err(Error::Unsupported(_))), "f16 without SHADER_F16 must be Unsupported, got {got:?}");
-            continue;
-        }
-        let got = got.unwrap_or_else(|e| panic!("{kind} {shape:?}: {e}"));
         let want = reference::attention(&q, &k, &v, &pattern, normalizer).expect("reference");
-        assert_close(
-            &format!("{kind} {} {dtype:?} {bq}x{bk} shape {shape:?}", normalizer.label()),
-            got.o.as_slice().expect("contiguous"),
-            want.as_slice().expect("contiguous"),
-            tolerance(dtype),
-        );
+        for path in [ExecPath::ThreeKernel, ExecPath::Fused] {
+            let opts = AttentionOptions { dtype, path, ..AttentionOptions::new(normalizer) };
+            let got = engine.attention_with(&q, &k, &v, &pattern, &opts);
+            if dtype == DType::F16 && !engine.capabilities().f16 {
+                assert!(matches!(got, Err(Error::Unsupported(_))), "f16 without SHADER_F16 must be Unsupported, got {got:?}");
+                continue;
+            }
+            let got = got.unwrap_or_else(|e| panic!("{kind} {path:?} {shape:?}: {e}"));
+            assert_close(
+                &format!("{kind} {} {path:?} {dtype:?} {bq}x{bk} shape {shape:?}", normalizer.label()),
+                got.o.as_slice().expect("contiguous"),
+                want.as_slice().expect("contiguous"),
+                tolerance(dtype),
+            );
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 use super::device::{self, Capabilities};
 use super::kernels::{Kernel, KernelCache, KernelKey, KernelKind};
 use super::plan::{self, DType, ExecPath, Plan, PlanLimits, PlanOptions, Window};
+use super::tiles::{self, FusedTile, TileCache, TuneKey};
 use crate::error::{Error, Result};
 use crate::pattern::BlockPattern;
 use crate::shape::validate_qkv;
@@ -29,6 +30,8 @@ pub struct AttentionOptions {
     pub max_iterations: u32,
     /// Kernel path; `Auto` picks fused unless probabilities are requested.
     pub path: ExecPath,
+    /// Forces a fused tile (must fit the adapter); `None` uses the tuned or default tile.
+    pub fused_tile: Option<FusedTile>,
 }
 
 impl Default for AttentionOptions {
@@ -42,6 +45,7 @@ impl Default for AttentionOptions {
             tolerance: 1e-6,
             max_iterations: 50,
             path: ExecPath::Auto,
+            fused_tile: None,
         }
     }
 }
@@ -142,7 +146,12 @@ pub struct Engine {
     caps: Capabilities,
     plan_limits: PlanLimits,
     kernels: KernelCache,
+    tiles: TileCache,
+    autotune: bool,
 }
+
+/// Env switch: `SPARSE_ATTN_AUTOTUNE=0` keeps the default fused tile instead of timing candidates.
+pub const ENV_AUTOTUNE: &str = "SPARSE_ATTN_AUTOTUNE";
 
 impl Engine {
     /// Best adapter (discrete → integrated → CPU), or the one `SPARSE_ATTN_ADAPTER` names.
@@ -173,7 +182,17 @@ impl Engine {
         let caps = device::capabilities(device.features());
         let info = device.adapter_info();
         tracing::info!(adapter = %info.name, backend = ?info.backend, ?caps, "sparse-attn engine ready");
-        Ok(Self { plan_limits: PlanLimits::from_wgpu(&limits), device, queue, info, caps, kernels: KernelCache::default() })
+        let autotune = std::env::var(ENV_AUTOTUNE).map_or(true, |v| v != "0");
+        Ok(Self {
+            plan_limits: PlanLimits::from_wgpu(&limits),
+            device,
+            queue,
+            info,
+            caps,
+            kernels: KernelCache::default(),
+            tiles: TileCache::default(),
+            autotune,
+        })
     }
 
     pub fn device(&self) -> &wgpu::Device {
@@ -208,7 +227,22 @@ impl Engine {
         self.kernels.len()
     }
 
-    fn plan_options(&self, shape: &AttentionShape, opts: &AttentionOptions) -> Result<PlanOptions> {
+    /// Turns fused-tile tuning on or off (on by default unless `SPARSE_ATTN_AUTOTUNE=0`).
+    pub fn set_autotune(&mut self, on: bool) {
+        self.autotune = on;
+    }
+
+    /// Number of tuned tile choices held in memory.
+    pub fn tuned_tiles(&self) -> usize {
+        self.tiles.len()
+    }
+
+    /// Fused tiles this adapter can run for a problem (the tuner's candidate set).
+    pub fn fused_tile_candidates(&self, block_q: u32, block_k: u32, head_dim: usize, normalizer: Normalizer) -> Vec<FusedTile> {
+        tiles::candidates(block_q, block_k, head_dim as u32, normalizer.alpha().is_some(), &self.device.limits())
+    }
+
+    fn plan_options(&self, shape: &AttentionShape, pattern: &BlockPattern, opts: &AttentionOptions) -> Result<PlanOptions> {
         if opts.dtype == DType::F16 && !self.caps.f16 {
             return Err(Error::Unsupported(format!(
                 "f16 storage needs SHADER_F16, which adapter `{}` lacks (or {} is set)",
@@ -219,19 +253,94 @@ impl Engine {
         if !(opts.tolerance > 0.0) || opts.max_iterations == 0 {
             return Err(Error::Normalizer("entmax tolerance must be > 0 and max_iterations >= 1".into()));
         }
+        opts.normalizer.validate()?;
+        let wants_outputs = opts.return_probabilities || opts.return_row_stats;
+        let fused = match opts.path {
+            ExecPath::ThreeKernel => None,
+            ExecPath::Fused if wants_outputs => {
+                return Err(Error::Unsupported(
+                    "the fused path does not materialise probabilities or row stats; use ExecPath::ThreeKernel or Auto".into(),
+                ))
+            }
+            ExecPath::Fused => Some(self.fused_tile(shape, pattern, opts)?),
+            // Auto: fused when it can run, the three-kernel path otherwise (guaranteed fallback).
+            ExecPath::Auto if wants_outputs => None,
+            ExecPath::Auto => self.fused_tile(shape, pattern, opts).ok(),
+        };
         Ok(PlanOptions {
             normalizer: opts.normalizer,
             scale: opts.scale.unwrap_or_else(|| shape.default_scale()),
             dtype: opts.dtype,
             tolerance: opts.tolerance,
             max_iterations: opts.max_iterations,
+            fused,
         })
     }
 
-    /// Plans a call (pure; no GPU work).
+    fn fused_tile(&self, shape: &AttentionShape, pattern: &BlockPattern, opts: &AttentionOptions) -> Result<FusedTile> {
+        let entmax = opts.normalizer.alpha().is_some();
+        let limits = self.device.limits();
+        let (bq, bk, d) = (pattern.block_q(), pattern.block_k(), shape.head_dim as u32);
+        if let Some(t) = opts.fused_tile {
+            if !tiles::candidates(bq, bk, d, entmax, &limits).contains(&t) {
+                return Err(Error::Unsupported(format!("fused tile {t:?} does not fit this problem or adapter")));
+            }
+            return Ok(t);
+        }
+        let key = TuneKey {
+            adapter: self.info.name.clone(),
+            entmax,
+            f16: opts.dtype == DType::F16,
+            block_q: bq,
+            block_k: bk,
+            head_dim: d,
+            seq_bucket: TuneKey::seq_bucket(shape.seq_kv),
+        };
+        if let Some(t) = self.tiles.get(&key) {
+            return Ok(t);
+        }
+        let fallback = tiles::default_tile(bq, bk, d, entmax, &limits)?;
+        if !self.autotune {
+            return Ok(fallback);
+        }
+        let best = self.tune(&key, opts).unwrap_or(fallback);
+        self.tiles.insert(key, best);
+        Ok(best)
+    }
+
+    /// Times each candidate tile once on a synthetic dense problem of the key's bucket and
+    /// returns the fastest; None when no candidate ran.
+    fn tune(&self, key: &TuneKey, opts: &AttentionOptions) -> Option<FusedTile> {
+        let d = key.head_dim as usize;
+        let n = key.seq_bucket as usize;
+        let heads = 4;
+        let shape = AttentionShape::new(1, heads, n, d);
+        let pattern = crate::patterns::Dense::new().with_blocks(key.block_q, key.block_k).build(&shape).ok()?;
+        let data = |seed: u32| {
+            Array4::from_shape_fn((1, heads, n, d), |(_, h, i, c)| (((i * 31 + c * 17 + h * 7) as u32 ^ seed) % 97) as f32 / 97.0 - 0.5)
+        };
+        let (q, k, v) = (data(1), data(2), data(3));
+        let mut best: Option<(f64, FusedTile)> = None;
+        for tile in tiles::candidates(key.block_q, key.block_k, key.head_dim, key.entmax, &self.device.limits()).into_iter().take(8) {
+            let o = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), return_probabilities: false, return_row_stats: false, ..*opts };
+            let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let timed = self.prepare_attention(&q, &k, &v, &pattern, &o).and_then(|p| p.time(1, 3));
+            let failed = pollster::block_on(scope.pop()).is_some();
+            if let (Ok(t), false) = (timed, failed) {
+                let ms = t.median_ms();
+                tracing::debug!(?tile, ms, "tile candidate");
+                if best.is_none_or(|(b, _)| ms < b) {
+                    best = Some((ms, tile));
+                }
+            }
+        }
+        best.map(|(_, t)| t)
+    }
+
+    /// Plans a call (pure apart from choosing the fused tile, which may time candidates once).
     pub fn plan(&self, shape: &AttentionShape, pattern: &BlockPattern, opts: &AttentionOptions) -> Result<Plan> {
-        let p = self.plan_options(shape, opts)?;
-        plan::plan_three_kernel(shape, pattern, &p, &self.plan_limits)
+        let p = self.plan_options(shape, pattern, opts)?;
+        plan::plan(shape, pattern, &p, &self.plan_limits)
     }
 
     /// Uploads a pattern once; reuse it across calls with the same pattern.
@@ -267,23 +376,25 @@ impl Engine {
 
     fn kernel(&self, kind: KernelKind, plan: &Plan) -> std::sync::Arc<Kernel> {
         let d_chunk = if kind == KernelKind::Spmm { plan.d_chunk } else { 0 };
-        self.kernels.get(
-            &self.device,
-            KernelKey { kind, dtype: plan.dtype, block_q: plan.block_q, block_k: plan.block_k, d_chunk },
-        )
+        let fused = if kind.is_fused() { plan.fused } else { None };
+        self.kernels.get(&self.device, KernelKey { kind, dtype: plan.dtype, block_q: plan.block_q, block_k: plan.block_k, d_chunk, fused })
     }
 
     /// Compiles every pipeline `plan` needs (so the hot path compiles nothing).
     pub fn prepare(&self, plan: &Plan) {
-        for kind in [KernelKind::Sddmm, self.normalize_kind(plan), KernelKind::Spmm] {
+        for kind in Self::kinds(plan) {
             self.kernel(kind, plan);
         }
     }
 
-    fn normalize_kind(&self, plan: &Plan) -> KernelKind {
-        match plan.normalizer {
-            Normalizer::Softmax => KernelKind::NormalizeSoftmax,
-            _ => KernelKind::NormalizeEntmax,
+    /// Kernels a plan runs, in order.
+    fn kinds(plan: &Plan) -> Vec<KernelKind> {
+        let softmax = plan.normalizer == Normalizer::Softmax;
+        match (plan.path, softmax) {
+            (ExecPath::Fused, true) => vec![KernelKind::FusedSoftmax],
+            (ExecPath::Fused, false) => vec![KernelKind::FusedEntmax],
+            (_, true) => vec![KernelKind::Sddmm, KernelKind::NormalizeSoftmax, KernelKind::Spmm],
+            (_, false) => vec![KernelKind::Sddmm, KernelKind::NormalizeEntmax, KernelKind::Spmm],
         }
     }
 
@@ -314,10 +425,17 @@ impl Engine {
         if workspace.scores.size() < plan.scratch_bytes {
             return Err(Error::Shape("workspace was created for a smaller plan".into()));
         }
+        if plan.path == ExecPath::Fused {
+            if probabilities.is_some() {
+                return Err(Error::Unsupported("the fused path has no probabilities to copy".into()));
+            }
+            return self.encode_fused(encoder, plan, buffers, pattern, timer);
+        }
         let tile_bytes = (plan.block_q * plan.block_k) as u64 * 4;
-        let sddmm = self.kernel(KernelKind::Sddmm, plan);
-        let normalize = self.kernel(self.normalize_kind(plan), plan);
-        let spmm = self.kernel(KernelKind::Spmm, plan);
+        let kinds = Self::kinds(plan);
+        let sddmm = self.kernel(kinds[0], plan);
+        let normalize = self.kernel(kinds[1], plan);
+        let spmm = self.kernel(kinds[2], plan);
         for (ci, chunk) in plan.chunks.iter().enumerate() {
             let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("sparse-attn params"),
@@ -371,6 +489,48 @@ impl Engine {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn encode_fused(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        plan: &Plan,
+        buffers: AttentionBuffers<'_>,
+        pattern: &GpuPattern,
+        mut timer: Option<&mut super::timing::PassTimer>,
+    ) -> Result<()> {
+        let kernel = self.kernel(Self::kinds(plan)[0], plan);
+        for (ci, chunk) in plan.chunks.iter().enumerate() {
+            if chunk.fused.is_empty() {
+                continue;
+            }
+            let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("sparse-attn params"),
+                contents: bytemuck::bytes_of(&chunk.params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+            let resources = [
+                uniform.as_entire_binding(),
+                bind(buffers.q, chunk.q),
+                bind(buffers.k, chunk.kv),
+                bind(buffers.v, chunk.kv),
+                pattern.buffer.as_entire_binding(),
+                bind(buffers.o, chunk.o),
+            ];
+            let entries: Vec<wgpu::BindGroupEntry> =
+                resources.into_iter().enumerate().map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource }).collect();
+            let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&format!("sparse-attn {} chunk {ci}", kernel.key.kind.name())),
+                layout: &kernel.layout,
+                entries: &entries,
+            });
+            let timestamp_writes = timer.as_deref_mut().and_then(|t| t.pass_writes(kernel.key.kind.name()));
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(kernel.key.kind.name()), timestamp_writes });
+            pass.set_pipeline(&kernel.pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(chunk.fused.x, chunk.fused.y, 1);
         }
         Ok(())
     }
@@ -431,9 +591,6 @@ impl Engine {
                     return Err(Error::Unsupported(format!("{name}[{index}] = {value} is outside the f16 range (±65504)")));
                 }
             }
-        }
-        if opts.path == ExecPath::Fused && (opts.return_probabilities || opts.return_row_stats) {
-            return Err(Error::Unsupported("the fused path does not materialise probabilities or row stats; use ExecPath::ThreeKernel or Auto".into()));
         }
         let plan = self.plan(&shape, pattern, opts)?;
         self.prepare(&plan);

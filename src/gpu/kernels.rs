@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const NORMALIZE_COMMON: &str = include_str!("../../shaders/normalize_common.wgsl");
+const FUSED_COMMON: &str = include_str!("../../shaders/fused_common.wgsl");
 
 /// The kernels of the three-kernel path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -14,6 +15,8 @@ pub enum KernelKind {
     NormalizeSoftmax,
     NormalizeEntmax,
     Spmm,
+    FusedSoftmax,
+    FusedEntmax,
 }
 
 /// How a binding is used.
@@ -25,7 +28,18 @@ pub enum Access {
 }
 
 impl KernelKind {
-    pub const ALL: [KernelKind; 4] = [KernelKind::Sddmm, KernelKind::NormalizeSoftmax, KernelKind::NormalizeEntmax, KernelKind::Spmm];
+    pub const ALL: [KernelKind; 6] = [
+        KernelKind::Sddmm,
+        KernelKind::NormalizeSoftmax,
+        KernelKind::NormalizeEntmax,
+        KernelKind::Spmm,
+        KernelKind::FusedSoftmax,
+        KernelKind::FusedEntmax,
+    ];
+
+    pub fn is_fused(self) -> bool {
+        matches!(self, KernelKind::FusedSoftmax | KernelKind::FusedEntmax)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -33,6 +47,8 @@ impl KernelKind {
             KernelKind::NormalizeSoftmax => "normalize_softmax",
             KernelKind::NormalizeEntmax => "normalize_entmax",
             KernelKind::Spmm => "spmm",
+            KernelKind::FusedSoftmax => "fused_softmax",
+            KernelKind::FusedEntmax => "fused_entmax",
         }
     }
 
@@ -42,6 +58,8 @@ impl KernelKind {
             KernelKind::NormalizeSoftmax => include_str!("../../shaders/normalize_softmax.wgsl"),
             KernelKind::NormalizeEntmax => include_str!("../../shaders/normalize_entmax.wgsl"),
             KernelKind::Spmm => include_str!("../../shaders/spmm.wgsl"),
+            KernelKind::FusedSoftmax => include_str!("../../shaders/fused_softmax.wgsl"),
+            KernelKind::FusedEntmax => include_str!("../../shaders/fused_entmax.wgsl"),
         }
     }
 
@@ -55,6 +73,8 @@ impl KernelKind {
             KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax => &[Uniform, Read, ReadWrite, ReadWrite],
             // params, v, pattern, scores, o
             KernelKind::Spmm => &[Uniform, Read, Read, Read, ReadWrite],
+            // params, q, k, v, pattern, o
+            KernelKind::FusedSoftmax | KernelKind::FusedEntmax => &[Uniform, Read, Read, Read, Read, ReadWrite],
         }
     }
 }
@@ -68,6 +88,8 @@ pub struct KernelKey {
     pub block_k: u32,
     /// SpMM output columns per workgroup (unused elsewhere; 0).
     pub d_chunk: u32,
+    /// Fused kernels' tile (None for the three-kernel path).
+    pub fused: Option<super::tiles::FusedTile>,
 }
 
 /// Full WGSL for a key: element alias, tile constants, the common prelude, the kernel.
@@ -83,9 +105,18 @@ pub fn shader_source(key: &KernelKey) -> String {
         key.block_k,
         key.d_chunk.max(16)
     ));
+    if let Some(t) = key.fused {
+        s.push_str(&format!(
+            "const DP: u32 = {}u;\nconst TQ: u32 = {}u;\nconst KC: u32 = {}u;\nconst WG: u32 = {}u;\nconst CAP: u32 = {}u;\n",
+            t.dp, t.tq, t.kc, t.wg, t.cap
+        ));
+    }
     s.push_str(COMMON);
     if matches!(key.kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax) {
         s.push_str(NORMALIZE_COMMON);
+    }
+    if key.kind.is_fused() {
+        s.push_str(FUSED_COMMON);
     }
     s.push_str(key.kind.body());
     s
@@ -121,7 +152,7 @@ impl KernelCache {
 }
 
 fn compile(device: &wgpu::Device, key: KernelKey) -> Kernel {
-    let label = format!("sparse-attn {} {:?} {}x{} dch{}", key.kind.name(), key.dtype, key.block_q, key.block_k, key.d_chunk);
+    let label = format!("sparse-attn {} {:?} {}x{} dch{} {:?}", key.kind.name(), key.dtype, key.block_q, key.block_k, key.d_chunk, key.fused);
     let entries: Vec<wgpu::BindGroupLayoutEntry> = key
         .kind
         .bindings()
@@ -169,7 +200,8 @@ pub fn all_shader_sources() -> Vec<(String, String)> {
     for kind in KernelKind::ALL {
         for dtype in [DType::F32, DType::F16] {
             for (bq, bk) in [(16, 16), (32, 64), (128, 128)] {
-                let key = KernelKey { kind, dtype, block_q: bq, block_k: bk, d_chunk: 64 };
+                let fused = kind.is_fused().then(|| super::tiles::FusedTile { tq: 16, kc: 16, wg: 128, dp: 64, cap: 64 });
+                let key = KernelKey { kind, dtype, block_q: bq, block_k: bk, d_chunk: 64, fused };
                 out.push((format!("{} {:?} {bq}x{bk}", kind.name(), dtype), shader_source(&key)));
             }
         }

@@ -5,4 +5,5 @@ pub mod device;
 pub mod engine;
 pub mod kernels;
 pub mod plan;
+pub mod tiles;
 pub mod timing;

@@ -201,12 +201,18 @@ pub struct Chunk {
     pub sddmm: Grid,
     pub normalize: Grid,
     pub spmm: Grid,
+    /// Workgroups of the fused kernel (TQ query rows each).
+    pub fused: Grid,
     pub params: Params,
 }
 
 /// What the three-kernel path will run: kernels' tile parameters and the chunks.
 #[derive(Clone, Debug)]
 pub struct Plan {
+    /// `Fused` or `ThreeKernel` (never `Auto`).
+    pub path: ExecPath,
+    /// The fused kernels' tile when `path` is `Fused`.
+    pub fused: Option<super::tiles::FusedTile>,
     pub shape: AttentionShape,
     pub dtype: DType,
     pub normalizer: Normalizer,
@@ -231,6 +237,8 @@ pub struct PlanOptions {
     /// Entmax stopping tolerance on |Σp − 1|.
     pub tolerance: f32,
     pub max_iterations: u32,
+    /// `Some(tile)` plans the fused path with that tile; `None` the three-kernel path.
+    pub fused: Option<super::tiles::FusedTile>,
 }
 
 /// Largest head_dim the kernels accept (SpMM splits columns, SDDMM loops over head_dim).
@@ -241,8 +249,9 @@ pub fn d_chunk_for(head_dim: usize) -> u32 {
     (head_dim.next_power_of_two() as u32).clamp(16, 64)
 }
 
-/// Plans the three-kernel path. Pure: reads only the pattern's host arrays.
-pub fn plan_three_kernel(
+/// Plans a call (fused when `opts.fused` is set, else three-kernel). Pure: reads only the
+/// pattern's host arrays.
+pub fn plan(
     shape: &AttentionShape,
     pattern: &BlockPattern,
     opts: &PlanOptions,
@@ -288,6 +297,7 @@ pub fn plan_three_kernel(
     let tile_bytes = (bq * bk) as u64 * 4;
     let (seq_q, seq_kv) = (shape.seq_q as u64, shape.seq_kv as u64);
     let kv_slice = |s: u32| shape.kv_slice(s as usize) as u64;
+    let fused_per_row = opts.fused.map_or(1, |t| (bq / t.tq) as u64);
 
     let row_info = |r: u64| {
         let s = (r / q_blocks as u64) as u32;
@@ -328,12 +338,17 @@ pub fn plan_three_kernel(
             Grid::for_count(a.tile1 - a.tile0, limits.max_workgroups_per_dim),
             Grid::for_count(rows * bq as u64, limits.max_workgroups_per_dim),
             Grid::for_count(rows * d_chunks as u64, limits.max_workgroups_per_dim),
+            Grid::for_count(rows * fused_per_row, limits.max_workgroups_per_dim),
         );
         (q, kv, stats, scores, grids)
     };
+    let fused = opts.fused;
+    // The fused path has no scores or stats buffers.
     let fits = |q: &Window, kv: &Window, stats: &Window, scores: u64| {
-        [q.size, kv.size, stats.size, scores].into_iter().all(|b| b <= limits.max_binding_bytes)
+        let extra = if fused.is_some() { 0 } else { stats.size.max(scores) };
+        [q.size, kv.size, extra].into_iter().all(|b| b <= limits.max_binding_bytes)
     };
+
 
     let mut chunks = Vec::new();
     let mut scratch_bytes = tile_bytes;
@@ -344,11 +359,15 @@ pub fn plan_three_kernel(
         if let Some((a, b)) = cols {
             (acc.cmin, acc.cmax) = (a, b);
         }
-        let (q, kv, stats, scores, (g1, g2, g3)) = windows(&acc, r);
-        if !fits(&q, &kv, &stats, scores) || g1.is_none() || g2.is_none() || g3.is_none() {
+        let (q, kv, stats, scores, (g1, g2, g3, g4)) = windows(&acc, r);
+        if !fits(&q, &kv, &stats, scores) || g1.is_none() || g2.is_none() || g3.is_none() || g4.is_none() {
             let required = [q.size, kv.size, stats.size, scores].into_iter().max().unwrap_or(0);
             return Err(Error::Limit {
-                limit: "max_storage_buffer_binding_size (one query-block row of the three-kernel path)",
+                limit: if fused.is_some() {
+                    "max_storage_buffer_binding_size (the K/V span of one query-block row)"
+                } else {
+                    "max_storage_buffer_binding_size (one query-block row of the three-kernel path; the fused path needs no scores buffer)"
+                },
                 required,
                 available: limits.max_binding_bytes,
             });
@@ -362,16 +381,18 @@ pub fn plan_three_kernel(
                 trial.cmin = trial.cmin.min(a);
                 trial.cmax = trial.cmax.max(b);
             }
-            let (q, kv, stats, scores, (g1, g2, g3)) = windows(&trial, last + 1);
-            if !fits(&q, &kv, &stats, scores) || g1.is_none() || g2.is_none() || g3.is_none() {
+            let (q, kv, stats, scores, (g1, g2, g3, g4)) = windows(&trial, last + 1);
+            if !fits(&q, &kv, &stats, scores) || g1.is_none() || g2.is_none() || g3.is_none() || g4.is_none() {
                 break;
             }
             acc = trial;
             last += 1;
         }
-        let (q, kv, stats, scores, (g1, g2, g3)) = windows(&acc, last);
+        let (q, kv, stats, scores, (g1, g2, g3, g4)) = windows(&acc, last);
         let o = q;
-        scratch_bytes = scratch_bytes.max(scores);
+        if fused.is_none() {
+            scratch_bytes = scratch_bytes.max(scores);
+        }
         let params = Params {
             seq_q: seq_q as u32,
             seq_kv: seq_kv as u32,
@@ -414,6 +435,7 @@ pub fn plan_three_kernel(
             sddmm: g1.unwrap_or(Grid { x: 0, y: 0 }),
             normalize: g2.unwrap_or(Grid { x: 0, y: 0 }),
             spmm: g3.unwrap_or(Grid { x: 0, y: 0 }),
+            fused: g4.unwrap_or(Grid { x: 0, y: 0 }),
             params,
         });
         r = last + 1;
@@ -422,6 +444,8 @@ pub fn plan_three_kernel(
         return Err(Error::Limit { limit: "max_buffer_size", required: scratch_bytes, available: limits.max_buffer_bytes });
     }
     Ok(Plan {
+        path: if fused.is_some() { ExecPath::Fused } else { ExecPath::ThreeKernel },
+        fused,
         shape: *shape,
         dtype: opts.dtype,
         normalizer: opts.normalizer,

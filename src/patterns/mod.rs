@@ -1,6 +1,7 @@
 //! Pattern builders: each turns a problem (and, for learned methods, Q/K) into a `BlockPattern`.
 
 mod fixed;
+pub mod sparsefinder;
 
 pub use fixed::{Causal, Dense, GlobalTokens, RandomBlocks, Window};
 

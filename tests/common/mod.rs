@@ -11,7 +11,13 @@ use std::sync::OnceLock;
 pub fn engine() -> Option<&'static Engine> {
     static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
     let e = ENGINE.get_or_init(|| {
-        let e = Engine::new().map_err(|e| e.to_string());
+        // Tuning is covered by its own test; the suite runs the default tiles (and every
+        // candidate tile in `fused_tiles`).
+        let e = Engine::new().map(|mut e| {
+            e.set_autotune(false);
+            e
+        });
+        let e = e.map_err(|e| e.to_string());
         if let Ok(e) = &e {
             let info = e.adapter_info();
             eprintln!("GPU tests on adapter `{}` ({:?}, driver {} {}), caps {:?}", info.name, info.backend, info.driver, info.driver_info, e.capabilities());

@@ -1,0 +1,119 @@
+// Shared by the fused kernels: one workgroup per TQ query rows of one query block. The Q tile
+// stays in workgroup memory; key blocks are walked in chunks of KC keys whose K (and V) rows
+// are staged in workgroup memory; scores live only in the TQ×KC tile `s_tile`.
+// Host-provided constants: BQ, BK, DP (head_dim padded to a multiple of 4), TQ, KC, WG.
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> q: array<elem>;
+@group(0) @binding(2) var<storage, read> k: array<elem>;
+@group(0) @binding(3) var<storage, read> v: array<elem>;
+@group(0) @binding(4) var<storage, read> pat: array<u32>;
+@group(0) @binding(5) var<storage, read_write> o: array<elem>;
+
+const DP4: u32 = DP / 4u;
+const TPR: u32 = WG / TQ;             // threads per query row
+const CPT: u32 = (DP + TPR - 1u) / TPR; // output columns per thread
+
+var<workgroup> q_tile: array<vec4<f32>, TQ * DP4>;
+var<workgroup> k_tile: array<vec4<f32>, KC * DP4>;
+var<workgroup> v_tile: array<f32, KC * DP>;
+var<workgroup> s_tile: array<f32, TQ * KC>;
+
+struct Tile {
+    slice: u32,
+    qb: u32,
+    row0: u32,    // first row of this tile inside the query block
+    first: u32,   // first stored block of the row
+    last: u32,    // one past the last stored block
+    kv_row0: u32, // global K/V row of the kv slice's key 0
+}
+
+fn tile_of_workgroup(w: u32) -> Tile {
+    let per_block = BQ / TQ;
+    let vrow = params.row_base + w / per_block;
+    let blocks = row_block_range(vrow);
+    let slice = slice_of_row(vrow);
+    return Tile(slice, vrow % params.q_blocks, (w % per_block) * TQ, blocks.x, blocks.y,
+                kv_slice_of(slice) * params.seq_kv);
+}
+
+fn load_elem4(base: u32, d0: u32, limit_ok: bool, is_q: bool) -> vec4<f32> {
+    var x = vec4<f32>(0.0);
+    if (!limit_ok) {
+        return x;
+    }
+    let d = params.head_dim;
+    for (var c = 0u; c < 4u; c++) {
+        if (d0 + c < d) {
+            if (is_q) {
+                x[c] = f32(q[base + d0 + c - params.q_base]);
+            } else {
+                x[c] = f32(k[base + d0 + c - params.kv_base]);
+            }
+        }
+    }
+    return x;
+}
+
+fn load_q_tile(t: Tile, lid: u32) {
+    for (var idx = lid; idx < TQ * DP4; idx += WG) {
+        let r = idx / DP4;
+        let i = t.qb * BQ + t.row0 + r;
+        let base = (t.slice * params.seq_q + i) * params.head_dim;
+        q_tile[idx] = load_elem4(base, (idx % DP4) * 4u, i < params.seq_q, true);
+    }
+}
+
+fn load_k_chunk(t: Tile, kb: u32, kc: u32, lid: u32) {
+    for (var idx = lid; idx < KC * DP4; idx += WG) {
+        let key = kb * BK + kc + idx / DP4;
+        let base = (t.kv_row0 + key) * params.head_dim;
+        k_tile[idx] = load_elem4(base, (idx % DP4) * 4u, key < params.seq_kv, false);
+    }
+}
+
+fn load_v_chunk(t: Tile, kb: u32, kc: u32, lid: u32) {
+    for (var idx = lid; idx < KC * DP; idx += WG) {
+        let key = kb * BK + kc + idx / DP;
+        let col = idx % DP;
+        var x = 0.0;
+        if (key < params.seq_kv && col < params.head_dim) {
+            x = f32(v[(t.kv_row0 + key) * params.head_dim + col - params.kv_base]);
+        }
+        v_tile[idx] = x;
+    }
+}
+
+// Scores of the staged chunk into s_tile; disallowed pairs get NEG_BIG. Full blocks skip
+// the mask lookup.
+fn score_chunk(t: Tile, b: u32, kc: u32, lid: u32) {
+    let full = pat[params.off_mask_of + b] == FULL_BLOCK;
+    let kb = pat[params.off_col_idx + b];
+    for (var idx = lid; idx < TQ * KC; idx += WG) {
+        let r = idx / KC;
+        let kk = idx % KC;
+        var acc = 0.0;
+        for (var d4 = 0u; d4 < DP4; d4++) {
+            acc += dot(q_tile[r * DP4 + d4], k_tile[kk * DP4 + d4]);
+        }
+        let rr = t.row0 + r;
+        var ok = t.qb * BQ + rr < params.seq_q && kb * BK + kc + kk < params.seq_kv;
+        if (ok && !full) {
+            ok = allowed(b, t.qb, rr, kc + kk);
+        }
+        s_tile[idx] = select(NEG_BIG, acc * params.scale, ok);
+    }
+}
+
+fn store_output(t: Tile, row: u32, lane: u32, acc: ptr<function, array<f32, CPT>>, inv: f32) {
+    let i = t.qb * BQ + t.row0 + row;
+    if (i < params.seq_q) {
+        let base = (t.slice * params.seq_q + i) * params.head_dim - params.o_base;
+        for (var j = 0u; j < CPT; j++) {
+            let col = lane + j * TPR;
+            if (col < params.head_dim) {
+                o[base + col] = elem((*acc)[j] * inv);
+            }
+        }
+    }
+}

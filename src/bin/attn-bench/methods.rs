@@ -1,0 +1,492 @@
+//! The method registry: every pattern method the bench knows, its flags, its knob sweep (pareto)
+//! and its density mapping (speed). Adding a method (mra, sbm, topk, lowrank, ...) means one
+//! variant of [`MethodName`] and one arm in each `match` below (`spec`, `from_flags`, `sweep`,
+//! `for_density`, `Method::build` / `describe`).
+
+use crate::common::{parse_list, BResult, BenchError};
+use clap::{Args, ValueEnum};
+use ndarray::Array4;
+use sparse_attn::patterns::sparsefinder::{Sparsefinder, SparsefinderModel, Threshold, Variant};
+use sparse_attn::patterns::{Dense, GlobalTokens, RandomBlocks, Window};
+use sparse_attn::{AttentionShape, BlockPattern};
+use std::path::{Path, PathBuf};
+
+/// Method names as the CLI spells them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
+pub enum MethodName {
+    /// Every pair (the exact baseline).
+    Dense,
+    /// Symmetric sliding window of `--width` tokens.
+    Window,
+    /// Global tokens: the first `--first` and last `--last` tokens see and are seen by all.
+    Global,
+    /// Seeded random blocks at block density `--density` (synthetic; for speed sweeps).
+    Random,
+    /// Sparsefinder (Treviso et al. 2022): learned low-dim projections predict the entmax graph.
+    Sparsefinder,
+}
+
+impl MethodName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MethodName::Dense => "dense",
+            MethodName::Window => "window",
+            MethodName::Global => "global",
+            MethodName::Random => "random",
+            MethodName::Sparsefinder => "sparsefinder",
+        }
+    }
+
+    pub fn parse(s: &str) -> BResult<Self> {
+        <Self as ValueEnum>::from_str(s, true).map_err(|_| {
+            let all: Vec<&str> = Self::value_variants().iter().map(|m| m.as_str()).collect();
+            BenchError::input(format!("unknown method `{s}` (known: {})", all.join(", ")))
+        })
+    }
+
+    pub fn parse_list(flag: &str, s: &str) -> BResult<Vec<Self>> {
+        let mut out = Vec::new();
+        for name in parse_list::<String>(flag, s)? {
+            let m = Self::parse(&name).map_err(|e| e.context(flag))?;
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What a method accepts: its `quality` flags and its `pareto` sweep flags.
+pub struct MethodSpec {
+    pub quality_flags: &'static [&'static str],
+    pub sweep_flags: &'static [&'static str],
+    /// The knob the pareto sweep moves.
+    pub knob: &'static str,
+}
+
+pub fn spec(name: MethodName) -> MethodSpec {
+    match name {
+        MethodName::Dense => MethodSpec { quality_flags: &[], sweep_flags: &[], knob: "none" },
+        MethodName::Window => MethodSpec { quality_flags: &["--width"], sweep_flags: &["--widths"], knob: "width" },
+        MethodName::Global => MethodSpec { quality_flags: &["--first", "--last"], sweep_flags: &["--globals"], knob: "global_tokens" },
+        MethodName::Random => MethodSpec { quality_flags: &["--density"], sweep_flags: &["--densities"], knob: "density" },
+        MethodName::Sparsefinder => MethodSpec {
+            quality_flags: &["--variant", "--model", "--recall", "--threshold", "--bucket-size", "--clusters", "--query-top"],
+            sweep_flags: &["--variants", "--sparsefinder-model", "--recalls", "--bucket-sizes", "--cluster-counts", "--query-top"],
+            knob: "variant knob",
+        },
+    }
+}
+
+/// Sparsefinder's three ways of predicting the graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SfVariant {
+    Distance,
+    Quantization,
+    Clustering,
+}
+
+/// Method flags of `quality` (and the demo). Each applies to one method; giving a flag that does
+/// not apply to `--method` is an error.
+#[derive(Args, Clone, Debug, Default)]
+pub struct MethodFlags {
+    /// window: width in tokens [default: 64]
+    #[arg(long, value_name = "TOKENS", help_heading = "Method flags")]
+    pub width: Option<u32>,
+    /// global: leading global tokens [default: 1]
+    #[arg(long, value_name = "N", help_heading = "Method flags")]
+    pub first: Option<u32>,
+    /// global: trailing global tokens [default: 1]
+    #[arg(long, value_name = "N", help_heading = "Method flags")]
+    pub last: Option<u32>,
+    /// random: block density in [0, 1] [default: 0.25]
+    #[arg(long, value_name = "D", help_heading = "Method flags")]
+    pub density: Option<f64>,
+    /// sparsefinder: how pairs are predicted [default: distance]
+    #[arg(long, value_enum, help_heading = "Method flags")]
+    pub variant: Option<SfVariant>,
+    /// sparsefinder: fitted model (JSON from `fit-sparsefinder`) [default: the shipped model,
+    /// models/sparsefinder_minilm.json]
+    #[arg(long, value_name = "FILE", help_heading = "Method flags")]
+    pub model: Option<PathBuf>,
+    /// sparsefinder distance: per-head threshold calibrated to this recall [default: 0.95]
+    #[arg(long, value_name = "R", help_heading = "Method flags")]
+    pub recall: Option<f64>,
+    /// sparsefinder distance: absolute squared-distance threshold (instead of --recall)
+    #[arg(long, value_name = "T", help_heading = "Method flags")]
+    pub threshold: Option<f64>,
+    /// sparsefinder quantization: bucket size in tokens [default: 16]
+    #[arg(long, value_name = "TOKENS", help_heading = "Method flags")]
+    pub bucket_size: Option<usize>,
+    /// sparsefinder clustering: number of k-means clusters (one the model fitted) [default: 16]
+    #[arg(long, value_name = "K", help_heading = "Method flags")]
+    pub clusters: Option<usize>,
+    /// sparsefinder clustering: clusters each query joins [default: 2]
+    #[arg(long, value_name = "N", help_heading = "Method flags")]
+    pub query_top: Option<usize>,
+}
+
+impl MethodFlags {
+    fn given(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let mut add = |set: bool, name: &'static str| {
+            if set {
+                v.push(name)
+            }
+        };
+        add(self.width.is_some(), "--width");
+        add(self.first.is_some(), "--first");
+        add(self.last.is_some(), "--last");
+        add(self.density.is_some(), "--density");
+        add(self.variant.is_some(), "--variant");
+        add(self.model.is_some(), "--model");
+        add(self.recall.is_some(), "--recall");
+        add(self.threshold.is_some(), "--threshold");
+        add(self.bucket_size.is_some(), "--bucket-size");
+        add(self.clusters.is_some(), "--clusters");
+        add(self.query_top.is_some(), "--query-top");
+        v
+    }
+}
+
+/// Rejects flags given for a method that does not take them.
+fn check_applicable(name: MethodName, given: &[&'static str], accepted: &[&'static str], which: &str) -> BResult<()> {
+    if let Some(flag) = given.iter().find(|f| !accepted.contains(f)) {
+        let takes = if accepted.is_empty() { "no method flags".to_string() } else { accepted.join(", ") };
+        return Err(BenchError::input(format!("{flag} does not apply to {which} {} (it takes {takes})", name.as_str())));
+    }
+    Ok(())
+}
+
+/// A concrete, buildable pattern method with its parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Method {
+    Dense,
+    Window { width: u32 },
+    Global { first: u32, last: u32 },
+    Random { density: f64, seed: u64 },
+    Sparsefinder { variant: Variant },
+}
+
+/// What a method's build may use besides the problem shape.
+pub struct BuildInput<'a> {
+    pub q: &'a Array4<f32>,
+    pub k: &'a Array4<f32>,
+    pub shape: AttentionShape,
+    pub block: u32,
+    /// Stored layer index in the data file (learned methods pick their per-layer model by it).
+    pub layer_index: usize,
+    pub sparsefinder: Option<&'a SparsefinderModel>,
+}
+
+impl Method {
+    pub fn name(&self) -> MethodName {
+        match self {
+            Method::Dense => MethodName::Dense,
+            Method::Window { .. } => MethodName::Window,
+            Method::Global { .. } => MethodName::Global,
+            Method::Random { .. } => MethodName::Random,
+            Method::Sparsefinder { .. } => MethodName::Sparsefinder,
+        }
+    }
+
+    /// (variant, knob, value) as reported in pareto.csv.
+    pub fn describe(&self) -> (String, String, String) {
+        match *self {
+            Method::Dense => ("-".into(), "none".into(), "-".into()),
+            Method::Window { width } => ("symmetric".into(), "width".into(), width.to_string()),
+            Method::Global { first, last } => ("first+last".into(), "global_tokens".into(), format!("{first}+{last}")),
+            Method::Random { density, .. } => ("blocks".into(), "density".into(), format!("{density}")),
+            Method::Sparsefinder { variant } => {
+                let (knob, value) = variant.knob();
+                (variant.name().into(), knob.into(), value)
+            }
+        }
+    }
+
+    /// Short label, e.g. `window(width=64)`.
+    pub fn label(&self) -> String {
+        let (variant, knob, value) = self.describe();
+        match self {
+            Method::Dense => "dense".into(),
+            Method::Sparsefinder { .. } => format!("sparsefinder-{variant}({knob}={value})"),
+            _ => format!("{}({knob}={value})", self.name().as_str()),
+        }
+    }
+
+    /// Curve name in plots: one curve per method (and variant).
+    pub fn curve(&self) -> String {
+        match self {
+            Method::Sparsefinder { variant } => format!("sparsefinder-{}", variant.name()),
+            _ => self.name().as_str().into(),
+        }
+    }
+
+    /// Point label in plots (the knob value).
+    pub fn point_label(&self) -> String {
+        match *self {
+            Method::Dense => "dense".into(),
+            Method::Window { width } => format!("w={width}"),
+            _ => self.describe().2,
+        }
+    }
+
+    pub fn needs_sparsefinder(&self) -> bool {
+        matches!(self, Method::Sparsefinder { .. })
+    }
+
+    pub fn build(&self, input: &BuildInput<'_>) -> sparse_attn::Result<BlockPattern> {
+        let (b, shape) = (input.block, &input.shape);
+        match *self {
+            Method::Dense => Dense::new().with_blocks(b, b).build(shape),
+            Method::Window { width } => Window::new(width).with_blocks(b, b).build(shape),
+            Method::Global { first, last } => GlobalTokens::new(first, last).with_blocks(b, b).build(shape),
+            Method::Random { density, seed } => RandomBlocks::new(density, seed).with_blocks(b, b).build(shape),
+            Method::Sparsefinder { variant } => {
+                let model = input
+                    .sparsefinder
+                    .ok_or_else(|| sparse_attn::Error::Unsupported("sparsefinder needs a model (none was loaded)".into()))?;
+                model.build(input.layer_index, input.q, input.k, &Sparsefinder::new(variant).with_blocks(b, b))
+            }
+        }
+    }
+}
+
+fn check_unit(flag: &str, x: f64) -> BResult<f64> {
+    if (0.0..=1.0).contains(&x) {
+        Ok(x)
+    } else {
+        Err(BenchError::input(format!("{flag} {x}: must lie in [0, 1]")))
+    }
+}
+
+fn sf_variant(v: SfVariant, f: &MethodFlags) -> BResult<Variant> {
+    let given = f.given();
+    let allowed: &[&str] = match v {
+        SfVariant::Distance => &["--recall", "--threshold"],
+        SfVariant::Quantization => &["--bucket-size"],
+        SfVariant::Clustering => &["--clusters", "--query-top"],
+    };
+    let variant_flags = ["--recall", "--threshold", "--bucket-size", "--clusters", "--query-top"];
+    if let Some(flag) = given.iter().find(|g| variant_flags.contains(g) && !allowed.contains(g)) {
+        return Err(BenchError::input(format!(
+            "{flag} does not apply to --variant {} (it takes {})",
+            v.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default(),
+            allowed.join(", ")
+        )));
+    }
+    Ok(match v {
+        SfVariant::Distance => match (f.recall, f.threshold) {
+            (Some(_), Some(_)) => return Err(BenchError::input("--recall and --threshold are alternatives; give one")),
+            (_, Some(t)) => Variant::Distance { threshold: Threshold::Distance(t) },
+            (r, None) => {
+                let r = r.unwrap_or(0.95);
+                if !(r > 0.0 && r <= 1.0) {
+                    return Err(BenchError::input(format!("--recall {r}: must lie in (0, 1]")));
+                }
+                Variant::Distance { threshold: Threshold::Recall(r) }
+            }
+        },
+        SfVariant::Quantization => {
+            let bucket_size = f.bucket_size.unwrap_or(16);
+            if bucket_size == 0 {
+                return Err(BenchError::input("--bucket-size must be at least 1"));
+            }
+            Variant::Quantization { bucket_size }
+        }
+        SfVariant::Clustering => {
+            let (clusters, query_top) = (f.clusters.unwrap_or(16), f.query_top.unwrap_or(2));
+            if query_top == 0 || query_top > clusters {
+                return Err(BenchError::input(format!("--query-top {query_top} must lie in 1..={clusters} (--clusters)")));
+            }
+            Variant::Clustering { clusters, query_top }
+        }
+    })
+}
+
+/// The method of `quality --method NAME [method flags]`.
+pub fn from_flags(name: MethodName, f: &MethodFlags, seed: u64) -> BResult<Method> {
+    check_applicable(name, &f.given(), spec(name).quality_flags, "--method")?;
+    Ok(match name {
+        MethodName::Dense => Method::Dense,
+        MethodName::Window => {
+            let width = f.width.unwrap_or(64);
+            if width == 0 {
+                return Err(BenchError::input("--width must be at least 1"));
+            }
+            Method::Window { width }
+        }
+        MethodName::Global => Method::Global { first: f.first.unwrap_or(1), last: f.last.unwrap_or(1) },
+        MethodName::Random => Method::Random { density: check_unit("--density", f.density.unwrap_or(0.25))?, seed },
+        MethodName::Sparsefinder => Method::Sparsefinder { variant: sf_variant(f.variant.unwrap_or(SfVariant::Distance), f)? },
+    })
+}
+
+/// Knob sweeps of `pareto`.
+#[derive(Args, Clone, Debug, Default)]
+pub struct SweepFlags {
+    /// window: widths swept, in tokens [default: 8,16,32,64,128,256]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub widths: Option<String>,
+    /// global: numbers of first (= last) global tokens swept [default: 1,4,16,64]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub globals: Option<String>,
+    /// random: block densities swept [default: 0.05,0.1,0.25,0.5]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub densities: Option<String>,
+    /// sparsefinder: variants swept [default: distance,quantization,clustering]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub variants: Option<String>,
+    /// sparsefinder: fitted model [default: the shipped model, models/sparsefinder_minilm.json]
+    #[arg(long, value_name = "FILE", help_heading = "Sweeps")]
+    pub sparsefinder_model: Option<PathBuf>,
+    /// sparsefinder distance: target recalls swept [default: 0.8,0.9,0.95,0.98,0.99]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub recalls: Option<String>,
+    /// sparsefinder quantization: bucket sizes swept [default: 4,8,16,32,64]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub bucket_sizes: Option<String>,
+    /// sparsefinder clustering: cluster counts swept (ones the model fitted) [default: 4,8,16,32]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub cluster_counts: Option<String>,
+    /// sparsefinder clustering: clusters each query joins [default: 2]
+    #[arg(long, value_name = "N", help_heading = "Sweeps")]
+    pub query_top: Option<usize>,
+}
+
+impl SweepFlags {
+    fn given(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        for (set, name) in [
+            (self.widths.is_some(), "--widths"),
+            (self.globals.is_some(), "--globals"),
+            (self.densities.is_some(), "--densities"),
+            (self.variants.is_some(), "--variants"),
+            (self.sparsefinder_model.is_some(), "--sparsefinder-model"),
+            (self.recalls.is_some(), "--recalls"),
+            (self.bucket_sizes.is_some(), "--bucket-sizes"),
+            (self.cluster_counts.is_some(), "--cluster-counts"),
+            (self.query_top.is_some(), "--query-top"),
+        ] {
+            if set {
+                v.push(name);
+            }
+        }
+        v
+    }
+}
+
+/// Checks that every sweep flag given belongs to one of `methods`.
+pub fn check_sweep_flags(methods: &[MethodName], f: &SweepFlags) -> BResult<()> {
+    for flag in f.given() {
+        if !methods.iter().any(|m| spec(*m).sweep_flags.contains(&flag)) {
+            let owner = MethodName::value_variants().iter().find(|m| spec(**m).sweep_flags.contains(&flag)).map(|m| m.as_str()).unwrap_or("?");
+            let given: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
+            return Err(BenchError::input(format!(
+                "{flag} applies to method {owner}, which is not in --methods ({})",
+                given.join(",")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The knob values a method is swept over in `pareto`.
+pub fn sweep(name: MethodName, f: &SweepFlags, seed: u64) -> BResult<Vec<Method>> {
+    let list = |flag: &str, given: &Option<String>, default: &str| -> BResult<Vec<f64>> { parse_list(flag, given.as_deref().unwrap_or(default)) };
+    let ints = |flag: &str, given: &Option<String>, default: &str| -> BResult<Vec<usize>> { parse_list(flag, given.as_deref().unwrap_or(default)) };
+    Ok(match name {
+        MethodName::Dense => vec![Method::Dense],
+        MethodName::Window => {
+            let w = ints("--widths", &f.widths, "8,16,32,64,128,256")?;
+            if w.contains(&0) {
+                return Err(BenchError::input("--widths: a width must be at least 1"));
+            }
+            w.into_iter().map(|width| Method::Window { width: width as u32 }).collect()
+        }
+        MethodName::Global => {
+            ints("--globals", &f.globals, "1,4,16,64")?.into_iter().map(|n| Method::Global { first: n as u32, last: n as u32 }).collect()
+        }
+        MethodName::Random => list("--densities", &f.densities, "0.05,0.1,0.25,0.5")?
+            .into_iter()
+            .map(|d| Ok(Method::Random { density: check_unit("--densities", d)?, seed }))
+            .collect::<BResult<_>>()?,
+        MethodName::Sparsefinder => {
+            let variants: Vec<SfVariant> = parse_list::<String>("--variants", f.variants.as_deref().unwrap_or("distance,quantization,clustering"))?
+                .iter()
+                .map(|s| SfVariant::from_str(s, true).map_err(|_| BenchError::input(format!("--variants: unknown variant `{s}` (distance, quantization, clustering)"))))
+                .collect::<BResult<_>>()?;
+            let mut out = Vec::new();
+            let query_top = f.query_top.unwrap_or(2);
+            for v in variants {
+                match v {
+                    SfVariant::Distance => {
+                        for r in list("--recalls", &f.recalls, "0.8,0.9,0.95,0.98,0.99")? {
+                            if !(r > 0.0 && r <= 1.0) {
+                                return Err(BenchError::input(format!("--recalls: {r} must lie in (0, 1]")));
+                            }
+                            out.push(Method::Sparsefinder { variant: Variant::Distance { threshold: Threshold::Recall(r) } });
+                        }
+                    }
+                    SfVariant::Quantization => {
+                        for bucket_size in ints("--bucket-sizes", &f.bucket_sizes, "4,8,16,32,64")? {
+                            if bucket_size == 0 {
+                                return Err(BenchError::input("--bucket-sizes: a bucket size must be at least 1"));
+                            }
+                            out.push(Method::Sparsefinder { variant: Variant::Quantization { bucket_size } });
+                        }
+                    }
+                    SfVariant::Clustering => {
+                        for clusters in ints("--cluster-counts", &f.cluster_counts, "4,8,16,32")? {
+                            if query_top == 0 || query_top > clusters {
+                                return Err(BenchError::input(format!("--query-top {query_top} must lie in 1..={clusters} (a swept cluster count)")));
+                            }
+                            out.push(Method::Sparsefinder { variant: Variant::Clustering { clusters, query_top } });
+                        }
+                    }
+                }
+            }
+            out
+        }
+    })
+}
+
+/// The method at (about) block density `density` for `speed` (synthetic Q/K/V). `None` when the
+/// method has no density knob that makes sense there (with the reason).
+pub fn for_density(name: MethodName, density: f64, seq: usize, block: u32, seed: u64) -> Result<Method, String> {
+    match name {
+        MethodName::Dense => Ok(Method::Dense),
+        MethodName::Random => Ok(Method::Random { density, seed }),
+        MethodName::Window => {
+            // A band of `width` tokens covers about width/seq of the key blocks.
+            let width = ((density * seq as f64).round() as u32).max(1).min(seq as u32 * 2);
+            let _ = block;
+            Ok(Method::Window { width })
+        }
+        MethodName::Global => {
+            // first = last = n tokens: about 4n/seq of the pairs.
+            let n = ((density * seq as f64 / 4.0).round() as u32).max(1);
+            Ok(Method::Global { first: n, last: n })
+        }
+        MethodName::Sparsefinder => Err("sparsefinder predicts patterns from real Q/K; speed runs on synthetic data (use pareto/quality for it)".into()),
+    }
+}
+
+/// Loads the Sparsefinder model (`path` or the shipped one) and checks it fits the data.
+pub fn load_sparsefinder(path: Option<&Path>, data: Option<&sparse_attn::data::AttentionData>) -> BResult<SparsefinderModel> {
+    let path = path.map(Path::to_path_buf).unwrap_or_else(SparsefinderModel::shipped_path);
+    if !path.exists() {
+        return Err(BenchError::input(format!(
+            "sparsefinder model `{}` not found (fit one with `attn-bench fit-sparsefinder --out {}`, or pass the model file)",
+            path.display(),
+            path.display()
+        )));
+    }
+    let model = SparsefinderModel::load(&path).map_err(|e| BenchError::from(e).context(format!("sparsefinder model `{}`", path.display())))?;
+    if let Some(d) = data {
+        model
+            .check_data(d.layers(), d.heads(), d.head_dim())
+            .map_err(|e| BenchError::from(e).context(format!("sparsefinder model `{}` does not fit data `{}`", path.display(), d.path().display())))?;
+    }
+    Ok(model)
+}

@@ -1,0 +1,164 @@
+//! Fused-kernel tiles: the candidate set, the workgroup-memory model that filters it per
+//! adapter, and the cache of tuned choices (in memory, optionally on disk).
+
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// One fused-kernel tile: `tq` query rows per workgroup, `kc` keys staged per step, `wg`
+/// threads, `dp` head_dim padded, `cap` entmax candidates kept per row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct FusedTile {
+    pub tq: u32,
+    pub kc: u32,
+    pub wg: u32,
+    pub dp: u32,
+    pub cap: u32,
+}
+
+impl FusedTile {
+    /// Threads per query row.
+    pub fn tpr(&self) -> u32 {
+        self.wg / self.tq
+    }
+
+    /// Workgroup memory in bytes (mirrors the arrays in shaders/fused_*.wgsl).
+    pub fn workgroup_bytes(&self, entmax: bool) -> u32 {
+        let common = 4 * (self.tq * self.dp + 2 * self.kc * self.dp + self.tq * self.kc);
+        if entmax {
+            common + 4 * self.tq * self.cap + 16 * self.wg + 4 * self.wg + 8
+        } else {
+            common
+        }
+    }
+}
+
+/// Entmax candidates kept per row on chip (rows with more recompute their scores).
+pub const ENTMAX_CANDIDATES: u32 = 64;
+/// Largest head_dim a fused tile supports.
+pub const MAX_FUSED_HEAD_DIM: u32 = 256;
+
+/// Tiles that fit this adapter for (block_q, block_k, head_dim), best-guess order first.
+pub fn candidates(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, limits: &wgpu::Limits) -> Vec<FusedTile> {
+    let mut out = Vec::new();
+    for wg in [128u32, 256, 64] {
+        if wg > limits.max_compute_invocations_per_workgroup || wg > limits.max_compute_workgroup_size_x {
+            continue;
+        }
+        for tq in [32u32, 16, 64, 8, 4] {
+            for kc in [32u32, 16, 8] {
+                if tq > block_q || kc > block_k || wg < tq {
+                    continue;
+                }
+                let tpr = wg / tq;
+                if tpr > 64 || ENTMAX_CANDIDATES % tpr != 0 {
+                    continue;
+                }
+                let dp = head_dim.next_multiple_of(tpr.max(4));
+                // Keep per-thread accumulators within a register budget.
+                if dp / tpr > 32 {
+                    continue;
+                }
+                let tile = FusedTile { tq, kc, wg, dp, cap: ENTMAX_CANDIDATES };
+                if tile.workgroup_bytes(entmax) <= limits.max_compute_workgroup_storage_size {
+                    out.push(tile);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The tile used without tuning: the first candidate, or a typed error naming the limit.
+pub fn default_tile(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, limits: &wgpu::Limits) -> Result<FusedTile> {
+    if head_dim > MAX_FUSED_HEAD_DIM {
+        return Err(Error::Unsupported(format!("fused kernels support head_dim <= {MAX_FUSED_HEAD_DIM}, got {head_dim}")));
+    }
+    candidates(block_q, block_k, head_dim, entmax, limits).into_iter().next().ok_or_else(|| {
+        Error::Unsupported(format!(
+            "no fused tile for head_dim {head_dim} fits max_compute_workgroup_storage_size = {} bytes (smallest needs {})",
+            limits.max_compute_workgroup_storage_size,
+            FusedTile { tq: 4, kc: 8, wg: 64, dp: head_dim.next_multiple_of(16), cap: ENTMAX_CANDIDATES }.workgroup_bytes(entmax)
+        ))
+    })
+}
+
+/// What a tuned choice is keyed by: the adapter and a shape bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct TuneKey {
+    pub adapter: String,
+    pub entmax: bool,
+    pub f16: bool,
+    pub block_q: u32,
+    pub block_k: u32,
+    pub head_dim: u32,
+    /// Sequence length rounded up to a power of two, clamped to [256, 8192].
+    pub seq_bucket: u32,
+}
+
+impl TuneKey {
+    pub fn seq_bucket(seq: usize) -> u32 {
+        (seq.next_power_of_two() as u32).clamp(256, 8192)
+    }
+    fn file_key(&self) -> String {
+        format!(
+            "{}|{}|{}|{}x{}|d{}|n{}",
+            self.adapter,
+            if self.entmax { "entmax" } else { "softmax" },
+            if self.f16 { "f16" } else { "f32" },
+            self.block_q,
+            self.block_k,
+            self.head_dim,
+            self.seq_bucket
+        )
+    }
+}
+
+/// Tuned tiles in memory, mirrored to a JSON file when `SPARSE_ATTN_TUNE_CACHE` names one.
+#[derive(Debug, Default)]
+pub struct TileCache {
+    map: Mutex<HashMap<TuneKey, FusedTile>>,
+}
+
+/// Env variable naming the on-disk tile cache (JSON).
+pub const ENV_TUNE_CACHE: &str = "SPARSE_ATTN_TUNE_CACHE";
+
+impl TileCache {
+    pub fn get(&self, key: &TuneKey) -> Option<FusedTile> {
+        if let Some(t) = self.map.lock().ok().and_then(|m| m.get(key).copied()) {
+            return Some(t);
+        }
+        let path = std::env::var(ENV_TUNE_CACHE).ok()?;
+        let text = std::fs::read_to_string(path).ok()?;
+        let disk: HashMap<String, FusedTile> = serde_json::from_str(&text).ok()?;
+        let t = disk.get(&key.file_key()).copied()?;
+        if let Ok(mut m) = self.map.lock() {
+            m.insert(key.clone(), t);
+        }
+        Some(t)
+    }
+
+    pub fn insert(&self, key: TuneKey, tile: FusedTile) {
+        if let Ok(path) = std::env::var(ENV_TUNE_CACHE) {
+            let mut disk: HashMap<String, FusedTile> =
+                std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+            disk.insert(key.file_key(), tile);
+            if let Ok(text) = serde_json::to_string_pretty(&disk) {
+                if let Err(e) = std::fs::write(&path, text) {
+                    tracing::warn!("cannot write tile cache {path}: {e}");
+                }
+            }
+        }
+        if let Ok(mut m) = self.map.lock() {
+            m.insert(key, tile);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
