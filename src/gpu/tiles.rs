@@ -38,35 +38,31 @@ pub const ENTMAX_CANDIDATES: u32 = 64;
 /// Largest head_dim a fused tile supports.
 pub const MAX_FUSED_HEAD_DIM: u32 = 256;
 
-/// Tiles that fit this adapter for (block_q, block_k, head_dim), best-guess order first.
+/// The small candidate set, best guess first: (threads, query rows, keys per step). The last
+/// one is the fallback for small workgroup memory and large head_dim.
+const CANDIDATES: [(u32, u32, u32); 6] = [(128, 32, 32), (128, 16, 32), (128, 16, 16), (256, 32, 16), (128, 8, 16), (64, 4, 8)];
+
+/// Tiles that fit this adapter for (block_q, block_k, head_dim), best guess first.
 pub fn candidates(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, limits: &wgpu::Limits) -> Vec<FusedTile> {
-    let mut out = Vec::new();
-    for wg in [128u32, 256, 64] {
-        if wg > limits.max_compute_invocations_per_workgroup || wg > limits.max_compute_workgroup_size_x {
-            continue;
-        }
-        for tq in [32u32, 16, 64, 8, 4] {
-            for kc in [32u32, 16, 8] {
-                if tq > block_q || kc > block_k || wg < tq {
-                    continue;
-                }
-                let tpr = wg / tq;
-                if tpr > 64 || ENTMAX_CANDIDATES % tpr != 0 {
-                    continue;
-                }
-                let dp = head_dim.next_multiple_of(tpr.max(4));
-                // Keep per-thread accumulators within a register budget.
-                if dp / tpr > 32 {
-                    continue;
-                }
-                let tile = FusedTile { tq, kc, wg, dp, cap: ENTMAX_CANDIDATES };
-                if tile.workgroup_bytes(entmax) <= limits.max_compute_workgroup_storage_size {
-                    out.push(tile);
-                }
+    CANDIDATES
+        .iter()
+        .filter_map(|&(wg, tq, kc)| {
+            if wg > limits.max_compute_invocations_per_workgroup || wg > limits.max_compute_workgroup_size_x {
+                return None;
             }
-        }
-    }
-    out
+            if tq > block_q || kc > block_k {
+                return None;
+            }
+            let tpr = wg / tq;
+            let dp = head_dim.next_multiple_of(tpr.max(4));
+            // Keep per-thread accumulators within a register budget.
+            if dp / tpr > 32 {
+                return None;
+            }
+            let tile = FusedTile { tq, kc, wg, dp, cap: ENTMAX_CANDIDATES };
+            (tile.workgroup_bytes(entmax) <= limits.max_compute_workgroup_storage_size).then_some(tile)
+        })
+        .collect()
 }
 
 /// The tile used without tuning: the first candidate, or a typed error naming the limit.
