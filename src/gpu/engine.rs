@@ -656,6 +656,8 @@ pub struct RunTimes {
     pub gpu_ms: Vec<f64>,
     /// Median GPU ms per kernel kind over runs.
     pub stage_ms: std::collections::BTreeMap<String, f64>,
+    /// GPU ms per kernel kind, one entry per run.
+    pub stage_runs_ms: std::collections::BTreeMap<String, Vec<f64>>,
 }
 
 impl RunTimes {
@@ -724,7 +726,8 @@ impl PreparedAttention<'_> {
                 }
             }
         }
-        times.stage_ms = stages.into_iter().map(|(k, v)| (k, median(&v))).collect();
+        times.stage_ms = stages.iter().map(|(k, v)| (k.clone(), median(v))).collect();
+        times.stage_runs_ms = stages;
         Ok(times)
     }
 
