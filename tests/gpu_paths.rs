@@ -180,3 +180,29 @@ fn bad_inputs_are_typed_errors_before_gpu_work() {
     // Reference rejects the same inputs.
     assert!(reference::attention(&q_nan, &k, &v, &pattern, Normalizer::Softmax).is_err());
 }
+
+#[test]
+fn forced_fallbacks_match_reference_and_refuse_f16() {
+    if engine().is_none() {
+        return;
+    }
+    let mut fallback = Engine::new().expect("engine");
+    fallback.set_autotune(false);
+    fallback.force_fallbacks(true, true);
+    assert!(!fallback.capabilities().f16 && !fallback.capabilities().subgroups);
+    let shape = AttentionShape::new(2, 2, 75, 32).with_kv_heads(1);
+    let q = random4((2, 2, 75, 32), 21, 3.0);
+    let k = random4((2, 1, 75, 32), 22, 3.0);
+    let v = random4((2, 1, 75, 32), 23, 1.0);
+    let pattern = RandomBlocks::new(0.6, 11).with_partial(0.5).with_blocks(16, 32).build(&shape).unwrap();
+    for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.6 }] {
+        let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
+        for path in [sparse_attn::ExecPath::ThreeKernel, sparse_attn::ExecPath::Fused] {
+            let opts = AttentionOptions { path, ..AttentionOptions::new(normalizer) };
+            let got = fallback.attention_with(&q, &k, &v, &pattern, &opts).unwrap().o;
+            assert_close(&format!("fallback {} {path:?}", normalizer.label()), got.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+        }
+    }
+    let f16 = AttentionOptions { dtype: DType::F16, ..AttentionOptions::new(Normalizer::Softmax) };
+    assert!(matches!(fallback.attention_with(&q, &k, &v, &pattern, &f16), Err(Error::Unsupported(_))));
+}

@@ -227,6 +227,13 @@ impl Engine {
         self.kernels.len()
     }
 
+    /// Forces the fallbacks of optional features in this engine (as the env switches
+    /// `SPARSE_ATTN_NO_F16` / `SPARSE_ATTN_NO_SUBGROUPS` do process-wide): tests cover both.
+    pub fn force_fallbacks(&mut self, no_f16: bool, no_subgroups: bool) {
+        self.caps.f16 &= !no_f16;
+        self.caps.subgroups &= !no_subgroups;
+    }
+
     /// Turns fused-tile tuning on or off (on by default unless `SPARSE_ATTN_AUTOTUNE=0`).
     pub fn set_autotune(&mut self, on: bool) {
         self.autotune = on;
@@ -377,7 +384,8 @@ impl Engine {
     fn kernel(&self, kind: KernelKind, plan: &Plan) -> std::sync::Arc<Kernel> {
         let d_chunk = if kind == KernelKind::Spmm { plan.d_chunk } else { 0 };
         let fused = if kind.is_fused() { plan.fused } else { None };
-        self.kernels.get(&self.device, KernelKey { kind, dtype: plan.dtype, block_q: plan.block_q, block_k: plan.block_k, d_chunk, fused })
+        let subgroups = self.caps.subgroups && matches!(kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax);
+        self.kernels.get(&self.device, KernelKey { kind, dtype: plan.dtype, block_q: plan.block_q, block_k: plan.block_k, d_chunk, fused, subgroups })
     }
 
     /// Compiles every pipeline `plan` needs (so the hot path compiles nothing).

@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const NORMALIZE_COMMON: &str = include_str!("../../shaders/normalize_common.wgsl");
+const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 const FUSED_COMMON: &str = include_str!("../../shaders/fused_common.wgsl");
 
 /// The kernels of the three-kernel path.
@@ -90,11 +92,16 @@ pub struct KernelKey {
     pub d_chunk: u32,
     /// Fused kernels' tile (None for the three-kernel path).
     pub fused: Option<super::tiles::FusedTile>,
+    /// Normalisers reduce with subgroup operations (SUBGROUP present and not switched off).
+    pub subgroups: bool,
 }
 
 /// Full WGSL for a key: element alias, tile constants, the common prelude, the kernel.
 pub fn shader_source(key: &KernelKey) -> String {
     let mut s = String::new();
+    let normalize = matches!(key.kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax);
+    // No `enable subgroups;`: naga 30 does not parse that directive yet; subgroup builtins
+    // are gated by the device's SUBGROUP feature instead.
     match key.dtype {
         DType::F32 => s.push_str("alias elem = f32;\n"),
         DType::F16 => s.push_str("enable f16;\nalias elem = f16;\n"),
@@ -112,7 +119,8 @@ pub fn shader_source(key: &KernelKey) -> String {
         ));
     }
     s.push_str(COMMON);
-    if matches!(key.kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax) {
+    if normalize {
+        s.push_str(if key.subgroups { REDUCE_SUBGROUP } else { REDUCE_WORKGROUP });
         s.push_str(NORMALIZE_COMMON);
     }
     if key.kind.is_fused() {
@@ -152,7 +160,16 @@ impl KernelCache {
 }
 
 fn compile(device: &wgpu::Device, key: KernelKey) -> Kernel {
-    let label = format!("sparse-attn {} {:?} {}x{} dch{} {:?}", key.kind.name(), key.dtype, key.block_q, key.block_k, key.d_chunk, key.fused);
+    let label = format!(
+        "sparse-attn {} {:?} {}x{} dch{} {:?} sg{}",
+        key.kind.name(),
+        key.dtype,
+        key.block_q,
+        key.block_k,
+        key.d_chunk,
+        key.fused,
+        key.subgroups
+    );
     let entries: Vec<wgpu::BindGroupLayoutEntry> = key
         .kind
         .bindings()
@@ -201,8 +218,10 @@ pub fn all_shader_sources() -> Vec<(String, String)> {
         for dtype in [DType::F32, DType::F16] {
             for (bq, bk) in [(16, 16), (32, 64), (128, 128)] {
                 let fused = kind.is_fused().then(|| super::tiles::FusedTile { tq: 16, kc: 16, wg: 128, dp: 64, cap: 64 });
-                let key = KernelKey { kind, dtype, block_q: bq, block_k: bk, d_chunk: 64, fused };
-                out.push((format!("{} {:?} {bq}x{bk}", kind.name(), dtype), shader_source(&key)));
+                for subgroups in [false, true] {
+                    let key = KernelKey { kind, dtype, block_q: bq, block_k: bk, d_chunk: 64, fused, subgroups };
+                    out.push((format!("{} {:?} {bq}x{bk} subgroups={subgroups}", kind.name(), dtype), shader_source(&key)));
+                }
             }
         }
     }
