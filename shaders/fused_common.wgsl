@@ -3,10 +3,9 @@
 // are staged in workgroup memory; scores live only in the TQ×KC tile `s_tile`.
 // Host-provided constants: BQ, BK, DP (head_dim padded to a multiple of 4), TQ, KC, WG.
 
+// Q, K, V bindings and their 4-wide loads come from fused_io_scalar.wgsl or
+// fused_io_vec4.wgsl (vectorised, when head_dim % 4 == 0).
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> q: array<elem>;
-@group(0) @binding(2) var<storage, read> k: array<elem>;
-@group(0) @binding(3) var<storage, read> v: array<elem>;
 @group(0) @binding(4) var<storage, read> pat: array<u32>;
 @group(0) @binding(5) var<storage, read_write> o: array<elem>;
 
@@ -37,30 +36,12 @@ fn tile_of_workgroup(w: u32) -> Tile {
                 kv_slice_of(slice) * params.seq_kv);
 }
 
-fn load_elem4(base: u32, d0: u32, limit_ok: bool, is_q: bool) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    if (!limit_ok) {
-        return x;
-    }
-    let d = params.head_dim;
-    for (var c = 0u; c < 4u; c++) {
-        if (d0 + c < d) {
-            if (is_q) {
-                x[c] = f32(q[base + d0 + c - params.q_base]);
-            } else {
-                x[c] = f32(k[base + d0 + c - params.kv_base]);
-            }
-        }
-    }
-    return x;
-}
-
 fn load_q_tile(t: Tile, lid: u32) {
     for (var idx = lid; idx < TQ * DP4; idx += WG) {
         let r = idx / DP4;
         let i = t.qb * BQ + t.row0 + r;
         let base = (t.slice * params.seq_q + i) * params.head_dim;
-        q_tile[idx] = load_elem4(base, (idx % DP4) * 4u, i < params.seq_q, true);
+        q_tile[idx] = load_q4(base, (idx % DP4) * 4u, i < params.seq_q);
     }
 }
 
@@ -68,41 +49,47 @@ fn load_k_chunk(t: Tile, kb: u32, kc: u32, lid: u32) {
     for (var idx = lid; idx < KC * DP4; idx += WG) {
         let key = kb * BK + kc + idx / DP4;
         let base = (t.kv_row0 + key) * params.head_dim;
-        k_tile[idx] = load_elem4(base, (idx % DP4) * 4u, key < params.seq_kv, false);
+        k_tile[idx] = load_k4(base, (idx % DP4) * 4u, key < params.seq_kv);
     }
 }
 
 fn load_v_chunk(t: Tile, kb: u32, kc: u32, lid: u32) {
-    for (var idx = lid; idx < KC * DP; idx += WG) {
-        let key = kb * BK + kc + idx / DP;
-        let col = idx % DP;
-        var x = 0.0;
-        if (key < params.seq_kv && col < params.head_dim) {
-            x = f32(v[(t.kv_row0 + key) * params.head_dim + col - params.kv_base]);
-        }
-        v_tile[idx] = x;
+    for (var idx = lid; idx < KC * DP4; idx += WG) {
+        let key = kb * BK + kc + idx / DP4;
+        let d0 = (idx % DP4) * 4u;
+        let x = load_v4((t.kv_row0 + key) * params.head_dim, d0, key < params.seq_kv);
+        let at = (idx / DP4) * DP + d0;
+        v_tile[at] = x.x;
+        v_tile[at + 1u] = x.y;
+        v_tile[at + 2u] = x.z;
+        v_tile[at + 3u] = x.w;
     }
 }
 
-// Scores of the staged chunk into s_tile; disallowed pairs get NEG_BIG. Full blocks skip
-// the mask lookup.
-fn score_chunk(t: Tile, b: u32, kc: u32, lid: u32) {
+// Scores of the staged chunk into s_tile; disallowed pairs get NEG_BIG. Each thread scores
+// its own row's keys lane, lane + TPR, ... (so it can turn exactly those into p afterwards)
+// and returns the largest of them. Full blocks skip the mask lookup.
+fn score_chunk(t: Tile, b: u32, kc: u32, lid: u32) -> f32 {
     let full = pat[params.off_mask_of + b] == FULL_BLOCK;
     let kb = pat[params.off_col_idx + b];
-    for (var idx = lid; idx < TQ * KC; idx += WG) {
-        let r = idx / KC;
-        let kk = idx % KC;
+    let r = lid / TPR;
+    let rr = t.row0 + r;
+    let row_ok = t.qb * BQ + rr < params.seq_q;
+    var m = NEG_BIG;
+    for (var kk = lid % TPR; kk < KC; kk += TPR) {
         var acc = 0.0;
         for (var d4 = 0u; d4 < DP4; d4++) {
             acc += dot(q_tile[r * DP4 + d4], k_tile[kk * DP4 + d4]);
         }
-        let rr = t.row0 + r;
-        var ok = t.qb * BQ + rr < params.seq_q && kb * BK + kc + kk < params.seq_kv;
+        var ok = row_ok && kb * BK + kc + kk < params.seq_kv;
         if (ok && !full) {
             ok = allowed(b, t.qb, rr, kc + kk);
         }
-        s_tile[idx] = select(NEG_BIG, acc * params.scale, ok);
+        let s = select(NEG_BIG, acc * params.scale, ok);
+        s_tile[r * KC + kk] = s;
+        m = max(m, s);
     }
+    return m;
 }
 
 fn store_output(t: Tile, row: u32, lane: u32, acc: ptr<function, array<f32, CPT>>, inv: f32) {

@@ -79,7 +79,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
             load_k_chunk(t, kb, kc, lid);
             workgroupBarrier();
-            score_chunk(t, b, kc, lid);
+            _ = score_chunk(t, b, kc, lid);
             workgroupBarrier();
             for (var kk = lane; kk < KC; kk += TPR) {
                 let s = s_tile[row * KC + kk];
@@ -157,7 +157,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                     }
                     load_k_chunk(t, kb, kc, lid);
                     workgroupBarrier();
-                    score_chunk(t, b, kc, lid);
+                    _ = score_chunk(t, b, kc, lid);
                     workgroupBarrier();
                     if (searching && row_overflow) {
                         for (var kk = lane; kk < KC; kk += TPR) {
@@ -224,7 +224,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
             load_k_chunk(t, kb, kc, lid);
             workgroupBarrier();
-            score_chunk(t, b, kc, lid);
+            _ = score_chunk(t, b, kc, lid);
             workgroupBarrier();
             // Each row's lanes turn their own entries into p in place.
             var any_p = false;

@@ -1,6 +1,9 @@
 // Fused block-sparse softmax attention (FlashAttention-style online softmax): no scores
-// buffer. Each thread keeps its row's running max m and sum l (recomputed identically by the
-// TPR threads of a row from s_tile) and CPT output columns; O is written once.
+// buffer. Each thread keeps its row's running max m (identical across the row's TPR threads),
+// its share of the running sum l, and CPT output columns; exp is taken once per score; O is
+// written once.
+
+var<workgroup> share: array<f32, WG>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -28,32 +31,50 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             load_k_chunk(t, kb, kc, lid);
             load_v_chunk(t, kb, kc, lid);
             workgroupBarrier();
-            score_chunk(t, b, kc, lid);
+            share[lid] = score_chunk(t, b, kc, lid);
             workgroupBarrier();
+            // Chunk max over the row from the lanes' maxima, then each lane turns its own
+            // entries into p once (in place: no lane reads another's entries here); the row's
+            // lanes share m, so their partial sums of p add up to l.
             var m_new = m;
-            for (var kk = 0u; kk < KC; kk++) {
-                m_new = max(m_new, s_tile[row * KC + kk]);
+            for (var j = 0u; j < TPR; j++) {
+                m_new = max(m_new, share[row * TPR + j]);
             }
-            if (m_new > NEG_BIG) {
-                let corr = exp(m - m_new);
-                l *= corr;
-                for (var j = 0u; j < CPT; j++) {
-                    acc[j] *= corr;
+            let corr = exp(m - m_new);
+            var l_chunk = 0.0;
+            for (var kk = lane; kk < KC; kk += TPR) {
+                let s = s_tile[row * KC + kk];
+                var p = 0.0;
+                if (s > NEG_BIG) {
+                    p = exp(s - m_new);
                 }
-                for (var kk = 0u; kk < KC; kk++) {
-                    let s = s_tile[row * KC + kk];
-                    if (s > NEG_BIG) {
-                        let p = exp(s - m_new);
-                        l += p;
-                        for (var j = 0u; j < CPT; j++) {
-                            acc[j] += p * v_tile[kk * DP + lane + j * TPR];
-                        }
+                l_chunk += p;
+                s_tile[row * KC + kk] = p;
+            }
+            l = l * corr + l_chunk;
+            m = m_new;
+            workgroupBarrier();
+            for (var j = 0u; j < CPT; j++) {
+                acc[j] *= corr;
+            }
+            for (var kk = 0u; kk < KC; kk++) {
+                let p = s_tile[row * KC + kk];
+                if (p > 0.0) {
+                    for (var j = 0u; j < CPT; j++) {
+                        acc[j] += p * v_tile[kk * DP + lane + j * TPR];
                     }
                 }
-                m = m_new;
             }
             workgroupBarrier();
         }
     }
-    store_output(t, row, lane, &acc, select(0.0, 1.0 / l, l > 0.0));
+    // l held each lane's share of the row sum: add the row's lanes in lane order.
+    workgroupBarrier();
+    share[lid] = l;
+    workgroupBarrier();
+    var total = 0.0;
+    for (var j = 0u; j < TPR; j++) {
+        total += share[row * TPR + j];
+    }
+    store_output(t, row, lane, &acc, select(0.0, 1.0 / total, total > 0.0));
 }

@@ -385,7 +385,8 @@ impl Engine {
         let d_chunk = if kind == KernelKind::Spmm { plan.d_chunk } else { 0 };
         let fused = if kind.is_fused() { plan.fused } else { None };
         let subgroups = self.caps.subgroups && matches!(kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax);
-        self.kernels.get(&self.device, KernelKey { kind, dtype: plan.dtype, block_q: plan.block_q, block_k: plan.block_k, d_chunk, fused, subgroups })
+        let vec4 = kind.is_fused() && plan.shape.head_dim % 4 == 0;
+        self.kernels.get(&self.device, KernelKey { kind, dtype: plan.dtype, block_q: plan.block_q, block_k: plan.block_k, d_chunk, fused, subgroups, vec4 })
     }
 
     /// Compiles every pipeline `plan` needs (so the hot path compiles nothing).

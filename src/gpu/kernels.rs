@@ -9,6 +9,8 @@ const NORMALIZE_COMMON: &str = include_str!("../../shaders/normalize_common.wgsl
 const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 const FUSED_COMMON: &str = include_str!("../../shaders/fused_common.wgsl");
+const FUSED_IO_SCALAR: &str = include_str!("../../shaders/fused_io_scalar.wgsl");
+const FUSED_IO_VEC4: &str = include_str!("../../shaders/fused_io_vec4.wgsl");
 
 /// The kernels of the three-kernel path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -94,6 +96,8 @@ pub struct KernelKey {
     pub fused: Option<super::tiles::FusedTile>,
     /// Normalisers reduce with subgroup operations (SUBGROUP present and not switched off).
     pub subgroups: bool,
+    /// Fused kernels load Q/K/V as vec4 (head_dim % 4 == 0).
+    pub vec4: bool,
 }
 
 /// Full WGSL for a key: element alias, tile constants, the common prelude, the kernel.
@@ -124,6 +128,7 @@ pub fn shader_source(key: &KernelKey) -> String {
         s.push_str(NORMALIZE_COMMON);
     }
     if key.kind.is_fused() {
+        s.push_str(if key.vec4 { FUSED_IO_VEC4 } else { FUSED_IO_SCALAR });
         s.push_str(FUSED_COMMON);
     }
     s.push_str(key.kind.body());
@@ -161,14 +166,15 @@ impl KernelCache {
 
 fn compile(device: &wgpu::Device, key: KernelKey) -> Kernel {
     let label = format!(
-        "sparse-attn {} {:?} {}x{} dch{} {:?} sg{}",
+        "sparse-attn {} {:?} {}x{} dch{} {:?} sg{} v4{}",
         key.kind.name(),
         key.dtype,
         key.block_q,
         key.block_k,
         key.d_chunk,
         key.fused,
-        key.subgroups
+        key.subgroups,
+        key.vec4
     );
     let entries: Vec<wgpu::BindGroupLayoutEntry> = key
         .kind
@@ -218,9 +224,9 @@ pub fn all_shader_sources() -> Vec<(String, String)> {
         for dtype in [DType::F32, DType::F16] {
             for (bq, bk) in [(16, 16), (32, 64), (128, 128)] {
                 let fused = kind.is_fused().then(|| super::tiles::FusedTile { tq: 16, kc: 16, wg: 128, dp: 64, cap: 64 });
-                for subgroups in [false, true] {
-                    let key = KernelKey { kind, dtype, block_q: bq, block_k: bk, d_chunk: 64, fused, subgroups };
-                    out.push((format!("{} {:?} {bq}x{bk} subgroups={subgroups}", kind.name(), dtype), shader_source(&key)));
+                for (subgroups, vec4) in [(false, false), (true, true)] {
+                    let key = KernelKey { kind, dtype, block_q: bq, block_k: bk, d_chunk: 64, fused, subgroups, vec4 };
+                    out.push((format!("{} {:?} {bq}x{bk} subgroups={subgroups} vec4={vec4}", kind.name(), dtype), shader_source(&key)));
                 }
             }
         }

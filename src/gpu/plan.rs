@@ -295,6 +295,8 @@ pub fn plan(
     let d_chunks = (shape.head_dim as u32).div_ceil(d_chunk);
     let eb = opts.dtype.bytes();
     let tile_bytes = (bq * bk) as u64 * 4;
+    // 16-byte aligned windows keep vec4 loads on vec4 boundaries.
+    let limits = &PlanLimits { binding_alignment: limits.binding_alignment.max(16), ..*limits };
     let (seq_q, seq_kv) = (shape.seq_q as u64, shape.seq_kv as u64);
     let kv_slice = |s: u32| shape.kv_slice(s as usize) as u64;
     let fused_per_row = opts.fused.map_or(1, |t| (bq / t.tq) as u64);

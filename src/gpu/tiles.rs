@@ -28,7 +28,7 @@ impl FusedTile {
         if entmax {
             common + 4 * self.tq * self.cap + 16 * self.wg + 4 * self.wg + 8
         } else {
-            common
+            common + 4 * self.wg
         }
     }
 }
