@@ -2,7 +2,7 @@
 //! Adam, per-head calibration of distance thresholds and k-means centroids.
 
 use super::kmeans::kmeans;
-use super::model::{Centroids, FitInfo, HeadModel, SparsefinderModel};
+use super::model::{round12, Centroids, FitInfo, HeadModel, Projection, SparsefinderModel};
 use super::predict::{dist2, project_rows, rows_of, Structure};
 use super::SparsefinderConfig;
 use crate::data::AttentionData;
@@ -51,9 +51,9 @@ pub fn fit_from_data(path: impl AsRef<Path>, texts: &[&str], alpha: f64, config:
     let mut model = fit(&samples, alpha, config)?;
     let note = data.metadata().iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ");
     model.fit_info = FitInfo {
-        data: Some(path.as_ref().display().to_string()),
+        data: Some(path.as_ref().file_name().map_or_else(|| path.as_ref().display().to_string(), |n| n.to_string_lossy().into_owned())),
         texts: texts.iter().map(|t| t.to_string()).collect(),
-        fit_seconds: start.elapsed().as_secs_f64(),
+        fit_seconds: round12(start.elapsed().as_secs_f64()),
         note: format!("layer ids {:?}, head ids {:?}; data metadata: {note}", data.layer_ids(), data.head_ids()),
     };
     Ok(model)
@@ -122,11 +122,11 @@ pub fn fit(samples: &[HeadSamples], alpha: f64, config: &SparsefinderConfig) -> 
         n => n,
     }
     .clamp(1, todo.len());
-    let results: Vec<Result<HeadModel>> = if threads == 1 {
+    let results: Vec<Result<FittedHead>> = if threads == 1 {
         todo.iter().map(|s| fit_head(s, alpha, scale, config)).collect()
     } else {
         let todo = &todo;
-        let mut slots: Vec<Option<Result<HeadModel>>> = (0..todo.len()).map(|_| None).collect();
+        let mut slots: Vec<Option<Result<FittedHead>>> = (0..todo.len()).map(|_| None).collect();
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
                 .map(|w| {
@@ -146,9 +146,12 @@ pub fn fit(samples: &[HeadSamples], alpha: f64, config: &SparsefinderConfig) -> 
         });
         slots.into_iter().map(|s| s.unwrap_or_else(|| Err(Error::Data("a head was not fitted".into())))).collect()
     };
-    let head_models = results.into_iter().collect::<Result<Vec<_>>>()?;
-    let info = FitInfo { data: None, texts: Vec::new(), fit_seconds: start.elapsed().as_secs_f64(), note: String::new() };
-    SparsefinderModel::new(alpha, scale, (layers, heads, head_dim), config.clone(), info, head_models)
+    let (mut head_models, curves): (Vec<HeadModel>, Vec<Vec<CurvePoint>>) = results.into_iter().collect::<Result<Vec<_>>>()?.into_iter().unzip();
+    for (h, curve) in head_models.iter_mut().zip(allocate(&curves, &config.calibration_recalls)) {
+        h.mean_recall_curve = curve;
+    }
+    let info = FitInfo { data: None, texts: Vec::new(), fit_seconds: round12(start.elapsed().as_secs_f64()), note: String::new() };
+    SparsefinderModel::new(alpha, round12(scale), (layers, heads, head_dim), config.clone(), info, head_models)
 }
 
 /// One fitting sequence of a head: inputs in f64, gold support and the positives the window and
@@ -229,7 +232,177 @@ fn sample_negative(rng: &mut ChaCha8Rng, seq: &Sequence, i: usize) -> Option<usi
     None
 }
 
-fn fit_head(s: &HeadSamples, alpha: f64, scale: f64, config: &SparsefinderConfig) -> Result<HeadModel> {
+/// The distance a projection is trained for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Metric {
+    /// `‖q'−k'‖²` (distance and clustering variants).
+    L2,
+    /// `min_c (q'_c − k'_c)²` (quantization: a pair is kept when it is close in any coordinate).
+    Min,
+}
+
+impl Metric {
+    /// The distance of a difference vector and its gradient with respect to that vector.
+    fn eval(self, diff: &[f64], grad: &mut [f64]) -> f64 {
+        match self {
+            Metric::L2 => {
+                for (g, &x) in grad.iter_mut().zip(diff) {
+                    *g = 2.0 * x;
+                }
+                diff.iter().map(|x| x * x).sum()
+            }
+            Metric::Min => {
+                let mut best = (f64::INFINITY, 0);
+                for (c, &x) in diff.iter().enumerate() {
+                    if x * x < best.0 {
+                        best = (x * x, c);
+                    }
+                }
+                grad.iter_mut().for_each(|g| *g = 0.0);
+                if let Some(g) = grad.get_mut(best.1) {
+                    *g = 2.0 * diff[best.1];
+                }
+                best.0
+            }
+        }
+    }
+}
+
+/// Trains one projection pair with Adam on the triplet hinge (plus the absolute hinge); returns
+/// the parameters and the mean loss of the last epoch.
+fn train(seqs: &[Sequence], queries: &mut [(usize, usize)], lay: &Layout, metric: Metric, config: &SparsefinderConfig, rng: &mut ChaCha8Rng) -> (Vec<f64>, f64) {
+    let (d, r) = (lay.d, lay.r);
+    // Initialisation: uniform with variance 1/d per weight, zero biases.
+    let mut theta = vec![0.0f64; lay.len()];
+    let a = (3.0 / d as f64).sqrt();
+    for w in [lay.wq(), lay.wk()] {
+        for x in &mut theta[w..w + d * r] {
+            *x = (rng.random::<f64>() * 2.0 - 1.0) * a;
+        }
+    }
+    let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+    let mut m = vec![0.0; theta.len()];
+    let mut v = vec![0.0; theta.len()];
+    let mut step = 0i32;
+    let mut final_loss = 0.0;
+    let (mut qp, mut kpos, mut kneg) = (vec![0.0; r], vec![0.0; r], vec![0.0; r]);
+    let (mut dpos_v, mut dneg_v) = (vec![0.0; r], vec![0.0; r]);
+    let (mut gpos_d, mut gneg_d) = (vec![0.0; r], vec![0.0; r]);
+    let (mut gq, mut gk) = (vec![0.0; r], vec![0.0; r]);
+    let mut picks: Vec<usize> = Vec::new();
+    let absolute = config.absolute_weight;
+    let (inner, outer) = (config.radius - config.margin / 2.0, config.radius + config.margin / 2.0);
+    let mut grad = vec![0.0; theta.len()];
+    for _epoch in 0..config.epochs {
+        queries.shuffle(rng);
+        let (mut epoch_loss, mut epoch_count) = (0.0, 0usize);
+        for batch in queries.chunks(config.batch_queries) {
+            grad.iter_mut().for_each(|g| *g = 0.0);
+            let (mut loss, mut count) = (0.0, 0usize);
+            for &(t, i) in batch {
+                let seq = &seqs[t];
+                let xq = &seq.q[i * d..(i + 1) * d];
+                lay.project(&theta, lay.wq(), lay.bq(), xq, &mut qp);
+                let positives = &seq.pos[seq.pos_start[i]..seq.pos_start[i + 1]];
+                picks.clear();
+                if positives.len() <= config.positives_per_query {
+                    picks.extend(0..positives.len());
+                } else {
+                    picks.extend((0..config.positives_per_query).map(|_| rng.random_range(0..positives.len())));
+                }
+                for &p in &picks {
+                    let jp = positives[p] as usize;
+                    let xp = &seq.k[jp * d..(jp + 1) * d];
+                    lay.project(&theta, lay.wk(), lay.bk(), xp, &mut kpos);
+                    for c in 0..r {
+                        dpos_v[c] = qp[c] - kpos[c];
+                    }
+                    // D₊ = D(q' − k'₊) and ∇D₊ (with respect to the difference).
+                    let dpos = metric.eval(&dpos_v, &mut gpos_d);
+                    if absolute > 0.0 && dpos > inner {
+                        // λ·relu(D₊ − (R − ω/2)): pulls the positive inside the radius.
+                        loss += absolute * (dpos - inner);
+                        for c in 0..r {
+                            gq[c] = absolute * gpos_d[c];
+                            gk[c] = -absolute * gpos_d[c];
+                        }
+                        lay.accumulate(&mut grad, lay.wq(), lay.bq(), xq, &gq);
+                        lay.accumulate(&mut grad, lay.wk(), lay.bk(), xp, &gk);
+                    }
+                    for _ in 0..config.negatives_per_positive {
+                        let Some(jn) = sample_negative(rng, seq, i) else { continue };
+                        let xn = &seq.k[jn * d..(jn + 1) * d];
+                        lay.project(&theta, lay.wk(), lay.bk(), xn, &mut kneg);
+                        for c in 0..r {
+                            dneg_v[c] = qp[c] - kneg[c];
+                        }
+                        let dneg = metric.eval(&dneg_v, &mut gneg_d);
+                        count += 1;
+                        // The paper's triplet hinge relu(ω + D₊ − D₋).
+                        let l = config.margin + dpos - dneg;
+                        if l > 0.0 {
+                            loss += l;
+                            for c in 0..r {
+                                gq[c] = gpos_d[c] - gneg_d[c];
+                            }
+                            lay.accumulate(&mut grad, lay.wq(), lay.bq(), xq, &gq);
+                            for c in 0..r {
+                                gk[c] = -gpos_d[c];
+                            }
+                            lay.accumulate(&mut grad, lay.wk(), lay.bk(), xp, &gk);
+                            lay.accumulate(&mut grad, lay.wk(), lay.bk(), xn, &gneg_d);
+                        }
+                        if absolute > 0.0 && dneg < outer {
+                            // λ·relu((R + ω/2) − D₋): pushes the negative outside the radius.
+                            loss += absolute * (outer - dneg);
+                            for c in 0..r {
+                                gq[c] = -absolute * gneg_d[c];
+                                gk[c] = absolute * gneg_d[c];
+                            }
+                            lay.accumulate(&mut grad, lay.wq(), lay.bq(), xq, &gq);
+                            lay.accumulate(&mut grad, lay.wk(), lay.bk(), xn, &gk);
+                        }
+                    }
+                }
+            }
+            if count == 0 {
+                continue;
+            }
+            epoch_loss += loss;
+            epoch_count += count;
+            step += 1;
+            let (c1, c2) = (1.0 - beta1.powi(step), 1.0 - beta2.powi(step));
+            for p in 0..theta.len() {
+                let g = grad[p] / count as f64;
+                m[p] = beta1 * m[p] + (1.0 - beta1) * g;
+                v[p] = beta2 * v[p] + (1.0 - beta2) * g * g;
+                theta[p] -= config.learning_rate * (m[p] / c1) / ((v[p] / c2).sqrt() + eps);
+            }
+        }
+        final_loss = if epoch_count > 0 { epoch_loss / epoch_count as f64 } else { 0.0 };
+    }
+    (theta, final_loss)
+}
+
+/// `x` as f32 rounded to 6 significant digits: keeps the model file small (the rounded weights
+/// are the model: calibration and prediction both use them).
+fn short(x: f64) -> f32 {
+    if x == 0.0 || !x.is_finite() {
+        return x as f32;
+    }
+    format!("{x:.5e}").parse::<f32>().unwrap_or(x as f32)
+}
+
+fn to_projection(theta: &[f64], lay: &Layout) -> Projection {
+    let to32 = |at: usize, n: usize| theta[at..at + n].iter().map(|&x| short(x)).collect::<Vec<f32>>();
+    let (d, r) = (lay.d, lay.r);
+    Projection { w_q: to32(lay.wq(), d * r), b_q: to32(lay.bq(), r), w_k: to32(lay.wk(), d * r), b_k: to32(lay.bk(), r) }
+}
+
+/// A fitted head and its threshold → (recall, density) curve on the fitting data.
+type FittedHead = (HeadModel, Vec<CurvePoint>);
+
+fn fit_head(s: &HeadSamples, alpha: f64, scale: f64, config: &SparsefinderConfig) -> Result<FittedHead> {
     let d = s.pairs[0].0.ncols();
     let r = config.rank;
     let lay = Layout { d, r };
@@ -258,128 +431,37 @@ fn fit_head(s: &HeadSamples, alpha: f64, scale: f64, config: &SparsefinderConfig
         }
     }
 
-    // Initialisation: uniform with variance 1/d per weight, zero biases.
-    let mut theta = vec![0.0f64; lay.len()];
-    let a = (3.0 / d as f64).sqrt();
-    for w in [lay.wq(), lay.wk()] {
-        for x in &mut theta[w..w + d * r] {
-            *x = (rng.random::<f64>() * 2.0 - 1.0) * a;
-        }
-    }
-
-    // Adam.
-    let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8f64);
-    let mut m = vec![0.0; theta.len()];
-    let mut v = vec![0.0; theta.len()];
-    let mut step = 0i32;
-    let mut final_loss = 0.0;
-    let (mut qp, mut kpos, mut kneg) = (vec![0.0; r], vec![0.0; r], vec![0.0; r]);
-    let (mut gq, mut gpos, mut gneg) = (vec![0.0; r], vec![0.0; r], vec![0.0; r]);
-    let mut picks: Vec<usize> = Vec::new();
-    let absolute = config.absolute_weight;
-    let (inner, outer) = (config.radius - config.margin / 2.0, config.radius + config.margin / 2.0);
-    for _epoch in 0..config.epochs {
-        queries.shuffle(&mut rng);
-        let (mut epoch_loss, mut epoch_count) = (0.0, 0usize);
-        for batch in queries.chunks(config.batch_queries) {
-            let mut grad = vec![0.0; theta.len()];
-            let (mut loss, mut count) = (0.0, 0usize);
-            for &(t, i) in batch {
-                let seq = &seqs[t];
-                let xq = &seq.q[i * d..(i + 1) * d];
-                lay.project(&theta, lay.wq(), lay.bq(), xq, &mut qp);
-                let positives = &seq.pos[seq.pos_start[i]..seq.pos_start[i + 1]];
-                picks.clear();
-                if positives.len() <= config.positives_per_query {
-                    picks.extend(0..positives.len());
-                } else {
-                    picks.extend((0..config.positives_per_query).map(|_| rng.random_range(0..positives.len())));
-                }
-                for &p in &picks {
-                    let jp = positives[p] as usize;
-                    let xp = &seq.k[jp * d..(jp + 1) * d];
-                    lay.project(&theta, lay.wk(), lay.bk(), xp, &mut kpos);
-                    // a = q' − k'₊, d₊ = |a|².
-                    let dpos: f64 = (0..r).map(|c| (qp[c] - kpos[c]).powi(2)).sum();
-                    if absolute > 0.0 && dpos > inner {
-                        // λ·relu(d₊ − (R − ω/2)): pulls the positive inside the radius.
-                        loss += absolute * (dpos - inner);
-                        for c in 0..r {
-                            let ac = qp[c] - kpos[c];
-                            gq[c] = absolute * 2.0 * ac;
-                            gpos[c] = -absolute * 2.0 * ac;
-                        }
-                        lay.accumulate(&mut grad, lay.wq(), lay.bq(), xq, &gq);
-                        lay.accumulate(&mut grad, lay.wk(), lay.bk(), xp, &gpos);
-                    }
-                    for _ in 0..config.negatives_per_positive {
-                        let Some(jn) = sample_negative(&mut rng, seq, i) else { continue };
-                        let xn = &seq.k[jn * d..(jn + 1) * d];
-                        lay.project(&theta, lay.wk(), lay.bk(), xn, &mut kneg);
-                        count += 1;
-                        // c = q' − k'₋, d₋ = |c|²; L = relu(ω + d₊ − d₋).
-                        let dneg: f64 = (0..r).map(|c| (qp[c] - kneg[c]).powi(2)).sum();
-                        let l = config.margin + dpos - dneg;
-                        if l > 0.0 {
-                            loss += l;
-                            for c in 0..r {
-                                let (ac, cc) = (qp[c] - kpos[c], qp[c] - kneg[c]);
-                                gq[c] = 2.0 * (ac - cc);
-                                gpos[c] = -2.0 * ac;
-                                gneg[c] = 2.0 * cc;
-                            }
-                            lay.accumulate(&mut grad, lay.wq(), lay.bq(), xq, &gq);
-                            lay.accumulate(&mut grad, lay.wk(), lay.bk(), xp, &gpos);
-                            lay.accumulate(&mut grad, lay.wk(), lay.bk(), xn, &gneg);
-                        }
-                        if absolute > 0.0 && dneg < outer {
-                            // λ·relu((R + ω/2) − d₋): pushes the negative outside the radius.
-                            loss += absolute * (outer - dneg);
-                            for c in 0..r {
-                                let cc = qp[c] - kneg[c];
-                                gq[c] = -absolute * 2.0 * cc;
-                                gneg[c] = absolute * 2.0 * cc;
-                            }
-                            lay.accumulate(&mut grad, lay.wq(), lay.bq(), xq, &gq);
-                            lay.accumulate(&mut grad, lay.wk(), lay.bk(), xn, &gneg);
-                        }
-                    }
-                }
-            }
-            if count == 0 {
-                continue;
-            }
-            epoch_loss += loss;
-            epoch_count += count;
-            step += 1;
-            let (c1, c2) = (1.0 - beta1.powi(step), 1.0 - beta2.powi(step));
-            for p in 0..theta.len() {
-                let g = grad[p] / count as f64;
-                m[p] = beta1 * m[p] + (1.0 - beta1) * g;
-                v[p] = beta2 * v[p] + (1.0 - beta2) * g * g;
-                theta[p] -= config.learning_rate * (m[p] / c1) / ((v[p] / c2).sqrt() + eps);
-            }
-        }
-        final_loss = if epoch_count > 0 { epoch_loss / epoch_count as f64 } else { 0.0 };
-    }
-
-    let to32 = |range: std::ops::Range<usize>| theta[range].iter().map(|&x| x as f32).collect::<Vec<f32>>();
-    let w_q = to32(lay.wq()..lay.wq() + d * r);
-    let b_q = to32(lay.bq()..lay.bq() + r);
-    let w_k = to32(lay.wk()..lay.wk() + d * r);
-    let b_k = to32(lay.bk()..lay.bk() + r);
+    let (theta, final_loss) = train(&seqs, &mut queries, &lay, Metric::L2, config, &mut rng);
+    let distance = to_projection(&theta, &lay);
+    let (quantization, quantization_loss) = if config.quantization_min_distance {
+        let (theta, loss) = train(&seqs, &mut queries, &lay, Metric::Min, config, &mut rng);
+        (Some(to_projection(&theta, &lay)), loss)
+    } else {
+        (None, final_loss)
+    };
 
     // Calibration with the same f32 projection prediction uses.
     let mut uncovered: Vec<f32> = Vec::new();
+    let mut others: Vec<f32> = Vec::new();
     let (mut total, mut covered) = (0usize, 0usize);
+    let (mut pairs, mut covered_pairs) = (0usize, 0usize);
     let mut points: Vec<f64> = Vec::new();
     let mut support_rows = (0usize, 0usize);
     for ((q, k), seq) in s.pairs.iter().zip(&seqs) {
-        let pq = project_rows(&q.view(), &w_q, &b_q, r)?;
-        let pk = project_rows(&k.view(), &w_k, &b_k, r)?;
+        let pq = project_rows(&q.view(), &distance.w_q, &distance.b_q, r)?;
+        let pk = project_rows(&k.view(), &distance.w_k, &distance.b_k, r)?;
         let (rq, rk) = (rows_of(&pq), rows_of(&pk));
         for (i, qi) in rq.iter().enumerate() {
-            for &j in seq.gold.row(i) {
+            let gold = seq.gold.row(i);
+            for (j, kj) in rk.iter().enumerate().take(seq.structure.key_end(i as u32) as usize) {
+                pairs += 1;
+                if seq.structure.covers(i as u32, j as u32) {
+                    covered_pairs += 1;
+                } else if gold.binary_search(&(j as u32)).is_err() {
+                    others.push(dist2(qi, kj));
+                }
+            }
+            for &j in gold {
                 total += 1;
                 if seq.structure.covers(i as u32, j) {
                     covered += 1;
@@ -393,39 +475,107 @@ fn fit_head(s: &HeadSamples, alpha: f64, scale: f64, config: &SparsefinderConfig
         points.extend(pq.iter().chain(pk.iter()).map(|&x| x as f64));
     }
     uncovered.sort_unstable_by(|a, b| a.total_cmp(b));
-    let distance_curve = config
-        .calibration_recalls
-        .iter()
-        .map(|&target| {
-            let need = (target * total as f64 - 1e-9).ceil() as i64 - covered as i64;
-            let t = if need <= 0 || uncovered.is_empty() {
-                -1.0
-            } else {
-                uncovered[(need as usize).min(uncovered.len()) - 1] as f64
-            };
-            (target, t)
-        })
-        .collect();
+    others.sort_unstable_by(|a, b| a.total_cmp(b));
+    // The squared distance reaching `target` recall of the gold support (window and global
+    // tokens count as found); -1 when they alone reach it.
+    let threshold_for = |target: f64| {
+        let need = (target * total as f64 - 1e-9).ceil() as i64 - covered as i64;
+        if need <= 0 || uncovered.is_empty() {
+            -1.0
+        } else {
+            uncovered[(need as usize).min(uncovered.len()) - 1] as f64
+        }
+    };
+    let distance_curve = config.calibration_recalls.iter().map(|&target| (target as f32, threshold_for(target) as f32)).collect();
+    // Recall and density of the pattern at thresholds reaching recalls 0, 0.005, ..., 1 on the
+    // fitting data: the trade-off curve the model-wide allocation picks from.
+    let count_le = |v: &[f32], t: f64| v.partition_point(|&x| (x as f64) <= t);
+    let mut curve: Vec<CurvePoint> = Vec::new();
+    for step in 0..=200 {
+        let t = threshold_for(step as f64 / 200.0);
+        if curve.last().is_some_and(|p| p.threshold == t) {
+            continue;
+        }
+        let found = covered + count_le(&uncovered, t);
+        let kept = covered_pairs + count_le(&uncovered, t) + count_le(&others, t);
+        curve.push(CurvePoint {
+            threshold: t,
+            recall: if total > 0 { found as f64 / total as f64 } else { 1.0 },
+            density: if pairs > 0 { kept as f64 / pairs as f64 } else { 0.0 },
+        });
+    }
 
     let clusterings = config
         .cluster_counts
         .iter()
         .map(|&c| Centroids {
             clusters: c,
-            centroids: kmeans(&points, r, c, config.kmeans_iterations, &mut rng).into_iter().map(|x| x as f32).collect(),
+            centroids: kmeans(&points, r, c, config.kmeans_iterations, config.kmeans_restarts, &mut rng).into_iter().map(short).collect(),
         })
         .collect();
 
-    Ok(HeadModel {
+    Ok((HeadModel {
         layer: s.layer,
         head: s.head,
-        w_q,
-        b_q,
-        w_k,
-        b_k,
+        distance,
+        quantization,
         distance_curve,
+        mean_recall_curve: Vec::new(),
         clusterings,
-        final_loss,
-        mean_support: if support_rows.1 > 0 { support_rows.0 as f64 / support_rows.1 as f64 } else { 0.0 },
-    })
+        final_loss: round12(final_loss),
+        quantization_loss: round12(quantization_loss),
+        mean_support: if support_rows.1 > 0 { round12(support_rows.0 as f64 / support_rows.1 as f64) } else { 0.0 },
+    }, curve))
+}
+
+/// One point of a head's threshold → (recall, density) curve on the fitting data.
+#[derive(Clone, Copy, Debug)]
+struct CurvePoint {
+    threshold: f64,
+    recall: f64,
+    density: f64,
+}
+
+/// For each target mean recall, the per-head thresholds that reach it (averaged over heads, on
+/// the fitting data) at the least mean density: every head takes the point of its curve that
+/// maximises `recall − λ·density`, with one λ for all heads, the largest λ that reaches the
+/// target (equal marginal cost of recall across heads).
+fn allocate(curves: &[Vec<CurvePoint>], targets: &[f64]) -> Vec<Vec<(f32, f32)>> {
+    let pick = |curve: &[CurvePoint], lambda: f64| -> usize {
+        let mut best = (f64::NEG_INFINITY, 0);
+        for (i, p) in curve.iter().enumerate() {
+            let v = p.recall - lambda * p.density;
+            if v > best.0 {
+                best = (v, i);
+            }
+        }
+        best.1
+    };
+    let mean_recall = |lambda: f64| -> f64 {
+        let n = curves.len().max(1) as f64;
+        curves.iter().map(|c| c.get(pick(c, lambda)).map_or(1.0, |p| p.recall)).sum::<f64>() / n
+    };
+    let mut out: Vec<Vec<(f32, f32)>> = vec![Vec::with_capacity(targets.len()); curves.len()];
+    for &target in targets {
+        // Bisection on log λ: mean recall falls as λ grows.
+        let (mut lo, mut hi) = (-12.0f64, 12.0f64);
+        if mean_recall(10f64.powf(hi)) >= target {
+            lo = hi;
+        }
+        for _ in 0..80 {
+            let mid = 0.5 * (lo + hi);
+            if mean_recall(10f64.powf(mid)) >= target {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let lambda = if lo <= -12.0 { 0.0 } else { 10f64.powf(lo) };
+        for (h, c) in curves.iter().enumerate() {
+            let t = c.get(pick(c, lambda)).map_or(-1.0, |p| p.threshold) as f32;
+            let t = out[h].last().map_or(t, |&(_, prev): &(f32, f32)| t.max(prev));
+            out[h].push((target as f32, t));
+        }
+    }
+    out
 }

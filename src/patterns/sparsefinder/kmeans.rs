@@ -19,10 +19,28 @@ pub(crate) fn nearest(point: &[f64], centroids: &[f64], dim: usize) -> usize {
     best.1
 }
 
-/// k-means of `points` (`n × dim`, row-major) into `k` clusters; returns `k × dim` centroids.
-/// Deterministic for a given RNG state. With fewer distinct points than `k`, some centroids
-/// repeat (harmless for prediction: a tie goes to the first).
-pub(crate) fn kmeans(points: &[f64], dim: usize, k: usize, iterations: usize, rng: &mut impl Rng) -> Vec<f64> {
+/// Sum of squared distances of the points to their nearest centroid.
+fn inertia(points: &[f64], centroids: &[f64], dim: usize) -> f64 {
+    points.chunks_exact(dim).map(|p| dist2(p, &centroids[nearest(p, centroids, dim) * dim..][..dim])).sum()
+}
+
+/// k-means of `points` (`n × dim`, row-major) into `k` clusters, the best (least inertia) of
+/// `restarts` seeded runs; returns `k × dim` centroids. Deterministic for a given RNG state.
+pub(crate) fn kmeans(points: &[f64], dim: usize, k: usize, iterations: usize, restarts: usize, rng: &mut impl Rng) -> Vec<f64> {
+    let mut best: Option<(f64, Vec<f64>)> = None;
+    for _ in 0..restarts.max(1) {
+        let c = kmeans_once(points, dim, k, iterations, rng);
+        let e = inertia(points, &c, dim);
+        if best.as_ref().is_none_or(|(b, _)| e < *b) {
+            best = Some((e, c));
+        }
+    }
+    best.map_or_else(|| vec![0.0; k * dim], |(_, c)| c)
+}
+
+/// One k-means run: k-means++ initialisation, then Lloyd iterations. With fewer distinct points
+/// than `k`, some centroids repeat (harmless for prediction: a tie goes to the first).
+fn kmeans_once(points: &[f64], dim: usize, k: usize, iterations: usize, rng: &mut impl Rng) -> Vec<f64> {
     let n = points.len() / dim;
     if n == 0 || k == 0 {
         return vec![0.0; k * dim];

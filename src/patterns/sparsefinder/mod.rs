@@ -3,19 +3,34 @@
 //! Per (layer, head) the method learns two small linear maps `q' = q·W_q + b_q`,
 //! `k' = k·W_k + b_k` (projection dim `r`, paper default 4) so that a query lands near the keys in
 //! its exact α-entmax support and far from the others (triplet hinge loss
-//! `relu(margin + ‖q'−k'₊‖² − ‖q'−k'₋‖²)`, Adam, seeded). The attention graph is then predicted
-//! in the projected space in one of three ways ([`Variant`]):
+//! `relu(margin + ‖q'−k'₊‖² − ‖q'−k'₋‖²)` over gold positives and sampled negatives, Adam,
+//! seeded ChaCha, hand-written gradients). The attention graph is then predicted in the projected
+//! space in one of three ways ([`Variant`]):
 //!
-//! - **distance**: pairs with `‖q'−k'‖² <= t`, `t` absolute or calibrated per head to a target
-//!   recall on the fitting data;
-//! - **quantization**: each projected coordinate is sorted (queries and keys together) and cut
-//!   into buckets of `bucket_size` tokens; a pair is kept when it shares a bucket in any coordinate;
+//! - **distance**: pairs with `‖q'−k'‖² <= t`; `t` absolute, calibrated per head to a target
+//!   recall on the fitting data ([`Threshold::Recall`]), or allocated across heads for a target
+//!   mean recall ([`Threshold::MeanRecall`]);
+//! - **quantization**: per projected coordinate, the keys are sorted and cut into buckets of
+//!   `bucket_size` keys; each query joins the bucket its value falls in (the keys' bounds); a pair
+//!   is kept when it shares a bucket in any coordinate;
 //! - **clustering**: k-means centroids fitted on the projected queries and keys; each key joins
 //!   its nearest centroid, each query its `query_top` nearest; a pair is kept when it shares one.
 //!
 //! Every predicted pattern also holds a local window (paper: 11 tokens) and the first/last tokens
-//! (Longformer-style global tokens, as [`crate::patterns::GlobalTokens`]: every query sees them
-//! and, with `global_queries`, they see every key).
+//! (Longformer-style global tokens, exactly as [`crate::patterns::Window`] ∪
+//! [`crate::patterns::GlobalTokens`]: every query sees them and, with `global_queries`, they see
+//! every key). Gold pairs these already cover are left out of the loss and the calibration.
+//!
+//! Where this implementation goes beyond the paper (each measured on MiniLM, see
+//! `examples/sparsefinder_quality.rs`):
+//! - an optional absolute hinge (`absolute_weight`, default on): the triplet loss only orders
+//!   keys per query, while the distance variant uses one threshold per head; pulling positives
+//!   inside a common radius makes that threshold fit every query;
+//! - the quantization variant has its own projection trained with the min-coordinate distance
+//!   `min_c (q'_c − k'_c)²` (an option of the paper's code), and queries are bucketed with the
+//!   keys' bounds (the code's `enforce_same_bounds`): separate equal-size query buckets do not
+//!   align with the key buckets and lose most of the recall;
+//! - [`Threshold::MeanRecall`]: one trade-off rate for all heads instead of one recall per head.
 //!
 //! ```no_run
 //! use sparse_attn::patterns::sparsefinder::{Sparsefinder, SparsefinderModel, Threshold, Variant};
@@ -38,7 +53,7 @@ mod model;
 mod predict;
 
 pub use fit::{fit, fit_from_data, samples_from_data, HeadSamples};
-pub use model::{Centroids, FitInfo, HeadModel, SparsefinderModel, MODEL_FORMAT, MODEL_VERSION};
+pub use model::{Centroids, FitInfo, HeadModel, Projection, SparsefinderModel, MODEL_FORMAT, MODEL_VERSION};
 pub use predict::{project_rows, Projected, Sparsefinder};
 
 use crate::error::{Error, Result};
@@ -69,6 +84,10 @@ pub struct SparsefinderConfig {
     pub absolute_weight: f64,
     /// The radius `R` of the absolute hinge (squared distance).
     pub radius: f64,
+    /// Also train a projection with the min-coordinate distance `min_c (q'_c − k'_c)²` for the
+    /// quantization variant (the paper's code trains quantization models so); false = the
+    /// quantization variant reuses the Euclidean projection.
+    pub quantization_min_distance: bool,
     /// Local window width in tokens (symmetric; causal models use the causal window).
     pub window: u32,
     /// Leading global tokens.
@@ -89,6 +108,8 @@ pub struct SparsefinderConfig {
     pub cluster_counts: Vec<usize>,
     /// Lloyd iterations of k-means.
     pub kmeans_iterations: usize,
+    /// Seeded k-means runs per cluster count; the one with the least inertia is kept.
+    pub kmeans_restarts: usize,
     /// Worker threads for fitting (heads in parallel); 0 = available parallelism. Results do not
     /// depend on it.
     pub threads: usize,
@@ -106,6 +127,7 @@ impl Default for SparsefinderConfig {
             negatives_per_positive: 2,
             absolute_weight: 1.0,
             radius: 1.0,
+            quantization_min_distance: true,
             window: 11,
             first: 1,
             last: 1,
@@ -119,6 +141,7 @@ impl Default for SparsefinderConfig {
             ],
             cluster_counts: vec![4, 8, 16, 32],
             kmeans_iterations: 50,
+            kmeans_restarts: 4,
             threads: 0,
         }
     }
@@ -178,6 +201,11 @@ pub enum Threshold {
     /// The per-head squared distance calibrated on the fitting data to reach this recall of the
     /// gold support (window and global tokens included); interpolated between calibrated levels.
     Recall(f64),
+    /// Thresholds allocated across all heads of the model so that the recall averaged over heads
+    /// reaches this value on the fitting data at the least mean density (one trade-off rate for
+    /// every head: heads where recall is cheap keep more of it). Usually sparser than
+    /// [`Threshold::Recall`] at the same mean recall.
+    MeanRecall(f64),
     /// One absolute squared distance for every head.
     Distance(f64),
 }
@@ -212,6 +240,7 @@ impl Variant {
     pub fn knob(&self) -> (&'static str, String) {
         match self {
             Variant::Distance { threshold: Threshold::Recall(r) } => ("recall", format!("{r}")),
+            Variant::Distance { threshold: Threshold::MeanRecall(r) } => ("mean_recall", format!("{r}")),
             Variant::Distance { threshold: Threshold::Distance(t) } => ("distance", format!("{t}")),
             Variant::Quantization { bucket_size } => ("bucket_size", bucket_size.to_string()),
             Variant::Clustering { clusters, query_top } => ("clusters/top", format!("{clusters}/{query_top}")),
@@ -221,7 +250,7 @@ impl Variant {
     pub(crate) fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(Error::Unsupported(format!("sparsefinder variant: {what}")));
         match *self {
-            Variant::Distance { threshold: Threshold::Recall(r) } if !(r > 0.0 && r <= 1.0) => {
+            Variant::Distance { threshold: Threshold::Recall(r) | Threshold::MeanRecall(r) } if !(r > 0.0 && r <= 1.0) => {
                 bad(format!("target recall {r} outside (0, 1]"))
             }
             Variant::Distance { threshold: Threshold::Distance(t) } if t.is_nan() => bad("distance threshold is NaN".into()),

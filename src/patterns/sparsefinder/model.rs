@@ -1,7 +1,7 @@
 //! The fitted model: per (layer, head) projections, calibrated thresholds and centroids; versioned
 //! JSON persistence and the checks that a model fits an input.
 
-use super::{SparsefinderConfig, Threshold};
+use super::{SparsefinderConfig, Threshold, Variant};
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -17,52 +17,77 @@ pub struct Centroids {
     pub centroids: Vec<f32>,
 }
 
-/// What one (layer, head) learned.
+/// One pair of linear maps `q' = q·W_q + b_q`, `k' = k·W_k + b_k`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct HeadModel {
-    pub layer: usize,
-    pub head: usize,
+pub struct Projection {
     /// `head_dim × rank`, row-major: `q'[c] = Σ_a q[a]·w_q[a·rank + c] + b_q[c]`.
     pub w_q: Vec<f32>,
     pub b_q: Vec<f32>,
     pub w_k: Vec<f32>,
     pub b_k: Vec<f32>,
+}
+
+/// What one (layer, head) learned.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HeadModel {
+    pub layer: usize,
+    pub head: usize,
+    /// Trained with the squared Euclidean distance: used by the distance and clustering variants.
+    pub distance: Projection,
+    /// Trained with the min-coordinate distance `min_c (q'_c − k'_c)²` (as the paper's code does
+    /// for quantization); `None` = the quantization variant uses `distance`.
+    pub quantization: Option<Projection>,
     /// `(recall, squared distance)` pairs, recall ascending: the threshold reaching that recall of
     /// the gold support on the fitting data (window and global tokens counted as found). A
     /// negative distance means the window and global tokens alone reach it.
-    pub distance_curve: Vec<(f64, f64)>,
+    pub distance_curve: Vec<(f32, f32)>,
+    /// `(mean recall, squared distance)` pairs: this head's share of a model-wide allocation
+    /// reaching that recall averaged over all heads at the least mean density on the fitting
+    /// data (heads whose recall is cheap get more of it).
+    pub mean_recall_curve: Vec<(f32, f32)>,
     /// Centroids per fitted cluster count.
     pub clusterings: Vec<Centroids>,
-    /// Mean hinge loss of the last epoch.
+    /// Mean loss of the last epoch (distance projection).
     pub final_loss: f64,
+    /// Mean loss of the last epoch (quantization projection).
+    pub quantization_loss: f64,
     /// Mean gold support size per query on the fitting data.
     pub mean_support: f64,
 }
 
 impl HeadModel {
+    /// The projection a variant uses.
+    pub fn projection(&self, variant: &Variant) -> &Projection {
+        match (variant, &self.quantization) {
+            (Variant::Quantization { .. }, Some(p)) => p,
+            _ => &self.distance,
+        }
+    }
+
     /// The squared distance threshold of `threshold` for this head.
     pub fn distance_threshold(&self, threshold: Threshold) -> Result<f64> {
-        match threshold {
-            Threshold::Distance(t) => Ok(t),
-            Threshold::Recall(r) => {
-                let curve = &self.distance_curve;
-                let (Some(&first), Some(&last)) = (curve.first(), curve.last()) else {
-                    return Err(Error::Data(format!("layer {} head {}: empty distance curve", self.layer, self.head)));
-                };
-                if r <= first.0 {
-                    return Ok(first.1);
-                }
-                if r >= last.0 {
-                    return Ok(last.1);
-                }
-                let i = curve.partition_point(|&(x, _)| x < r);
-                let ((r0, t0), (r1, t1)) = (curve[i - 1], curve[i]);
-                if r1 <= r0 {
-                    return Ok(t1);
-                }
-                Ok(t0 + (t1 - t0) * (r - r0) / (r1 - r0))
-            }
+        let (curve, name) = match threshold {
+            Threshold::Distance(t) => return Ok(t),
+            Threshold::Recall(r) => (&self.distance_curve, r),
+            Threshold::MeanRecall(r) => (&self.mean_recall_curve, r),
+        };
+        let (Some(&first), Some(&last)) = (curve.first(), curve.last()) else {
+            return Err(Error::Data(format!("layer {} head {}: no calibrated thresholds for {threshold:?}", self.layer, self.head)));
+        };
+        let r = name;
+        if r <= first.0 as f64 {
+            return Ok(first.1 as f64);
         }
+        if r >= last.0 as f64 {
+            return Ok(last.1 as f64);
+        }
+        let i = curve.partition_point(|&(x, _)| (x as f64) < r);
+        let ((r0, t0), (r1, t1)) = (curve[i - 1], curve[i]);
+        let (r0, t0, r1, t1) = (r0 as f64, t0 as f64, r1 as f64, t1 as f64);
+        if r1 <= r0 {
+            return Ok(t1);
+        }
+        Ok(t0 + (t1 - t0) * (r - r0) / (r1 - r0))
     }
 
     /// The centroids fitted for `clusters`, or an error listing the available counts.
@@ -80,7 +105,7 @@ impl HeadModel {
 /// Provenance of a fit.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FitInfo {
-    /// Data file the samples came from, if any.
+    /// File name of the data the samples came from, if any.
     pub data: Option<String>,
     /// Texts used for fitting.
     pub texts: Vec<String>,
@@ -104,6 +129,15 @@ pub struct SparsefinderModel {
     pub(crate) config: SparsefinderConfig,
     pub(crate) fit_info: FitInfo,
     pub(crate) head_models: Vec<HeadModel>,
+}
+
+/// `x` rounded to 12 significant digits: such values survive a JSON round trip bit for bit
+/// (serde_json parses short decimals exactly), so a saved and reloaded model compares equal.
+pub(crate) fn round12(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    format!("{x:.11e}").parse().unwrap_or(x)
 }
 
 fn finite(v: &[f32]) -> bool {
@@ -243,7 +277,7 @@ impl SparsefinderModel {
         if self.rank != self.config.rank {
             return bad(format!("rank {} differs from config.rank {}", self.rank, self.config.rank));
         }
-        if !(self.alpha > 1.0 && self.alpha <= 2.0) || !(self.scale.is_finite() && self.scale > 0.0) {
+        if !(self.alpha > 1.0 && self.alpha <= 2.0 && self.scale.is_finite() && self.scale > 0.0) {
             return bad(format!("alpha {} must lie in (1, 2] and scale {} be positive", self.alpha, self.scale));
         }
         if self.head_models.len() != self.layers * self.heads {
@@ -256,24 +290,28 @@ impl SparsefinderModel {
                 return bad(format!("entry {idx} is layer {} head {}, expected layer {layer} head {head}", h.layer, h.head));
             }
             let at = format!("layer {layer} head {head}");
-            for (name, v, n) in [("w_q", &h.w_q, d * r), ("w_k", &h.w_k, d * r), ("b_q", &h.b_q, r), ("b_k", &h.b_k, r)] {
-                if v.len() != n {
-                    return bad(format!("{at}: {name} has {} values, expected {n}", v.len()));
+            for (which, p) in std::iter::once(("distance", &h.distance)).chain(h.quantization.as_ref().map(|p| ("quantization", p))) {
+                for (name, v, n) in [("w_q", &p.w_q, d * r), ("w_k", &p.w_k, d * r), ("b_q", &p.b_q, r), ("b_k", &p.b_k, r)] {
+                    if v.len() != n {
+                        return bad(format!("{at}: {which}.{name} has {} values, expected {n}", v.len()));
+                    }
+                    if !finite(v) {
+                        return bad(format!("{at}: {which}.{name} holds a non-finite value"));
+                    }
                 }
-                if !finite(v) {
+            }
+            for (name, curve) in [("distance_curve", &h.distance_curve), ("mean_recall_curve", &h.mean_recall_curve)] {
+                if curve.is_empty() {
+                    return bad(format!("{at}: empty {name}"));
+                }
+                for w in curve.windows(2) {
+                    if w[1].0 <= w[0].0 || w[1].1 < w[0].1 {
+                        return bad(format!("{at}: {name} not increasing at {:?} -> {:?}", w[0], w[1]));
+                    }
+                }
+                if curve.iter().any(|&(x, t)| !(x.is_finite() && t.is_finite())) {
                     return bad(format!("{at}: {name} holds a non-finite value"));
                 }
-            }
-            if h.distance_curve.is_empty() {
-                return bad(format!("{at}: empty distance_curve"));
-            }
-            for w in h.distance_curve.windows(2) {
-                if w[1].0 <= w[0].0 || w[1].1 < w[0].1 {
-                    return bad(format!("{at}: distance_curve not increasing at {:?} -> {:?}", w[0], w[1]));
-                }
-            }
-            if h.distance_curve.iter().any(|&(x, t)| !(x.is_finite() && t.is_finite())) {
-                return bad(format!("{at}: distance_curve holds a non-finite value"));
             }
             for c in &h.clusterings {
                 if c.clusters == 0 || c.centroids.len() != c.clusters * r || !finite(&c.centroids) {

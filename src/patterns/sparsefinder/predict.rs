@@ -4,7 +4,7 @@
 use super::model::{HeadModel, SparsefinderModel};
 use super::{SparsefinderConfig, Variant};
 use crate::error::{Error, Result};
-use crate::pattern::{BlockMask, BlockPattern, PatternAccumulator, PatternGeometry};
+use crate::pattern::{BlockPattern, PatternGeometry, FULL};
 use crate::patterns::DEFAULT_BLOCK;
 use crate::shape::check_finite;
 use crate::AttentionShape;
@@ -157,45 +157,105 @@ impl Structure {
     }
 }
 
-/// The bits of one query-block row, keyed by key block; O(touched blocks) to collect.
+/// The bits of one query-block row, keyed by key block, in one reused arena; flushed straight
+/// into the pattern's CSR arrays (no per-block allocation). O(touched blocks) per row.
 struct RowBits {
-    block_k: u32,
+    g: PatternGeometry,
     wpr: usize,
     words: usize,
+    /// Local index of each key block in this row, `u32::MAX` when untouched.
     slot: Vec<u32>,
-    blocks: Vec<(u32, Vec<u32>)>,
+    /// Touched key blocks, in touch order.
+    blocks: Vec<u32>,
+    arena: Vec<u32>,
+}
+
+/// The pattern under construction, in `BlockPattern`'s CSR layout.
+#[derive(Default)]
+struct Csr {
+    row_ptr: Vec<u32>,
+    col_idx: Vec<u32>,
+    mask_of: Vec<u32>,
+    masks: Vec<u32>,
 }
 
 impl RowBits {
     fn new(g: &PatternGeometry) -> Self {
         Self {
-            block_k: g.block_k,
+            g: *g,
             wpr: g.block_k.div_ceil(32) as usize,
             words: g.mask_words(),
             slot: vec![u32::MAX; g.k_blocks() as usize],
             blocks: Vec::new(),
+            arena: Vec::new(),
         }
     }
 
     #[inline]
     fn set(&mut self, r: u32, j: u32) {
-        let (kb, c) = (j / self.block_k, j % self.block_k);
+        let (kb, c) = (j / self.g.block_k, j % self.g.block_k);
         let s = &mut self.slot[kb as usize];
         if *s == u32::MAX {
             *s = self.blocks.len() as u32;
-            self.blocks.push((kb, vec![0; self.words]));
+            self.blocks.push(kb);
+            self.arena.resize(self.arena.len() + self.words, 0);
         }
-        let bits = &mut self.blocks[*s as usize].1;
-        bits[r as usize * self.wpr + (c / 32) as usize] |= 1 << (c % 32);
+        self.arena[*s as usize * self.words + r as usize * self.wpr + (c / 32) as usize] |= 1 << (c % 32);
     }
 
-    fn take(&mut self) -> Vec<(u32, BlockMask)> {
-        for (kb, _) in &self.blocks {
-            self.slot[*kb as usize] = u32::MAX;
+    /// ORs `bits` (bit `t` = key `j0 + t`) into row `r`; `j0` is a multiple of
+    /// `chunk()`, so the bits land in one mask word.
+    #[inline]
+    fn or_bits(&mut self, r: u32, j0: u32, bits: u32) {
+        if bits == 0 {
+            return;
         }
-        let mut blocks = std::mem::take(&mut self.blocks);
-        blocks.sort_unstable_by_key(|b| b.0);
-        blocks.into_iter().map(|(kb, bits)| (kb, BlockMask::Bits(bits))).collect()
+        let (kb, c0) = (j0 / self.g.block_k, j0 % self.g.block_k);
+        let s = &mut self.slot[kb as usize];
+        if *s == u32::MAX {
+            *s = self.blocks.len() as u32;
+            self.blocks.push(kb);
+            self.arena.resize(self.arena.len() + self.words, 0);
+        }
+        self.arena[*s as usize * self.words + r as usize * self.wpr + (c0 / 32) as usize] |= bits << (c0 % 32);
+    }
+
+    /// Keys per `or_bits` chunk: one mask word, never across a key block.
+    fn chunk(&self) -> u32 {
+        self.g.block_k.min(32)
+    }
+
+    /// Whether every in-range element of block (qb, kb) is set (then it is stored `FULL`).
+    fn is_full(&self, bits: &[u32], qb: u32, kb: u32) -> bool {
+        let rows = (self.g.seq_q - qb * self.g.block_q).min(self.g.block_q) as usize;
+        let cols = (self.g.seq_kv - kb * self.g.block_k).min(self.g.block_k) as usize;
+        (0..rows).all(|r| {
+            (0..self.wpr).all(|w| {
+                let n = cols.saturating_sub(32 * w).min(32);
+                let want = if n == 32 { u32::MAX } else { (1u32 << n) - 1 };
+                bits[r * self.wpr + w] & want == want
+            })
+        })
+    }
+
+    /// Appends this row (query block `qb`) to `out` in key-block order and resets the buffer.
+    fn flush(&mut self, qb: u32, out: &mut Csr) {
+        let mut order: Vec<(u32, usize)> = self.blocks.iter().enumerate().map(|(i, &kb)| (kb, i)).collect();
+        order.sort_unstable();
+        for (kb, i) in order {
+            let bits = &self.arena[i * self.words..(i + 1) * self.words];
+            out.col_idx.push(kb);
+            if self.is_full(bits, qb, kb) {
+                out.mask_of.push(FULL);
+            } else {
+                out.mask_of.push(out.masks.len() as u32);
+                out.masks.extend_from_slice(bits);
+            }
+            self.slot[kb as usize] = u32::MAX;
+        }
+        out.row_ptr.push(out.col_idx.len() as u32);
+        self.blocks.clear();
+        self.arena.clear();
     }
 }
 
@@ -229,29 +289,35 @@ impl Groups {
 
 /// Per-slice index for one variant.
 enum Prepared<'a> {
-    Distance { q: Vec<&'a [f32]>, k: Vec<&'a [f32]>, t: f32 },
+    Distance { q: Vec<&'a [f32]>, k: &'a [f32], rank: usize, t: f32 },
     /// Per coordinate: bucket of each query, keys of each bucket.
     Buckets { q_bucket: Vec<Vec<u32>>, keys: Vec<Groups> },
     /// Clusters of each query (`top` per query), keys of each cluster.
     Clusters { q_clusters: Vec<u32>, top: usize, keys: Groups },
 }
 
-/// Rank buckets of one coordinate, as in the paper's code: queries and keys are each sorted by
-/// value and cut every `bucket_size` tokens, so bucket `b` holds the `b`-th slice of queries and
-/// the `b`-th slice of keys (equal-size buckets; ties broken by position). Returns (bucket of each
-/// query, bucket of each key, bucket count).
+/// Buckets of one coordinate: the keys are sorted by value and cut every `bucket_size` keys
+/// (equal-size key buckets; ties broken by position), and each query joins the bucket its value
+/// falls in, using the keys' bucket bounds (the paper code's `enforce_same_bounds`: bounds taken
+/// from the keys keep queries and keys value-aligned). Returns (bucket of each query, bucket of
+/// each key, bucket count).
 pub(crate) fn coordinate_buckets(qv: &[f32], kv: &[f32], bucket_size: usize) -> (Vec<u32>, Vec<u32>, usize) {
-    let ranks = |v: &[f32]| {
-        let mut order: Vec<u32> = (0..v.len() as u32).collect();
-        order.sort_unstable_by(|&a, &b| v[a as usize].total_cmp(&v[b as usize]).then(a.cmp(&b)));
-        let mut bucket = vec![0u32; v.len()];
-        for (rank, &idx) in order.iter().enumerate() {
-            bucket[idx as usize] = (rank / bucket_size) as u32;
-        }
-        bucket
-    };
-    let n = qv.len().max(kv.len()).div_ceil(bucket_size).max(1);
-    (ranks(qv), ranks(kv), n)
+    let mut order: Vec<u32> = (0..kv.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| kv[a as usize].total_cmp(&kv[b as usize]).then(a.cmp(&b)));
+    let mut key_bucket = vec![0u32; kv.len()];
+    for (rank, &j) in order.iter().enumerate() {
+        key_bucket[j as usize] = (rank / bucket_size) as u32;
+    }
+    let sorted: Vec<f32> = order.iter().map(|&j| kv[j as usize]).collect();
+    let last = kv.len().saturating_sub(1);
+    let query_bucket = qv
+        .iter()
+        .map(|&v| {
+            let below = sorted.partition_point(|&x| x.total_cmp(&v).is_lt());
+            (below.min(last) / bucket_size) as u32
+        })
+        .collect();
+    (query_bucket, key_bucket, kv.len().div_ceil(bucket_size).max(1))
 }
 
 /// The `top` nearest centroids of a point, nearest first (ties to the lower index).
@@ -270,7 +336,8 @@ impl<'a> Prepared<'a> {
         Ok(match *variant {
             Variant::Distance { threshold } => {
                 let t = head.distance_threshold(threshold)? as f32;
-                Prepared::Distance { q, k, t }
+                let k = kp.as_slice().ok_or_else(|| Error::Shape("key projections must be standard-layout".into()))?;
+                Prepared::Distance { q, k, rank, t }
             }
             Variant::Quantization { bucket_size } => {
                 let mut q_bucket = Vec::with_capacity(rank);
@@ -296,22 +363,38 @@ impl<'a> Prepared<'a> {
         })
     }
 
-    /// Emits the predicted keys of query `i` below `end` (may repeat keys).
-    fn emit(&self, i: u32, end: u32, emit: &mut impl FnMut(u32)) {
+    /// Sets the predicted keys of query `i` (row `r` of its block) below `end` in `row`.
+    fn emit(&self, i: u32, r: u32, end: u32, row: &mut RowBits) {
         match self {
-            Prepared::Distance { q, k, t } => {
-                let qi = q[i as usize];
-                for (j, kj) in k.iter().enumerate().take(end as usize) {
-                    if dist2(qi, kj) <= *t {
-                        emit(j as u32);
+            Prepared::Distance { q, k, rank, t } => {
+                // One mask word at a time: `chunk` branch-free comparisons, then one OR.
+                let (qi, t, rank) = (q[i as usize], *t, *rank);
+                let chunk = row.chunk();
+                let mut j0 = 0u32;
+                while j0 < end {
+                    let j1 = (j0 + chunk).min(end);
+                    let keys = &k[j0 as usize * rank..j1 as usize * rank];
+                    let mut bits = 0u32;
+                    if let &[a, b, c, d] = qi {
+                        // r = 4 (the paper's): unrolled.
+                        for (bit, kj) in keys.chunks_exact(4).enumerate() {
+                            let (x, y, z, w) = (a - kj[0], b - kj[1], c - kj[2], d - kj[3]);
+                            bits |= ((x * x + y * y + z * z + w * w <= t) as u32) << bit;
+                        }
+                    } else {
+                        for (bit, kj) in keys.chunks_exact(rank).enumerate() {
+                            bits |= ((dist2(qi, kj) <= t) as u32) << bit;
+                        }
                     }
+                    row.or_bits(r, j0, bits);
+                    j0 = j1;
                 }
             }
             Prepared::Buckets { q_bucket, keys } => {
                 for (qb, groups) in q_bucket.iter().zip(keys) {
                     for &j in groups.of(qb[i as usize]) {
                         if j < end {
-                            emit(j);
+                            row.set(r, j);
                         }
                     }
                 }
@@ -320,7 +403,7 @@ impl<'a> Prepared<'a> {
                 for &c in &q_clusters[i as usize * top..(i as usize + 1) * top] {
                     for &j in keys.of(c) {
                         if j < end {
-                            emit(j);
+                            row.set(r, j);
                         }
                     }
                 }
@@ -331,13 +414,15 @@ impl<'a> Prepared<'a> {
 
 impl SparsefinderModel {
     /// Projects one layer's Q `[batch, heads, seq_q, head_dim]` and K
-    /// `[batch, kv_heads, seq_kv, head_dim]` with the CPU ([`project_rows`]). Checks the layer,
-    /// heads and head_dim against the model ([`Error::Shape`]) and that the inputs are finite.
+    /// `[batch, kv_heads, seq_kv, head_dim]` for `variant` (the quantization variant has its own
+    /// projection) with the CPU ([`project_rows`]). Checks the layer, heads and head_dim against
+    /// the model ([`Error::Shape`]) and that the inputs are finite.
     pub fn project<'a>(
         &self,
         layer: usize,
         q: impl Into<ArrayView4<'a, f32>>,
         k: impl Into<ArrayView4<'a, f32>>,
+        variant: &Variant,
     ) -> Result<Projected> {
         let (q, k) = (q.into(), k.into());
         let shape = self.input_shape(layer, &q, &k)?;
@@ -348,11 +433,11 @@ impl SparsefinderModel {
         for s in 0..shape.slices() {
             let (b, h) = (s / shape.heads, s % shape.heads);
             let kvh = h / shape.group();
-            let head = self.head(layer, h)?;
+            let p = self.head(layer, h)?.projection(variant);
             let qs = q.index_axis(Axis(0), b).index_axis_move(Axis(0), h);
             let ks = k.index_axis(Axis(0), b).index_axis_move(Axis(0), kvh);
-            pq.push(project_rows(&qs, &head.w_q, &head.b_q, self.rank)?);
-            pk.push(project_rows(&ks, &head.w_k, &head.b_k, self.rank)?);
+            pq.push(project_rows(&qs, &p.w_q, &p.b_q, self.rank)?);
+            pk.push(project_rows(&ks, &p.w_k, &p.b_k, self.rank)?);
         }
         Ok(Projected { shape, q: pq, k: pk })
     }
@@ -382,11 +467,12 @@ impl SparsefinderModel {
         spec: &Sparsefinder,
     ) -> Result<BlockPattern> {
         spec.variant.validate()?;
-        let projected = self.project(layer, q, k)?;
+        let projected = self.project(layer, q, k, &spec.variant)?;
         self.build_projected(layer, &projected, spec)
     }
 
-    /// [`Self::build`] from projections computed elsewhere (e.g. on the GPU).
+    /// [`Self::build`] from projections computed elsewhere (e.g. on the GPU), with the projection
+    /// [`HeadModel::projection`] gives for the variant.
     pub fn build_projected(&self, layer: usize, projected: &Projected, spec: &Sparsefinder) -> Result<BlockPattern> {
         spec.variant.validate()?;
         let shape = projected.shape;
@@ -419,7 +505,8 @@ impl SparsefinderModel {
             seq_kv: shape.seq_kv as u32,
             slices: slices as u32,
         };
-        let mut acc = PatternAccumulator::new(g)?;
+        g.validate()?;
+        let mut out = Csr { row_ptr: vec![0], ..Csr::default() };
         let structure = Structure::new(&self.config, shape.seq_q, shape.seq_kv);
         let mut row = RowBits::new(&g);
         for s in 0..slices {
@@ -429,15 +516,14 @@ impl SparsefinderModel {
                 let first = qb * g.block_q;
                 for i in first..(first + g.block_q).min(g.seq_q) {
                     let r = i - first;
-                    let mut set = |j: u32| row.set(r, j);
-                    structure.emit(i, &mut set);
+                    structure.emit(i, &mut |j: u32| row.set(r, j));
                     if !structure.global_query(i) {
-                        prepared.emit(i, structure.key_end(i), &mut set);
+                        prepared.emit(i, r, structure.key_end(i), &mut row);
                     }
                 }
-                acc.push_row(row.take());
+                row.flush(qb, &mut out);
             }
         }
-        Ok(acc.finish()?)
+        Ok(BlockPattern::new_checked(g, out.row_ptr, out.col_idx, out.mask_of, out.masks)?)
     }
 }
