@@ -381,6 +381,11 @@ impl Engine {
         }
     }
 
+    /// The cached pipeline for `key` (compiled on first use).
+    pub(crate) fn kernel_for(&self, key: KernelKey) -> std::sync::Arc<Kernel> {
+        self.kernels.get(&self.device, key)
+    }
+
     fn kernel(&self, kind: KernelKind, plan: &Plan) -> std::sync::Arc<Kernel> {
         let d_chunk = if kind == KernelKind::Spmm { plan.d_chunk } else { 0 };
         let fused = if kind.is_fused() { plan.fused } else { None };

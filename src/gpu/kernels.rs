@@ -21,6 +21,8 @@ pub enum KernelKind {
     Spmm,
     FusedSoftmax,
     FusedEntmax,
+    /// Batched `x·W + b` (Sparsefinder projections).
+    Project,
 }
 
 /// How a binding is used.
@@ -32,13 +34,14 @@ pub enum Access {
 }
 
 impl KernelKind {
-    pub const ALL: [KernelKind; 6] = [
+    pub const ALL: [KernelKind; 7] = [
         KernelKind::Sddmm,
         KernelKind::NormalizeSoftmax,
         KernelKind::NormalizeEntmax,
         KernelKind::Spmm,
         KernelKind::FusedSoftmax,
         KernelKind::FusedEntmax,
+        KernelKind::Project,
     ];
 
     pub fn is_fused(self) -> bool {
@@ -53,6 +56,7 @@ impl KernelKind {
             KernelKind::Spmm => "spmm",
             KernelKind::FusedSoftmax => "fused_softmax",
             KernelKind::FusedEntmax => "fused_entmax",
+            KernelKind::Project => "project",
         }
     }
 
@@ -64,6 +68,7 @@ impl KernelKind {
             KernelKind::Spmm => include_str!("../../shaders/spmm.wgsl"),
             KernelKind::FusedSoftmax => include_str!("../../shaders/fused_softmax.wgsl"),
             KernelKind::FusedEntmax => include_str!("../../shaders/fused_entmax.wgsl"),
+            KernelKind::Project => include_str!("../../shaders/project.wgsl"),
         }
     }
 
@@ -79,6 +84,8 @@ impl KernelKind {
             KernelKind::Spmm => &[Uniform, Read, Read, Read, ReadWrite],
             // params, q, k, v, pattern, o
             KernelKind::FusedSoftmax | KernelKind::FusedEntmax => &[Uniform, Read, Read, Read, Read, ReadWrite],
+            // params, x, w, b, y
+            KernelKind::Project => &[Uniform, Read, Read, Read, ReadWrite],
         }
     }
 }
@@ -102,6 +109,10 @@ pub struct KernelKey {
 
 /// Full WGSL for a key: element alias, tile constants, the common prelude, the kernel.
 pub fn shader_source(key: &KernelKey) -> String {
+    if key.kind == KernelKind::Project {
+        // Self-contained: f32 only, no pattern.
+        return key.kind.body().to_string();
+    }
     let mut s = String::new();
     let normalize = matches!(key.kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax);
     // No `enable subgroups;`: naga 30 does not parse that directive yet; subgroup builtins
@@ -221,6 +232,11 @@ fn compile(device: &wgpu::Device, key: KernelKey) -> Kernel {
 pub fn all_shader_sources() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for kind in KernelKind::ALL {
+        if kind == KernelKind::Project {
+            let key = KernelKey { kind, dtype: DType::F32, block_q: 16, block_k: 16, d_chunk: 0, fused: None, subgroups: false, vec4: false };
+            out.push(("project".to_string(), shader_source(&key)));
+            continue;
+        }
         for dtype in [DType::F32, DType::F16] {
             for (bq, bk) in [(16, 16), (32, 64), (128, 128)] {
                 let fused = kind.is_fused().then(|| super::tiles::FusedTile { tq: 16, kc: 16, wg: 128, dp: 64, cap: 64 });

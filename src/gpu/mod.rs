@@ -5,5 +5,6 @@ pub mod device;
 pub mod engine;
 pub mod kernels;
 pub mod plan;
+pub mod project;
 pub mod tiles;
 pub mod timing;

@@ -48,12 +48,14 @@
 //! Prediction never holds an `n × n` matrix: pairs are emitted one query-block row at a time.
 
 mod fit;
+mod gpu;
 mod kmeans;
 mod model;
 mod predict;
 
 pub use fit::{fit, fit_from_data, samples_from_data, HeadSamples};
 pub use model::{Centroids, FitInfo, HeadModel, Projection, SparsefinderModel, MODEL_FORMAT, MODEL_VERSION};
+pub use gpu::GPU_PROJECTION_MIN_SEQ;
 pub use predict::{project_rows, Projected, Sparsefinder};
 
 use crate::error::{Error, Result};
