@@ -206,6 +206,9 @@ pub struct Provenance {
     pub capabilities: Value,
     pub dtype: String,
     pub seed: u64,
+    /// `SPARSE_ATTN_*` environment variables in effect (adapter choice, f16/subgroup switches,
+    /// autotuning, tile cache).
+    pub env: std::collections::BTreeMap<String, String>,
     pub data: Option<Value>,
 }
 
@@ -235,6 +238,7 @@ impl Provenance {
             capabilities,
             dtype: dtype.into(),
             seed,
+            env: std::env::vars().filter(|(k, _)| k.starts_with("SPARSE_ATTN_")).collect(),
             data: None,
         }
     }
@@ -311,12 +315,14 @@ pub fn csv_cell(s: &str) -> String {
     }
 }
 
-/// A float for CSV (empty for NaN / missing).
+/// A float for CSV: 6 decimals, scientific below 1e-3 (empty for NaN / missing).
 pub fn num(x: f64) -> String {
-    if x.is_finite() {
-        format!("{x:.6}")
-    } else {
+    if !x.is_finite() {
         String::new()
+    } else if x != 0.0 && x.abs() < 1e-3 {
+        format!("{x:.6e}")
+    } else {
+        format!("{x:.6}")
     }
 }
 

@@ -30,7 +30,7 @@ pub struct DemoArgs {
     /// Timed runs (median reported) after one warm-up run
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
-    /// Output directory of report.json
+    /// Output directory of report.json [default: target/attn-bench/demo]
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }

@@ -60,20 +60,17 @@ impl MethodName {
 pub struct MethodSpec {
     pub quality_flags: &'static [&'static str],
     pub sweep_flags: &'static [&'static str],
-    /// The knob the pareto sweep moves.
-    pub knob: &'static str,
 }
 
 pub fn spec(name: MethodName) -> MethodSpec {
     match name {
-        MethodName::Dense => MethodSpec { quality_flags: &[], sweep_flags: &[], knob: "none" },
-        MethodName::Window => MethodSpec { quality_flags: &["--width"], sweep_flags: &["--widths"], knob: "width" },
-        MethodName::Global => MethodSpec { quality_flags: &["--first", "--last"], sweep_flags: &["--globals"], knob: "global_tokens" },
-        MethodName::Random => MethodSpec { quality_flags: &["--density"], sweep_flags: &["--densities"], knob: "density" },
+        MethodName::Dense => MethodSpec { quality_flags: &[], sweep_flags: &[] },
+        MethodName::Window => MethodSpec { quality_flags: &["--width"], sweep_flags: &["--widths"] },
+        MethodName::Global => MethodSpec { quality_flags: &["--first", "--last"], sweep_flags: &["--globals"] },
+        MethodName::Random => MethodSpec { quality_flags: &["--density"], sweep_flags: &["--densities"] },
         MethodName::Sparsefinder => MethodSpec {
             quality_flags: &["--variant", "--model", "--recall", "--threshold", "--bucket-size", "--clusters", "--query-top"],
             sweep_flags: &["--variants", "--sparsefinder-model", "--recalls", "--bucket-sizes", "--cluster-counts", "--query-top"],
-            knob: "variant knob",
         },
     }
 }

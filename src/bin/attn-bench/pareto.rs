@@ -61,7 +61,7 @@ pub struct ParetoArgs {
     /// Refuse sweeps with more (text, layer, method, knob) evaluations than this
     #[arg(long, value_name = "N", default_value_t = 5000)]
     pub max_cells: usize,
-    /// Output directory
+    /// Output directory [default: target/attn-bench/pareto]
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }
@@ -242,10 +242,11 @@ pub fn run(g: &Globals, a: &ParetoArgs) -> BResult<()> {
             y_label: "recall of exact entmax-1.5 support".into(),
             log_x: false,
             log_y: false,
-            x_range: Some((0.0, 1.0)),
-            y_range: Some((0.0, 1.02)),
+            x_range: Some((-0.02, 1.02)),
+            y_range: Some((-0.02, 1.04)),
             series: series(&recall_of, &elem_of),
             legend_upper: false,
+            x_ticks: None,
         },
         Panel {
             title: format!("recall vs block sparsity (block {})", a.block),
@@ -253,10 +254,11 @@ pub fn run(g: &Globals, a: &ParetoArgs) -> BResult<()> {
             y_label: "recall of exact entmax-1.5 support".into(),
             log_x: false,
             log_y: false,
-            x_range: Some((0.0, 1.0)),
-            y_range: Some((0.0, 1.02)),
+            x_range: Some((-0.02, 1.02)),
+            y_range: Some((-0.02, 1.04)),
             series: series(&recall_of, &block_of),
             legend_upper: false,
+            x_ticks: None,
         },
         Panel {
             title: format!("output error vs sparsity ({})", normalizer.label()),
@@ -264,10 +266,11 @@ pub fn run(g: &Globals, a: &ParetoArgs) -> BResult<()> {
             y_label: format!("||O - O_dense|| / ||O_dense|| ({})", normalizer.label()),
             log_x: false,
             log_y: false,
-            x_range: Some((0.0, 1.0)),
+            x_range: Some((-0.02, 1.02)),
             y_range: None,
             series: series(&err_of, &elem_of),
             legend_upper: true,
+            x_ticks: None,
         },
     ];
     let title = format!(
@@ -323,10 +326,10 @@ pub fn run(g: &Globals, a: &ParetoArgs) -> BResult<()> {
     if g.human() {
         println!("{title}");
         println!("{subtitle}");
-        println!("{:<34} {:>8} {:>9} {:>9} {:>10} {:>9} {:>10}", "method", "recall", "elem_sp", "block_sp", "out_err", "build_ms", "attn_ms");
+        println!("{:<44} {:>8} {:>9} {:>9} {:>10} {:>9} {:>10}", "method", "recall", "elem_sp", "block_sp", "out_err", "build_ms", "attn_ms");
         for r in &rows {
             println!(
-                "{:<34} {:>8.4} {:>9.4} {:>9.4} {:>10.3e} {:>9.3} {:>10.3}",
+                "{:<44} {:>8.4} {:>9.4} {:>9.4} {:>10.3e} {:>9.3} {:>10.3}",
                 r["label"].as_str().unwrap_or(""),
                 r["recall"].as_f64().unwrap_or(f64::NAN),
                 r["element_sparsity"].as_f64().unwrap_or(f64::NAN),

@@ -2,6 +2,7 @@
 //! log10 of the values on a linear axis and labelling ticks with the original values.
 
 use crate::common::{stamp_svg, BResult, BenchError, Provenance};
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, KeyPointWeight};
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -26,7 +27,10 @@ pub struct Panel {
     pub x_range: Option<(f64, f64)>,
     pub y_range: Option<(f64, f64)>,
     pub series: Vec<Series>,
+    /// Legend in the upper-left corner (else lower-left).
     pub legend_upper: bool,
+    /// Tick positions on x in data units (else 1-2-5 steps).
+    pub x_ticks: Option<Vec<f64>>,
 }
 
 const COLORS: [RGBColor; 10] = [
@@ -80,6 +84,70 @@ fn range(log: bool, fixed: Option<(f64, f64)>, values: impl Iterator<Item = f64>
     (lo - 0.06 * span, hi + 0.06 * span)
 }
 
+/// A linear f64 axis with explicit bold (labelled) and light tick positions.
+struct TickAxis {
+    lo: f64,
+    hi: f64,
+    bold: Vec<f64>,
+    light: Vec<f64>,
+}
+
+impl Ranged for TickAxis {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
+    fn map(&self, v: &f64, limit: (i32, i32)) -> i32 {
+        let r = (v - self.lo) / (self.hi - self.lo);
+        (limit.0 as f64 + r * (limit.1 - limit.0) as f64).round() as i32
+    }
+    fn key_points<H: KeyPointHint>(&self, hint: H) -> Vec<f64> {
+        match hint.weight() {
+            KeyPointWeight::Bold => self.bold.clone(),
+            KeyPointWeight::Any => self.bold.iter().chain(&self.light).copied().collect(),
+        }
+    }
+    fn range(&self) -> std::ops::Range<f64> {
+        self.lo..self.hi
+    }
+}
+
+/// Tick values (transformed space) for an axis spanning `[lo, hi]` (transformed space).
+fn ticks(log: bool, lo: f64, hi: f64, fixed: Option<&[f64]>) -> (Vec<f64>, Vec<f64>) {
+    if let Some(f) = fixed {
+        let t: Vec<f64> = f.iter().filter(|v| !log || **v > 0.0).map(|&v| tf(log, v)).filter(|v| *v >= lo && *v <= hi).collect();
+        return (t, Vec::new());
+    }
+    if log {
+        let (mut bold, mut light) = (Vec::new(), Vec::new());
+        for k in (lo.floor() as i32 - 1)..=(hi.ceil() as i32) {
+            for (m, is_bold) in [(1.0, true), (2.0, true), (5.0, true), (3.0, false), (4.0, false), (6.0, false), (7.0, false), (8.0, false), (9.0, false)] {
+                let v = (m * 10f64.powi(k)).log10();
+                if v >= lo && v <= hi {
+                    if is_bold {
+                        bold.push(v)
+                    } else {
+                        light.push(v)
+                    }
+                }
+            }
+        }
+        // Too many labels on a wide range: keep the decades only.
+        if bold.len() > 10 {
+            bold.retain(|v| (v - v.round()).abs() < 1e-9);
+        }
+        bold.sort_by(f64::total_cmp);
+        return (bold, light);
+    }
+    let span = (hi - lo).max(1e-12);
+    let raw = span / 6.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| span / s <= 8.0).unwrap_or(10.0 * mag);
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    let bold = (first..=last).map(|i| i as f64 * step).collect();
+    let light = ((lo / step * 5.0).ceil() as i64..=(hi / step * 5.0).floor() as i64).map(|i| i as f64 * step / 5.0).collect();
+    (bold, light)
+}
+
 fn err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> BenchError + '_ {
     move |e| BenchError::runtime(format!("drawing `{}`: {e:?}", path.display()))
 }
@@ -111,12 +179,14 @@ where
 {
     let (x0, x1) = range(p.log_x, p.x_range, p.series.iter().flat_map(|s| s.points.iter().map(|q| q.0)));
     let (y0, y1) = range(p.log_y, p.y_range, p.series.iter().flat_map(|s| s.points.iter().map(|q| q.1)));
+    let xt = ticks(p.log_x, x0, x1, p.x_ticks.as_deref());
+    let yt = ticks(p.log_y, y0, y1, None);
     let mut chart = ChartBuilder::on(area)
         .caption(&p.title, ("sans-serif", 16))
         .margin(12)
         .x_label_area_size(42)
         .y_label_area_size(62)
-        .build_cartesian_2d(x0..x1, y0..y1)
+        .build_cartesian_2d(TickAxis { lo: x0, hi: x1, bold: xt.0, light: xt.1 }, TickAxis { lo: y0, hi: y1, bold: yt.0, light: yt.1 })
         .map_err(err(path))?;
     let (lx, ly) = (p.log_x, p.log_y);
     let xf = move |v: &f64| fmt_tick(lx, *v);
@@ -125,8 +195,6 @@ where
         .configure_mesh()
         .x_desc(p.x_label.as_str())
         .y_desc(p.y_label.as_str())
-        .x_labels(8)
-        .y_labels(8)
         .x_label_formatter(&xf)
         .y_label_formatter(&yf)
         .light_line_style(RGBColor(235, 235, 235))
@@ -164,7 +232,7 @@ where
     if p.series.iter().any(|s| !s.points.is_empty()) {
         chart
             .configure_series_labels()
-            .position(if p.legend_upper { SeriesLabelPosition::UpperLeft } else { SeriesLabelPosition::LowerRight })
+            .position(if p.legend_upper { SeriesLabelPosition::UpperLeft } else { SeriesLabelPosition::LowerLeft })
             .background_style(WHITE.mix(0.85))
             .border_style(RGBColor(160, 160, 160))
             .label_font(("sans-serif", 12))

@@ -56,7 +56,7 @@ pub struct QualityArgs {
     /// Seed of seeded methods (random)
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output directory for metrics.json (and output.safetensors)
+    /// Output directory for metrics.json (and output.safetensors) [default: target/attn-bench/quality]
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Also write DIR/output.safetensors with `o` f32 [heads, seq, head_dim]

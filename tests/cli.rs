@@ -1,0 +1,371 @@
+//! End-to-end tests of the `attn-bench` binary on tiny problems: every subcommand runs, its JSON
+//! is parsed back and checked, and bad input exits non-zero with a one-line message.
+//!
+//! GPU-dependent tests skip with a one-line reason when no adapter exists, except with CI=true,
+//! where a missing adapter fails them.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+const BIN: &str = env!("CARGO_BIN_EXE_attn-bench");
+
+fn fixture() -> PathBuf {
+    sparse_attn::data::fixture_path()
+}
+
+/// A fresh directory under the target's test scratch space.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("attn-bench-cli").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Whether a GPU adapter exists; without one, a failure under CI=true and a skip elsewhere.
+fn gpu() -> bool {
+    static AVAILABLE: OnceLock<Result<String, String>> = OnceLock::new();
+    let r = AVAILABLE.get_or_init(|| sparse_attn::Engine::new().map(|e| e.adapter_info().name.clone()).map_err(|e| e.to_string()));
+    match r {
+        Ok(_) => true,
+        Err(reason) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true but no GPU adapter: {reason}");
+            }
+            eprintln!("skipping GPU CLI test: {reason}");
+            false
+        }
+    }
+}
+
+fn run_in(dir: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("SPARSE_ATTN_DATA").env("SPARSE_ATTN_AUTOTUNE", "0");
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    cmd.output().expect("run attn-bench")
+}
+
+fn run(args: &[&str]) -> Output {
+    run_in(None, args)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs and expects success; returns stdout.
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(out.status.success(), "attn-bench {args:?} failed ({}):\nstdout: {}\nstderr: {}", out.status, text(&out.stdout), text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// Runs with --json and parses stdout.
+fn ok_json(args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let stdout = ok(&a);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("attn-bench {args:?} --json printed invalid JSON ({e}):\n{stdout}"))
+}
+
+fn read_json(path: &Path) -> Value {
+    let s = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+/// Expects exit code 2 and a single stderr line containing `needle`.
+fn bad(args: &[&str], needle: &str) {
+    let out = run(args);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "attn-bench {args:?}: expected exit code 2, got {}; stderr: {err}", out.status);
+    assert!(err.contains(needle), "attn-bench {args:?}: stderr lacks `{needle}`:\n{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    if !needle.starts_with("error: invalid value") {
+        assert_eq!(lines.len(), 1, "attn-bench {args:?}: expected a one-line error, got:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "attn-bench {args:?} panicked:\n{err}");
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("expected a number, got {v}"))
+}
+
+fn check_provenance(p: &Value, device: &str) {
+    for key in ["crate_version", "git_revision", "date_utc", "command_line", "dtype", "seed", "adapter", "limits", "features"] {
+        assert!(p.get(key).is_some(), "provenance lacks `{key}`: {p}");
+    }
+    assert_eq!(p["crate_version"], env!("CARGO_PKG_VERSION"));
+    assert!(!p["git_revision"].as_str().unwrap_or("").is_empty());
+    assert!(p["date_utc"].as_str().unwrap_or("").ends_with('Z'));
+    if device == "gpu" {
+        assert!(!p["adapter"]["name"].as_str().unwrap_or("").is_empty(), "no adapter name in {p}");
+        assert!(p["adapter"]["backend"].is_string() && p["adapter"]["driver"].is_string());
+    }
+}
+
+fn per_head(report: &Value, key: &str) -> Vec<f64> {
+    report["heads"].as_array().expect("heads").iter().map(|h| f(&h[key])).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU-only
+
+#[test]
+fn help_documents_subcommands_and_flags() {
+    let top = ok(&["--help"]);
+    for sub in ["demo", "info", "quality", "pareto", "speed", "fit-sparsefinder"] {
+        assert!(top.contains(sub), "--help lacks `{sub}`:\n{top}");
+    }
+    let quality = ok(&["quality", "--help"]);
+    for flag in ["--data", "--text", "--layer", "--method", "--normalizer", "--device", "--out", "--dump-output", "--width", "--variant", "[default: entmax15]"] {
+        assert!(quality.contains(flag), "quality --help lacks `{flag}`:\n{quality}");
+    }
+    let pareto = ok(&["pareto", "--help"]);
+    for flag in ["--methods", "--texts", "--layers", "--sparsefinder-model", "--widths", "--max-cells"] {
+        assert!(pareto.contains(flag), "pareto --help lacks `{flag}`");
+    }
+    let speed = ok(&["speed", "--help"]);
+    for flag in ["--seqs", "--densities", "--methods", "--paths", "--dtypes", "256,512,1024 on a CPU adapter"] {
+        assert!(speed.contains(flag), "speed --help lacks `{flag}`");
+    }
+}
+
+#[test]
+fn quality_on_the_cpu_reference() {
+    let out = scratch("quality_cpu");
+    let fx = fixture();
+    let fx = fx.to_str().unwrap();
+    let dense = ok_json(&["quality", "--data", fx, "--text", "json_decoder_py", "--layer", "5", "--method", "dense", "--device", "cpu", "--out", out.to_str().unwrap()]);
+    check_provenance(&dense["provenance"], "cpu");
+    assert!(per_head(&dense, "recall").iter().all(|&r| r == 1.0), "dense recall must be exactly 1");
+    assert!(per_head(&dense, "output_error").iter().all(|&e| e < 1e-6), "dense on the reference is the reference");
+    let support = per_head(&dense, "mean_support");
+    let gold = per_head(&dense, "gold_mean_support");
+    for (s, g) in support.iter().zip(&gold) {
+        assert!((s - g).abs() < 1e-9, "dense entmax-1.5 support {s} must equal the gold support {g}");
+    }
+    assert!(out.join("metrics.json").exists());
+}
+
+#[test]
+fn bad_input_is_a_one_line_error_with_exit_code_2() {
+    let fx = fixture();
+    let fx = fx.to_str().unwrap();
+    let dir = scratch("bad_input");
+    let garbage = dir.join("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a safetensors file at all").unwrap();
+    let garbage = garbage.to_str().unwrap();
+    let out = dir.to_str().unwrap();
+    bad(&["quality", "--data", "/nonexistent/qkv.safetensors", "--out", out], "not found");
+    bad(&["quality", "--data", garbage, "--out", out], "not a valid safetensors file");
+    bad(&["quality", "--data", fx, "--text", "nope", "--out", out], "unknown text `nope`");
+    bad(&["quality", "--data", fx, "--layer", "4", "--out", out], "unknown layer 4");
+    bad(&["quality", "--data", fx, "--method", "window", "--variant", "distance", "--out", out], "--variant does not apply to --method window");
+    bad(&["quality", "--data", fx, "--method", "dense", "--width", "8", "--out", out], "--width does not apply to --method dense");
+    bad(&["quality", "--data", fx, "--method", "sparsefinder", "--variant", "quantization", "--recall", "0.9", "--out", out], "--recall does not apply to --variant quantization");
+    bad(&["quality", "--data", fx, "--normalizer", "entmax:3", "--out", out], "alpha must lie in (1, 2]");
+    bad(&["quality", "--data", fx, "--block", "48", "--out", out], "power of two");
+    bad(&["quality", "--data", fx, "--method", "sparsefinder", "--model", "/nonexistent/model.json", "--out", out], "sparsefinder model");
+    bad(&["pareto", "--data", fx, "--methods", "dense", "--widths", "8", "--out", out], "--widths applies to method window");
+    bad(&["pareto", "--data", fx, "--methods", "window,bogus", "--out", out], "unknown method `bogus`");
+    bad(&["pareto", "--data", fx, "--layers", "0,2", "--out", out], "unknown layer 2");
+    bad(&["pareto", "--data", fx, "--max-cells", "3", "--out", out], "sweep too big");
+    bad(&["fit-sparsefinder", "--data", fx, "--texts", "gpl3,nope", "--out", out], "unknown text `nope`");
+    bad(&["quality", "--method", "bogus"], "error: invalid value");
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU
+
+#[test]
+fn info_lists_adapters() {
+    if !gpu() {
+        return;
+    }
+    let human = ok(&["info"]);
+    assert!(human.contains("adapters") && human.contains("limits"), "{human}");
+    let j = ok_json(&["info"]);
+    assert!(!j["adapters"].as_array().expect("adapters").is_empty());
+    assert!(j["engine"]["adapter"]["name"].is_string());
+    assert!(j["engine"]["limits"]["max_storage_buffer_binding_size"].as_u64().unwrap() > 0);
+    check_provenance(&j["provenance"], "gpu");
+}
+
+#[test]
+fn demo_without_arguments_prints_the_entmax_row_and_writes_its_report() {
+    if !gpu() {
+        return;
+    }
+    let dir = scratch("demo");
+    let out = run_in(Some(&dir), &[]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "demo failed: {stdout}\n{}", text(&out.stderr));
+    for needle in ["softmax", "entmax15", "dense", "window(width=64)", "max_abs_err", "support/query", "report:"] {
+        assert!(stdout.contains(needle), "demo output lacks `{needle}`:\n{stdout}");
+    }
+    let report = read_json(&dir.join("target/attn-bench/demo/report.json"));
+    check_provenance(&report["provenance"], "gpu");
+    let rows = report["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 4, "softmax and entmax15 x dense and window");
+    for r in rows {
+        assert!(f(&r["max_abs_error_vs_reference"]) < 1e-4, "GPU vs CPU reference: {r}");
+        assert!(f(&r["attention_ms"]) > 0.0);
+        let recall = f(&r["recall"]);
+        if r["method"] == "dense" {
+            assert_eq!(recall, 1.0, "{r}");
+        } else {
+            assert!(recall < 1.0, "{r}");
+        }
+        if r["normalizer"] == "entmax15" {
+            assert!(f(&r["mean_support"]) >= 1.0, "entmax rows report the support: {r}");
+        }
+    }
+}
+
+#[test]
+fn quality_dense_and_window_on_the_fixture() {
+    if !gpu() {
+        return;
+    }
+    let fx = fixture();
+    let fx = fx.to_str().unwrap();
+    let out = scratch("quality_gpu");
+    let o = out.to_str().unwrap();
+    let dense = ok_json(&["quality", "--data", fx, "--text", "gpl3", "--layer", "3", "--method", "dense", "--out", o, "--dump-output", "--repeats", "1"]);
+    check_provenance(&dense["provenance"], "gpu");
+    assert!(per_head(&dense, "recall").iter().all(|&r| r == 1.0), "dense recall must be exactly 1: {}", dense["heads"]);
+    assert!(per_head(&dense, "element_sparsity").iter().all(|&s| s == 0.0));
+    assert!(per_head(&dense, "output_error").iter().all(|&e| e < 1e-4));
+    assert!(f(&dense["summary"]["max_abs_error_vs_reference"]) < 1e-4);
+    // metrics.json holds the same report; output.safetensors holds o [heads, seq, head_dim].
+    let metrics = read_json(&out.join("metrics.json"));
+    assert_eq!(metrics["heads"].as_array().unwrap().len(), 4);
+    let bytes = std::fs::read(out.join("output.safetensors")).expect("output.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let o_t = st.tensor("o").expect("tensor o");
+    assert_eq!(o_t.shape(), &[4, 256, 32]);
+    assert_eq!(o_t.dtype(), safetensors::Dtype::F32);
+
+    let window = ok_json(&["quality", "--data", fx, "--text", "gpl3", "--layer", "3", "--method", "window", "--width", "32", "--out", o, "--repeats", "1"]);
+    let recalls = per_head(&window, "recall");
+    assert!(recalls.iter().all(|r| (0.0..=1.0).contains(r)), "{recalls:?}");
+    assert!(f(&window["summary"]["recall"]) < 1.0, "a 32-token window misses part of the entmax support");
+    assert!(per_head(&window, "element_sparsity").iter().all(|&s| s > 0.5 && s < 1.0));
+    assert!(per_head(&window, "output_error").iter().all(|&e| e > 0.0 && e.is_finite()));
+    assert_eq!(window["config"]["method"], "window");
+    assert_eq!(window["config"]["value"], "32");
+}
+
+#[test]
+fn pareto_on_the_fixture_writes_csv_json_and_svg() {
+    if !gpu() {
+        return;
+    }
+    let fx = fixture();
+    let out = scratch("pareto");
+    let j = ok_json(&[
+        "pareto", "--data", fx.to_str().unwrap(), "--texts", "gpl3", "--layers", "0,5", "--methods", "window", "--widths", "16,64", "--out", out.to_str().unwrap(),
+    ]);
+    check_provenance(&j["provenance"], "gpu");
+    let rows = j["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 3, "dense + two widths");
+    for r in rows {
+        let recall = f(&r["recall"]);
+        assert!((0.0..=1.0).contains(&recall), "{r}");
+        assert!((0.0..=1.0).contains(&f(&r["element_sparsity"])) && (0.0..=1.0).contains(&f(&r["block_sparsity"])));
+        if r["method"] == "dense" {
+            assert_eq!(recall, 1.0);
+        } else {
+            assert!(recall < 1.0, "window recall below 1 on the fixture: {r}");
+        }
+    }
+    let w16 = rows.iter().find(|r| r["value"] == "16").unwrap();
+    let w64 = rows.iter().find(|r| r["value"] == "64").unwrap();
+    assert!(f(&w64["recall"]) > f(&w16["recall"]) && f(&w64["element_sparsity"]) < f(&w16["element_sparsity"]));
+
+    let csv = std::fs::read_to_string(out.join("pareto.csv")).unwrap();
+    let header = csv.lines().next().unwrap();
+    assert!(header.starts_with("method,variant,knob,value,recall,element_sparsity,block_sparsity,output_error,build_ms,attention_ms"), "{header}");
+    assert_eq!(csv.lines().count(), 4);
+    let full = read_json(&out.join("pareto.json"));
+    assert_eq!(full["cells"].as_array().unwrap().len(), 2 * 3);
+    for svg in ["pareto.svg", "recall_vs_element_sparsity.svg", "recall_vs_block_sparsity.svg", "error_vs_sparsity.svg"] {
+        let s = std::fs::read_to_string(out.join(svg)).unwrap();
+        assert!(s.starts_with("<svg") && s.contains("provenance") && s.contains("window") && s.contains("recall"), "{svg}");
+    }
+}
+
+#[test]
+fn speed_on_a_tiny_sweep() {
+    if !gpu() {
+        return;
+    }
+    let out = scratch("speed");
+    let j = ok_json(&[
+        "speed", "--seqs", "64,128", "--densities", "1,0.5", "--methods", "random,window", "--heads", "2", "--head-dim", "32", "--dtypes", "f32",
+        "--paths", "fused,three-kernel", "--warmup", "0", "--repeats", "1", "--out", out.to_str().unwrap(),
+    ]);
+    check_provenance(&j["provenance"], "gpu");
+    let rows = j["rows"].as_array().expect("rows");
+    // 2 seqs x (dense + 2 methods) x 2 normalizers x 1 dtype x 2 paths.
+    assert_eq!(rows.len(), 2 * 3 * 2 * 2);
+    let mut ran = 0;
+    for r in rows {
+        match r["status"].as_str().unwrap() {
+            "ok" => {
+                ran += 1;
+                assert!(f(&r["attention_ms"]) > 0.0 && f(&r["gflops"]) > 0.0, "{r}");
+            }
+            "skipped" => assert!(r["reason"].is_string(), "a skipped cell says why: {r}"),
+            other => panic!("cell status {other}: {r}"),
+        }
+        let d = f(&r["density"]);
+        assert!(d > 0.0 && d <= 1.0);
+        if r["method"] == "dense" {
+            assert_eq!(d, 1.0);
+        }
+    }
+    assert!(ran > 0);
+    let csv = std::fs::read_to_string(out.join("speed.csv")).unwrap();
+    assert!(csv.starts_with("method,path,normalizer,dtype,seq,heads,head_dim,block,density,build_ms,attention_ms,gflops"), "{csv}");
+    assert_eq!(csv.lines().count(), 1 + rows.len());
+    for (svg, axis) in [("speed.svg", "sequence length"), ("speed_vs_seq.svg", "sequence length"), ("speed_vs_density.svg", "block density")] {
+        let s = std::fs::read_to_string(out.join(svg)).unwrap();
+        assert!(s.starts_with("<svg") && s.contains("provenance") && s.contains(axis), "{svg}");
+    }
+    // Asking for more than the adapter allows names the limit.
+    bad(&["speed", "--seqs", "100000000", "--out", out.to_str().unwrap()], "sweep too big");
+    bad(&["speed", "--max-cells", "5", "--out", out.to_str().unwrap()], "exceed --max-cells 5");
+}
+
+#[test]
+fn fit_sparsefinder_then_use_the_model() {
+    let fx = fixture();
+    let fx = fx.to_str().unwrap();
+    let dir = scratch("sparsefinder");
+    let model = dir.join("sf.json");
+    let fit = ok_json(&["fit-sparsefinder", "--data", fx, "--texts", "json_decoder_py", "--epochs", "1", "--out", model.to_str().unwrap()]);
+    assert!(model.exists(), "{fit}");
+    assert_eq!(fit["layers"], 3);
+    // Quality with the fitted model on the held-out text (CPU reference: no GPU needed).
+    let q = ok_json(&[
+        "quality", "--data", fx, "--text", "gpl3", "--layer", "0", "--method", "sparsefinder", "--variant", "distance", "--recall", "0.9",
+        "--model", model.to_str().unwrap(), "--device", "cpu", "--out", dir.to_str().unwrap(),
+    ]);
+    let recalls = per_head(&q, "recall");
+    assert!(recalls.iter().all(|r| (0.0..=1.0).contains(r)), "{recalls:?}");
+    assert_eq!(q["config"]["variant"], "distance");
+    if gpu() {
+        let p = ok_json(&[
+            "pareto", "--data", fx, "--texts", "gpl3", "--layers", "0", "--methods", "window,sparsefinder", "--widths", "32", "--variants",
+            "distance,quantization", "--recalls", "0.9", "--bucket-sizes", "16", "--sparsefinder-model", model.to_str().unwrap(), "--out",
+            dir.join("pareto").to_str().unwrap(),
+        ]);
+        let rows = p["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 4, "dense, window, sparsefinder distance and quantization");
+        assert!(rows.iter().all(|r| (0.0..=1.0).contains(&f(&r["recall"]))));
+    }
+}
