@@ -1,11 +1,12 @@
 // Fused block-sparse α-entmax attention, two passes over the row's key blocks, no scores
 // buffer.
-// Pass 1 computes scores once, keeps each row's max and count, and stores in workgroup memory
-// the candidates s > m - 1/(α-1) (the only entries that can be in the support, since τ ≥ -1
-// once z = (α-1)(s - m)); each of a row's TPR threads owns CAP/TPR slots, compacted against
-// its running max when full. Then τ is found per row by Halley's method inside a bracket with
-// a bisection fallback, all rows in lockstep; rows whose candidates overflowed instead
-// recompute their scores block by block on each iteration.
+// Pass 1 computes each score once and keeps, per row, its max, its count, and on chip the
+// largest scores: each of a row's TPR threads keeps the top CAP/TPR of its own entries and the
+// largest value it dropped. τ is then found per row over the kept candidates (Halley's method
+// inside a bracket, bisection fallback, rows in lockstep). Because the candidates are a subset,
+// that τ is a lower bound of the true τ, and it is exact when nothing dropped lies above it
+// (z_dropped ≤ τ). Rows where that fails continue from the bound, recomputing their scores
+// block by block on each iteration (exact for any row length).
 // Pass 2 recomputes the scores, forms p = [z - τ]₊^e, skips V for chunks where every p is 0,
 // accumulates O in f32 and divides by Σp. Sums run in a fixed order: deterministic.
 
@@ -14,7 +15,7 @@ const CAPL: u32 = CAP / TPR;
 var<workgroup> cand: array<f32, TQ * CAP>;
 var<workgroup> part: array<vec4<f32>, WG>;
 var<workgroup> flags: array<u32, WG>;
-var<workgroup> uniform_word: vec2<u32>;
+var<workgroup> uniform_word: u32;
 
 fn pow_e(x: f32) -> f32 {
     if (params.exponent == 1.0) {
@@ -26,6 +27,16 @@ fn pow_e(x: f32) -> f32 {
     return exp2(params.exponent * log2(x));
 }
 
+// (Σ x^e, Σ x^(e-1), Σ x^(e-2)) contribution of one score at threshold tau.
+fn moments(s: f32, m: f32, tau: f32) -> vec4<f32> {
+    let x = (params.alpha - 1.0) * (s - m) - tau;
+    if (s <= NEG_BIG || x <= 0.0) {
+        return vec4<f32>(0.0);
+    }
+    let px = pow_e(x);
+    return vec4<f32>(px, px / x, px / (x * x), 0.0);
+}
+
 // Sum of part[] over the row's TPR threads, in lane order.
 fn row_total(row: u32) -> vec4<f32> {
     var s = vec4<f32>(0.0);
@@ -35,19 +46,61 @@ fn row_total(row: u32) -> vec4<f32> {
     return s;
 }
 
-// (any flag.x set, any flag.y set) over the workgroup, as a uniform value.
-fn any_flags(lid: u32, a: bool, b: bool) -> vec2<u32> {
-    flags[lid] = select(0u, 1u, a) | select(0u, 2u, b);
+// Whether any thread's flag is set, as a uniform value.
+fn any_flag(lid: u32, a: bool) -> bool {
+    flags[lid] = select(0u, 1u, a);
     workgroupBarrier();
     if (lid == 0u) {
         var acc = 0u;
         for (var j = 0u; j < WG; j++) {
             acc |= flags[j];
         }
-        uniform_word = vec2<u32>(acc & 1u, (acc >> 1u) & 1u);
+        uniform_word = acc;
     }
     let r = workgroupUniformLoad(&uniform_word);
     workgroupBarrier();
+    return r != 0u;
+}
+
+struct Search {
+    tau: f32,
+    lo: f32,
+    hi: f32,
+    searching: bool,
+}
+
+// One Halley step from the row's moments at st.tau; bisection when the step leaves the
+// bracket or is not finite. Stops on |Σp - 1| <= tolerance, a tiny step or a tiny bracket.
+fn halley_update(st: Search, total: vec4<f32>) -> Search {
+    var r = st;
+    let f = total.x - 1.0;
+    if (abs(f) <= params.tolerance) {
+        r.searching = false;
+        return r;
+    }
+    if (f > 0.0) {
+        r.lo = st.tau;
+    } else {
+        r.hi = st.tau;
+    }
+    let e = params.exponent;
+    let d1 = -e * total.y;
+    let d2 = e * (e - 1.0) * total.z;
+    let denom = 2.0 * d1 * d1 - f * d2;
+    var next = 0.5 * (r.lo + r.hi);
+    var halley = false;
+    if (denom > 0.0 && denom < 3.0e38) {
+        let t = st.tau - 2.0 * f * d1 / denom;
+        if (t > r.lo && t < r.hi) {
+            next = t;
+            halley = true;
+        }
+    }
+    let step = abs(next - st.tau);
+    r.tau = next;
+    if ((halley && step <= 1e-7) || r.hi - r.lo <= 1e-7) {
+        r.searching = false;
+    }
     return r;
 }
 
@@ -62,14 +115,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let row = lid / TPR;
     let lane = lid % TPR;
     let am1 = params.alpha - 1.0;
-    let reach = 1.0 / am1; // entries below m - reach can never be in the support
     load_q_tile(t, lid);
 
-    // ---- pass 1: scores once; max, count, candidates -------------------------------------
+    // ---- pass 1: scores once; max, count, top candidates --------------------------------
     var m_lane = NEG_BIG;
     var n_lane = 0.0;
     var count = 0u;
-    var overflow = false;
+    var min_at = 0u;       // slot of the smallest kept candidate once full
+    var dropped = NEG_BIG; // largest score not kept
     let slot0 = row * CAP + lane * CAPL;
     for (var b = t.first; b < t.last; b++) {
         let kb = pat[params.off_col_idx + b];
@@ -86,24 +139,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 if (s > NEG_BIG) {
                     n_lane += 1.0;
                     m_lane = max(m_lane, s);
-                    if (!overflow && s > m_lane - reach) {
-                        if (count == CAPL) {
-                            // Compact against the running max before declaring overflow.
-                            var kept = 0u;
-                            for (var c = 0u; c < CAPL; c++) {
-                                let x = cand[slot0 + c];
-                                if (x > m_lane - reach) {
-                                    cand[slot0 + kept] = x;
-                                    kept++;
-                                }
+                    var evicted = s;
+                    if (count < CAPL) {
+                        cand[slot0 + count] = s;
+                        count++;
+                        evicted = NEG_BIG;
+                    } else if (s > cand[slot0 + min_at]) {
+                        evicted = cand[slot0 + min_at];
+                        cand[slot0 + min_at] = s;
+                    }
+                    dropped = max(dropped, evicted);
+                    // Re-find the smallest kept candidate only when the kept set changed.
+                    if (count == CAPL && evicted != s) {
+                        for (var c = 0u; c < CAPL; c++) {
+                            if (cand[slot0 + c] < cand[slot0 + min_at]) {
+                                min_at = c;
                             }
-                            count = kept;
-                        }
-                        if (count < CAPL) {
-                            cand[slot0 + count] = s;
-                            count++;
-                        } else {
-                            overflow = true;
                         }
                     }
                 }
@@ -111,104 +162,87 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             workgroupBarrier();
         }
     }
-    // Row max, row count and overflow over the row's lanes.
-    part[lid] = vec4<f32>(m_lane, n_lane, select(0.0, 1.0, overflow), 0.0);
+    // Row max, count and largest dropped score over the row's lanes.
+    part[lid] = vec4<f32>(m_lane, n_lane, dropped, 0.0);
     workgroupBarrier();
     var m = NEG_BIG;
     var n = 0.0;
-    var row_overflow = false;
+    var row_dropped = NEG_BIG;
     for (var j = 0u; j < TPR; j++) {
         let x = part[row * TPR + j];
         m = max(m, x.x);
         n += x.y;
-        row_overflow = row_overflow || x.z > 0.0;
+        row_dropped = max(row_dropped, x.z);
     }
     workgroupBarrier();
 
-    // ---- τ search: Halley in [lo, hi] with bisection fallback, rows in lockstep ----------
-    var lo = -1.0;
-    var hi = -exp2(am1 * log2(1.0 / max(n, 1.0)));
-    var tau = lo;
-    var searching = n > 0.0;
+    // ---- τ over the candidates (all rows in lockstep) ------------------------------------
+    let hi0 = -exp2(am1 * log2(1.0 / max(n, 1.0)));
+    var st = Search(-1.0, -1.0, hi0, n > 0.0);
     var iterations = 0u;
-    var state = any_flags(lid, searching, searching && row_overflow);
     loop {
-        if (state.x == 0u || iterations >= params.max_iterations) {
+        if (!any_flag(lid, st.searching) || iterations >= params.max_iterations) {
             break;
         }
         iterations++;
         var sums = vec4<f32>(0.0);
-        if (searching && !row_overflow) {
+        if (st.searching) {
             for (var c = 0u; c < count; c++) {
-                let x = am1 * (cand[slot0 + c] - m) - tau;
-                if (x > 0.0) {
-                    let px = pow_e(x);
-                    sums += vec4<f32>(px, px / x, px / (x * x), 0.0);
-                }
-            }
-        }
-        if (state.y == 1u) {
-            // Overflowed rows: recompute their scores block by block.
-            for (var b = t.first; b < t.last; b++) {
-                let kb = pat[params.off_col_idx + b];
-                for (var kc = 0u; kc < BK; kc += KC) {
-                    if (kb * BK + kc >= params.seq_kv) {
-                        break;
-                    }
-                    load_k_chunk(t, kb, kc, lid);
-                    workgroupBarrier();
-                    _ = score_chunk(t, b, kc, lid);
-                    workgroupBarrier();
-                    if (searching && row_overflow) {
-                        for (var kk = lane; kk < KC; kk += TPR) {
-                            let s = s_tile[row * KC + kk];
-                            let x = am1 * (s - m) - tau;
-                            if (s > NEG_BIG && x > 0.0) {
-                                let px = pow_e(x);
-                                sums += vec4<f32>(px, px / x, px / (x * x), 0.0);
-                            }
-                        }
-                    }
-                    workgroupBarrier();
-                }
+                sums += moments(cand[slot0 + c], m, st.tau);
             }
         }
         part[lid] = sums;
         workgroupBarrier();
         let total = row_total(row);
         workgroupBarrier();
-        if (searching) {
-            let f = total.x - 1.0;
-            if (abs(f) <= params.tolerance) {
-                searching = false;
-            } else {
-                if (f > 0.0) {
-                    lo = tau;
-                } else {
-                    hi = tau;
+        if (st.searching) {
+            st = halley_update(st, total);
+        }
+    }
+
+    // ---- rows whose dropped scores may reach the support: exact search by recomputing -----
+    let recompute = n > 0.0 && row_dropped > NEG_BIG && am1 * (row_dropped - m) - st.tau > 0.0;
+    if (recompute) {
+        // The candidate τ is a lower bound of the true τ; the candidates' upper bound is not
+        // one for the whole row, so the bracket's top goes back to the row's own bound.
+        st.lo = st.tau;
+        st.hi = hi0;
+        st.searching = true;
+    }
+    iterations = 0u;
+    loop {
+        if (!any_flag(lid, recompute && st.searching) || iterations >= params.max_iterations) {
+            break;
+        }
+        iterations++;
+        var sums = vec4<f32>(0.0);
+        for (var b = t.first; b < t.last; b++) {
+            let kb = pat[params.off_col_idx + b];
+            for (var kc = 0u; kc < BK; kc += KC) {
+                if (kb * BK + kc >= params.seq_kv) {
+                    break;
                 }
-                let e = params.exponent;
-                let d1 = -e * total.y;
-                let d2 = e * (e - 1.0) * total.z;
-                let denom = 2.0 * d1 * d1 - f * d2;
-                var next = 0.5 * (lo + hi);
-                var halley = false;
-                if (denom > 0.0 && denom < 3.0e38) {
-                    let cand_tau = tau - 2.0 * f * d1 / denom;
-                    if (cand_tau > lo && cand_tau < hi) {
-                        next = cand_tau;
-                        halley = true;
+                load_k_chunk(t, kb, kc, lid);
+                workgroupBarrier();
+                _ = score_chunk(t, b, kc, lid);
+                workgroupBarrier();
+                if (recompute && st.searching) {
+                    for (var kk = lane; kk < KC; kk += TPR) {
+                        sums += moments(s_tile[row * KC + kk], m, st.tau);
                     }
                 }
-                let step = abs(next - tau);
-                tau = next;
-                if ((halley && step <= 1e-7) || hi - lo <= 1e-7) {
-                    searching = false;
-                }
+                workgroupBarrier();
             }
         }
-        state = any_flags(lid, searching, searching && row_overflow);
+        part[lid] = sums;
+        workgroupBarrier();
+        let total = row_total(row);
+        workgroupBarrier();
+        if (recompute && st.searching) {
+            st = halley_update(st, total);
+        }
     }
+    let tau = st.tau;
 
     // ---- pass 2: p = [z - τ]₊^e, O = Σ p v / Σ p; chunks with no p > 0 skip V ----------
     var l = 0.0;
@@ -226,20 +260,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             workgroupBarrier();
             _ = score_chunk(t, b, kc, lid);
             workgroupBarrier();
-            // Each row's lanes turn their own entries into p in place.
+            // Each lane turns its own entries into p in place.
             var any_p = false;
             for (var kk = lane; kk < KC; kk += TPR) {
-                let s = s_tile[row * KC + kk];
-                let x = am1 * (s - m) - tau;
-                var p = 0.0;
-                if (s > NEG_BIG && x > 0.0) {
-                    p = pow_e(x);
-                    any_p = true;
-                }
+                let p = moments(s_tile[row * KC + kk], m, tau).x;
+                any_p = any_p || p > 0.0;
                 s_tile[row * KC + kk] = p;
             }
-            let needed = any_flags(lid, any_p, false);
-            if (needed.x == 1u) {
+            if (any_flag(lid, any_p)) {
                 load_v_chunk(t, kb, kc, lid);
                 workgroupBarrier();
                 for (var kk = 0u; kk < KC; kk++) {

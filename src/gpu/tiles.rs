@@ -26,7 +26,7 @@ impl FusedTile {
     pub fn workgroup_bytes(&self, entmax: bool) -> u32 {
         let common = 4 * (self.tq * self.dp + 2 * self.kc * self.dp + self.tq * self.kc);
         if entmax {
-            common + 4 * self.tq * self.cap + 16 * self.wg + 4 * self.wg + 8
+            common + 4 * self.tq * self.cap + 16 * self.wg + 4 * self.wg + 4
         } else {
             common + 4 * self.wg
         }
