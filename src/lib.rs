@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod normalizer;
 pub mod pattern;
 pub mod patterns;
+pub mod pooling;
 pub mod reference;
 pub mod shape;
 

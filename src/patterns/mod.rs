@@ -1,7 +1,9 @@
 //! Pattern builders: each turns a problem (and, for learned methods, Q/K) into a `BlockPattern`.
 
 mod fixed;
+pub mod sbm;
 pub mod sparsefinder;
+pub mod topk;
 
 pub use fixed::{Causal, Dense, GlobalTokens, RandomBlocks, Window};
 
