@@ -369,3 +369,85 @@ fn fit_sparsefinder_then_use_the_model() {
         assert!(rows.iter().all(|r| (0.0..=1.0).contains(&f(&r["recall"]))));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// SBM and top-k (CPU reference: no adapter needed)
+
+fn recall_in_unit_interval(report: &Value) {
+    let recalls = per_head(report, "recall");
+    assert!(!recalls.is_empty() && recalls.iter().all(|r| (0.0..=1.0).contains(r)), "{recalls:?}");
+    let r = f(&report["summary"]["recall"]);
+    assert!((0.0..=1.0).contains(&r), "summary recall {r}");
+    assert!(f(&report["summary"]["build_ms"]) >= 0.0);
+}
+
+#[test]
+fn quality_sbm_and_topk_on_the_fixture() {
+    let fx = fixture();
+    let fx = fx.to_str().unwrap();
+    let out = scratch("quality_sbm_topk");
+    let o = out.to_str().unwrap();
+    let common = ["quality", "--data", fx, "--text", "gpl3", "--layer", "0", "--device", "cpu", "--out", o];
+
+    let sbm = ok_json(&[&common[..], &["--method", "sbm", "--edges-per-query", "16", "--clusters", "8", "--seed", "3"]].concat());
+    let metrics = read_json(&out.join("metrics.json"));
+    recall_in_unit_interval(&metrics);
+    assert_eq!(metrics["config"]["method"], "sbm");
+    assert_eq!(metrics["config"]["knob"], "edges_per_query");
+    assert_eq!(metrics["config"]["value"], "16");
+    assert!(per_head(&metrics, "element_sparsity").iter().all(|&s| s > 0.0 && s < 1.0));
+    // Seeded: the same command gives the same pattern.
+    let again = ok_json(&[&common[..], &["--method", "sbm", "--edges-per-query", "16", "--clusters", "8", "--seed", "3"]].concat());
+    assert_eq!(per_head(&sbm, "element_sparsity"), per_head(&again, "element_sparsity"));
+
+    ok_json(&[&common[..], &["--method", "topk", "--k", "16", "--window", "5", "--first", "2", "--last", "0"]].concat());
+    let metrics = read_json(&out.join("metrics.json"));
+    recall_in_unit_interval(&metrics);
+    assert_eq!(metrics["config"]["method"], "topk");
+    assert_eq!(metrics["config"]["knob"], "k");
+    assert_eq!(metrics["config"]["value"], "16");
+    assert!(per_head(&metrics, "element_sparsity").iter().all(|&s| s > 0.5 && s < 1.0));
+}
+
+#[test]
+fn sbm_and_topk_flags_for_the_wrong_method_are_errors() {
+    let fx = fixture();
+    let fx = fx.to_str().unwrap();
+    let dir = scratch("bad_sbm_topk");
+    let out = dir.to_str().unwrap();
+    bad(&["quality", "--data", fx, "--method", "sbm", "--k", "8", "--out", out], "--k does not apply to --method sbm");
+    bad(&["quality", "--data", fx, "--method", "topk", "--edges-per-query", "8", "--out", out], "--edges-per-query does not apply to --method topk");
+    bad(&["quality", "--data", fx, "--method", "window", "--scorer", "s.json", "--out", out], "--scorer does not apply to --method window");
+    bad(&["quality", "--data", fx, "--method", "sbm", "--edges-per-query", "8", "--density-scale", "1", "--out", out], "alternatives");
+    bad(&["quality", "--data", fx, "--method", "sbm", "--sbm-model", "/nonexistent/sbm.safetensors", "--out", out], "sbm model");
+    bad(&["pareto", "--data", fx, "--methods", "window", "--sbm-edges", "8", "--out", out], "--sbm-edges applies to method sbm");
+    bad(&["pareto", "--data", fx, "--methods", "sbm", "--topk-ks", "8", "--out", out], "--topk-ks applies to method topk");
+    for (sub, flags) in [("quality", &["--edges-per-query", "--density-scale", "--sbm-model", "--k", "--window", "--scorer"][..]), ("pareto", &["--sbm-edges", "--topk-ks", "--sbm-model", "--topk-scorer"][..])] {
+        let help = ok(&[sub, "--help"]);
+        for flag in flags {
+            assert!(help.contains(flag), "{sub} --help lacks `{flag}`");
+        }
+    }
+}
+
+#[test]
+fn pareto_sweeps_sbm_density_and_topk_k() {
+    let fx = fixture();
+    let out = scratch("pareto_sbm_topk");
+    let j = ok_json(&[
+        "pareto", "--data", fx.to_str().unwrap(), "--texts", "gpl3", "--layers", "0", "--methods", "sbm,topk", "--sbm-edges", "8,64",
+        "--topk-ks", "8,64", "--device", "cpu", "--out", out.to_str().unwrap(),
+    ]);
+    let rows = j["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 5, "dense + two sbm densities + two k");
+    for r in rows {
+        assert!((0.0..=1.0).contains(&f(&r["recall"])), "{r}");
+    }
+    for (method, knob) in [("sbm", "edges_per_query"), ("topk", "k")] {
+        let lo = rows.iter().find(|r| r["method"] == method && r["value"] == "8").unwrap_or_else(|| panic!("{method} 8"));
+        let hi = rows.iter().find(|r| r["method"] == method && r["value"] == "64").unwrap_or_else(|| panic!("{method} 64"));
+        assert_eq!(lo["knob"], knob);
+        assert!(f(&hi["element_sparsity"]) < f(&lo["element_sparsity"]), "{method}: more edges/keys, less sparsity");
+        assert!(f(&hi["recall"]) >= f(&lo["recall"]), "{method}: more edges/keys, no less recall");
+    }
+}

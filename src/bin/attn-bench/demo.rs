@@ -75,7 +75,7 @@ pub fn run(g: &Globals, a: &DemoArgs) -> BResult<()> {
     for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15] {
         let case = LayerCase::load(&data, &text, layer_index, Some(normalizer))?;
         for method in &methods {
-            let (pattern, build_ms) = crate::eval::build(&case, method, a.block, None)?;
+            let (pattern, build_ms) = crate::eval::build(&case, method, a.block, &crate::methods::Models::default())?;
             let runner = Runner::Gpu { engine: &engine, opts: AttentionOptions::new(normalizer), warmup: 1, repeats: a.repeats };
             let ev = evaluate_pattern(&case, &pattern, build_ms, &runner, Extras { support: true, reference: true })
                 .map_err(|e| e.context(method.label()))?;

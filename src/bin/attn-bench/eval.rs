@@ -3,10 +3,9 @@
 
 use crate::common::{ms_since, BResult, BenchError};
 use crate::dataset::LayerCase;
-use crate::methods::{BuildInput, Method};
+use crate::methods::{BuildInput, Method, Models};
 use ndarray::{Array4, Axis};
 use sparse_attn::metrics::{block_sparsity, element_sparsity, output_error, recall};
-use sparse_attn::patterns::sparsefinder::SparsefinderModel;
 use sparse_attn::{reference, AttentionOptions, BlockPattern, Engine, ExecPath, Normalizer};
 use std::time::Instant;
 
@@ -69,8 +68,8 @@ impl Evaluation {
     }
 }
 
-pub fn build(case: &LayerCase, method: &Method, block: u32, model: Option<&SparsefinderModel>) -> BResult<(BlockPattern, f64)> {
-    let input = BuildInput { q: &case.q, k: &case.k, shape: case.shape, block, layer_index: case.layer_index, sparsefinder: model };
+pub fn build(case: &LayerCase, method: &Method, block: u32, models: &Models) -> BResult<(BlockPattern, f64)> {
+    let input = BuildInput { q: &case.q, k: &case.k, shape: case.shape, block, layer_index: case.layer_index, models };
     let t = Instant::now();
     let pattern = method.build(&input).map_err(|e| BenchError::from(e).context(format!("building {}", method.label())))?;
     Ok((pattern, ms_since(t)))
@@ -90,8 +89,8 @@ fn cpu_support(case: &LayerCase, pattern: &BlockPattern, normalizer: Normalizer)
         .collect()
 }
 
-pub fn evaluate(case: &LayerCase, method: &Method, block: u32, model: Option<&SparsefinderModel>, runner: &Runner<'_>, extras: Extras) -> BResult<Evaluation> {
-    let (pattern, build_ms) = build(case, method, block, model)?;
+pub fn evaluate(case: &LayerCase, method: &Method, block: u32, models: &Models, runner: &Runner<'_>, extras: Extras) -> BResult<Evaluation> {
+    let (pattern, build_ms) = build(case, method, block, models)?;
     evaluate_pattern(case, &pattern, build_ms, runner, extras).map_err(|e| e.context(method.label()))
 }
 

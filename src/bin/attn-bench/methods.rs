@@ -1,12 +1,15 @@
 //! The method registry: every pattern method the bench knows, its flags, its knob sweep (pareto)
 //! and its density mapping (speed). Adding a method (mra, sbm, topk, lowrank, ...) means one
 //! variant of [`MethodName`] and one arm in each `match` below (`spec`, `from_flags`, `sweep`,
-//! `for_density`, `Method::build` / `describe`).
+//! `for_density`, `Method::build` / `describe`). Methods that read a fitted model get it through
+//! [`Models`] (loaded once per run by [`Models::load`]).
 
 use crate::common::{parse_list, BResult, BenchError};
 use clap::{Args, ValueEnum};
 use ndarray::Array4;
+use sparse_attn::patterns::sbm::{Density, Sbm, SbmConfig, SbmLayer, SbmModel};
 use sparse_attn::patterns::sparsefinder::{Sparsefinder, SparsefinderModel, Threshold, Variant};
+use sparse_attn::patterns::topk::{LinearScorerModel, Scorer, TopK};
 use sparse_attn::patterns::{Dense, GlobalTokens, RandomBlocks, Window};
 use sparse_attn::{AttentionShape, BlockPattern};
 use std::path::{Path, PathBuf};
@@ -24,6 +27,11 @@ pub enum MethodName {
     Random,
     /// Sparsefinder (Treviso et al. 2022): learned low-dim projections predict the entmax graph.
     Sparsefinder,
+    /// SBM-Transformer (Cho et al. 2022): a graph sampled from a stochastic block model of Q/K.
+    Sbm,
+    /// Top-k token selection (Pietruszka et al. 2022): the k best-scored keys plus a window and
+    /// first/last tokens.
+    Topk,
 }
 
 impl MethodName {
@@ -34,6 +42,8 @@ impl MethodName {
             MethodName::Global => "global",
             MethodName::Random => "random",
             MethodName::Sparsefinder => "sparsefinder",
+            MethodName::Sbm => "sbm",
+            MethodName::Topk => "topk",
         }
     }
 
@@ -72,6 +82,14 @@ pub fn spec(name: MethodName) -> MethodSpec {
             quality_flags: &["--variant", "--model", "--recall", "--threshold", "--bucket-size", "--clusters", "--query-top"],
             sweep_flags: &["--variants", "--sparsefinder-model", "--recalls", "--bucket-sizes", "--cluster-counts", "--query-top"],
         },
+        MethodName::Sbm => MethodSpec {
+            quality_flags: &["--edges-per-query", "--density-scale", "--clusters", "--sbm-model"],
+            sweep_flags: &["--sbm-edges", "--sbm-clusters", "--sbm-model"],
+        },
+        MethodName::Topk => MethodSpec {
+            quality_flags: &["--k", "--window", "--first", "--last", "--scorer"],
+            sweep_flags: &["--topk-ks", "--topk-window", "--topk-scorer"],
+        },
     }
 }
 
@@ -90,10 +108,10 @@ pub struct MethodFlags {
     /// window: width in tokens [default: 64]
     #[arg(long, value_name = "TOKENS", help_heading = "Method flags")]
     pub width: Option<u32>,
-    /// global: leading global tokens [default: 1]
+    /// global, topk: leading tokens every query sees (and, for global, that see every key) [default: 1]
     #[arg(long, value_name = "N", help_heading = "Method flags")]
     pub first: Option<u32>,
-    /// global: trailing global tokens [default: 1]
+    /// global, topk: trailing tokens every query sees (and, for global, that see every key) [default: 1]
     #[arg(long, value_name = "N", help_heading = "Method flags")]
     pub last: Option<u32>,
     /// random: block density in [0, 1] [default: 0.25]
@@ -115,12 +133,33 @@ pub struct MethodFlags {
     /// sparsefinder quantization: bucket size in tokens [default: 16]
     #[arg(long, value_name = "TOKENS", help_heading = "Method flags")]
     pub bucket_size: Option<usize>,
-    /// sparsefinder clustering: number of k-means clusters (one the model fitted) [default: 16]
+    /// sparsefinder clustering: number of k-means clusters (one the model fitted) [default: 16];
+    /// sbm: clusters k of the training-free init (k-means of the keys) [default: 128]
     #[arg(long, value_name = "K", help_heading = "Method flags")]
     pub clusters: Option<usize>,
     /// sparsefinder clustering: clusters each query joins [default: 2]
     #[arg(long, value_name = "N", help_heading = "Method flags")]
     pub query_top: Option<usize>,
+    /// sbm: expected sampled edges per query (before duplicates are dropped) [default: 32]
+    #[arg(long, value_name = "E", help_heading = "Method flags")]
+    pub edges_per_query: Option<f64>,
+    /// sbm: scale of the model's expected edge mass (1 = the model as is; instead of --edges-per-query)
+    #[arg(long, value_name = "S", help_heading = "Method flags")]
+    pub density_scale: Option<f64>,
+    /// sbm: SBM parameters (safetensors, layout in sparse_attn::patterns::sbm) [default: the
+    /// training-free init: clusters = k-means of each head's keys, phi = identity; seeded by --seed]
+    #[arg(long, value_name = "FILE", help_heading = "Method flags")]
+    pub sbm_model: Option<PathBuf>,
+    /// topk: best-scored keys every query sees [default: 64]
+    #[arg(long, value_name = "K", help_heading = "Method flags")]
+    pub k: Option<usize>,
+    /// topk: local window width in tokens, 0 = none [default: 11]
+    #[arg(long, value_name = "TOKENS", help_heading = "Method flags")]
+    pub window: Option<u32>,
+    /// topk: linear scorer sigmoid(w.k + b) per layer and head (JSON, format
+    /// sparse-attn-topk-linear) [default: the training-free mean-query scorer]
+    #[arg(long, value_name = "FILE", help_heading = "Method flags")]
+    pub scorer: Option<PathBuf>,
 }
 
 impl MethodFlags {
@@ -142,6 +181,12 @@ impl MethodFlags {
         add(self.bucket_size.is_some(), "--bucket-size");
         add(self.clusters.is_some(), "--clusters");
         add(self.query_top.is_some(), "--query-top");
+        add(self.edges_per_query.is_some(), "--edges-per-query");
+        add(self.density_scale.is_some(), "--density-scale");
+        add(self.sbm_model.is_some(), "--sbm-model");
+        add(self.k.is_some(), "--k");
+        add(self.window.is_some(), "--window");
+        add(self.scorer.is_some(), "--scorer");
         v
     }
 }
@@ -163,6 +208,88 @@ pub enum Method {
     Global { first: u32, last: u32 },
     Random { density: f64, seed: u64 },
     Sparsefinder { variant: Variant },
+    /// `clusters` applies to [`SbmInit::Keys`] only; `seed` seeds k-means and the sampler.
+    Sbm { density: Density, clusters: usize, seed: u64, init: SbmInit },
+    TopK { k: usize, window: u32, first: u32, last: u32, scorer: TopkScorer },
+}
+
+/// Where the SBM parameters come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SbmInit {
+    /// Training-free: clusters = k-means of the keys, phi = identity (built with the pattern, so
+    /// its cost is part of the build time).
+    Keys,
+    /// A loaded [`SbmModel`] (`Models::sbm`).
+    Model,
+}
+
+/// How top-k scores the keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopkScorer {
+    /// Training-free: the score the mean query gives each key.
+    MeanQuery,
+    /// A loaded [`LinearScorerModel`] (`Models::topk`).
+    Linear,
+}
+
+/// Fitted models a run loaded (only those its methods need).
+#[derive(Default)]
+pub struct Models {
+    pub sparsefinder: Option<SparsefinderModel>,
+    pub sbm: Option<SbmModel>,
+    pub topk: Option<LinearScorerModel>,
+}
+
+/// Model files given on the command line (`None` = the default, where there is one).
+#[derive(Clone, Copy, Default)]
+pub struct ModelFiles<'a> {
+    pub sparsefinder: Option<&'a Path>,
+    pub sbm: Option<&'a Path>,
+    pub topk: Option<&'a Path>,
+}
+
+impl Models {
+    /// Loads the models `methods` need from `files` and checks each fits `data`.
+    pub fn load(methods: &[Method], files: ModelFiles<'_>, data: &sparse_attn::data::AttentionData) -> BResult<Self> {
+        let mut m = Models::default();
+        if methods.iter().any(|x| matches!(x, Method::Sparsefinder { .. })) {
+            m.sparsefinder = Some(load_sparsefinder(files.sparsefinder, Some(data))?);
+        }
+        if methods.iter().any(|x| matches!(x, Method::Sbm { init: SbmInit::Model, .. })) {
+            let path = files.sbm.ok_or_else(|| BenchError::input("sbm: no model file given"))?;
+            let what = |e: sparse_attn::Error| BenchError::from(e).context(format!("sbm model `{}`", path.display()));
+            let model = SbmModel::load(path).map_err(what)?;
+            let d = model.layers[0].heads[0].clusters.ncols();
+            if model.layers.len() < data.layers() || d != data.head_dim() {
+                return Err(BenchError::input(format!(
+                    "sbm model `{}` does not fit data `{}`: it has {} layers of head_dim {d}, the data {} layers of head_dim {}",
+                    path.display(),
+                    data.path().display(),
+                    model.layers.len(),
+                    data.layers(),
+                    data.head_dim()
+                )));
+            }
+            m.sbm = Some(model);
+        }
+        if methods.iter().any(|x| matches!(x, Method::TopK { scorer: TopkScorer::Linear, .. })) {
+            let path = files.topk.ok_or_else(|| BenchError::input("topk: no scorer file given"))?;
+            let model = LinearScorerModel::load(path).map_err(|e| BenchError::from(e).context(format!("topk scorer `{}`", path.display())))?;
+            if model.layers.len() < data.layers() || model.head_dim != data.head_dim() {
+                return Err(BenchError::input(format!(
+                    "topk scorer `{}` does not fit data `{}`: it has {} layers of head_dim {}, the data {} layers of head_dim {}",
+                    path.display(),
+                    data.path().display(),
+                    model.layers.len(),
+                    model.head_dim,
+                    data.layers(),
+                    data.head_dim()
+                )));
+            }
+            m.topk = Some(model);
+        }
+        Ok(m)
+    }
 }
 
 /// What a method's build may use besides the problem shape.
@@ -173,7 +300,7 @@ pub struct BuildInput<'a> {
     pub block: u32,
     /// Stored layer index in the data file (learned methods pick their per-layer model by it).
     pub layer_index: usize,
-    pub sparsefinder: Option<&'a SparsefinderModel>,
+    pub models: &'a Models,
 }
 
 impl Method {
@@ -184,6 +311,8 @@ impl Method {
             Method::Global { .. } => MethodName::Global,
             Method::Random { .. } => MethodName::Random,
             Method::Sparsefinder { .. } => MethodName::Sparsefinder,
+            Method::Sbm { .. } => MethodName::Sbm,
+            Method::TopK { .. } => MethodName::Topk,
         }
     }
 
@@ -197,6 +326,24 @@ impl Method {
             Method::Sparsefinder { variant } => {
                 let (knob, value) = variant.knob();
                 (variant.name().into(), knob.into(), value)
+            }
+            Method::Sbm { density, init, .. } => {
+                let variant = match init {
+                    SbmInit::Keys => "kmeans-init",
+                    SbmInit::Model => "model",
+                };
+                let (knob, value) = match density {
+                    Density::EdgesPerQuery(e) => ("edges_per_query", e),
+                    Density::Scale(s) => ("density_scale", s),
+                };
+                (variant.into(), knob.into(), format!("{value}"))
+            }
+            Method::TopK { k, scorer, .. } => {
+                let variant = match scorer {
+                    TopkScorer::MeanQuery => "mean-query",
+                    TopkScorer::Linear => "linear",
+                };
+                (variant.into(), "k".into(), k.to_string())
             }
         }
     }
@@ -215,6 +362,8 @@ impl Method {
     pub fn curve(&self) -> String {
         match self {
             Method::Sparsefinder { variant } => format!("sparsefinder-{}", variant.name()),
+            Method::Sbm { init: SbmInit::Model, .. } => "sbm-model".into(),
+            Method::TopK { scorer: TopkScorer::Linear, .. } => "topk-linear".into(),
             _ => self.name().as_str().into(),
         }
     }
@@ -224,12 +373,10 @@ impl Method {
         match *self {
             Method::Dense => "dense".into(),
             Method::Window { width } => format!("w={width}"),
+            Method::Sbm { density: Density::EdgesPerQuery(e), .. } => format!("e={e}"),
+            Method::TopK { k, .. } => format!("k={k}"),
             _ => self.describe().2,
         }
-    }
-
-    pub fn needs_sparsefinder(&self) -> bool {
-        matches!(self, Method::Sparsefinder { .. })
     }
 
     pub fn build(&self, input: &BuildInput<'_>) -> sparse_attn::Result<BlockPattern> {
@@ -241,9 +388,37 @@ impl Method {
             Method::Random { density, seed } => RandomBlocks::new(density, seed).with_blocks(b, b).build(shape),
             Method::Sparsefinder { variant } => {
                 let model = input
+                    .models
                     .sparsefinder
+                    .as_ref()
                     .ok_or_else(|| sparse_attn::Error::Unsupported("sparsefinder needs a model (none was loaded)".into()))?;
                 model.build(input.layer_index, input.q, input.k, &Sparsefinder::new(variant).with_blocks(b, b))
+            }
+            Method::Sbm { density, clusters, seed, init } => {
+                let config = SbmConfig::default().with_density(density).with_clusters(clusters).with_seed(seed).with_blocks(b, b);
+                let (q, k) = (input.q.view(), input.k.view());
+                match init {
+                    SbmInit::Keys => Sbm::new(config.clone()).build(&SbmLayer::from_keys(&k, &config)?, &q, &k),
+                    SbmInit::Model => {
+                        let model = input.models.sbm.as_ref().ok_or_else(|| sparse_attn::Error::Unsupported("sbm needs a model (none was loaded)".into()))?;
+                        let layer = model.layers.get(input.layer_index).ok_or_else(|| {
+                            sparse_attn::Error::Data(format!("sbm model has {} layers, asked for layer index {}", model.layers.len(), input.layer_index))
+                        })?;
+                        Sbm::new(config).build(layer, &q, &k)
+                    }
+                }
+            }
+            Method::TopK { k, window, first, last, scorer } => {
+                let scorer = match scorer {
+                    TopkScorer::MeanQuery => Scorer::MeanQuery,
+                    TopkScorer::Linear => input
+                        .models
+                        .topk
+                        .as_ref()
+                        .ok_or_else(|| sparse_attn::Error::Unsupported("topk needs a scorer (none was loaded)".into()))?
+                        .scorer(input.layer_index)?,
+                };
+                TopK { k, window, first, last, block_q: b, block_k: b }.build(&input.q.view(), &input.k.view(), &scorer)
             }
         }
     }
@@ -316,7 +491,46 @@ pub fn from_flags(name: MethodName, f: &MethodFlags, seed: u64) -> BResult<Metho
         MethodName::Global => Method::Global { first: f.first.unwrap_or(1), last: f.last.unwrap_or(1) },
         MethodName::Random => Method::Random { density: check_unit("--density", f.density.unwrap_or(0.25))?, seed },
         MethodName::Sparsefinder => Method::Sparsefinder { variant: sf_variant(f.variant.unwrap_or(SfVariant::Distance), f)? },
+        MethodName::Sbm => {
+            let density = match (f.edges_per_query, f.density_scale) {
+                (Some(_), Some(_)) => return Err(BenchError::input("--edges-per-query and --density-scale are alternatives; give one")),
+                (_, Some(s)) => Density::Scale(check_nonneg("--density-scale", s)?),
+                (e, None) => Density::EdgesPerQuery(check_nonneg("--edges-per-query", e.unwrap_or(DEFAULT_SBM_EDGES))?),
+            };
+            let init = if f.sbm_model.is_some() { SbmInit::Model } else { SbmInit::Keys };
+            if init == SbmInit::Model && f.clusters.is_some() {
+                return Err(BenchError::input("--clusters does not apply with --sbm-model (the model fixes its clusters)"));
+            }
+            Method::Sbm { density, clusters: check_clusters("--clusters", f.clusters.unwrap_or(DEFAULT_SBM_CLUSTERS))?, seed, init }
+        }
+        MethodName::Topk => Method::TopK {
+            k: f.k.unwrap_or(DEFAULT_TOPK_K),
+            window: f.window.unwrap_or(DEFAULT_TOPK_WINDOW),
+            first: f.first.unwrap_or(1),
+            last: f.last.unwrap_or(1),
+            scorer: if f.scorer.is_some() { TopkScorer::Linear } else { TopkScorer::MeanQuery },
+        },
     })
+}
+
+const DEFAULT_SBM_EDGES: f64 = 32.0;
+const DEFAULT_SBM_CLUSTERS: usize = 128;
+const DEFAULT_TOPK_K: usize = 64;
+const DEFAULT_TOPK_WINDOW: u32 = 11;
+
+fn check_nonneg(flag: &str, x: f64) -> BResult<f64> {
+    if x.is_finite() && x >= 0.0 {
+        Ok(x)
+    } else {
+        Err(BenchError::input(format!("{flag} {x}: must be finite and non-negative")))
+    }
+}
+
+fn check_clusters(flag: &str, k: usize) -> BResult<usize> {
+    if k == 0 {
+        return Err(BenchError::input(format!("{flag} must be at least 1")));
+    }
+    Ok(k)
 }
 
 /// Knob sweeps of `pareto`.
@@ -349,6 +563,24 @@ pub struct SweepFlags {
     /// sparsefinder clustering: clusters each query joins [default: 2]
     #[arg(long, value_name = "N", help_heading = "Sweeps")]
     pub query_top: Option<usize>,
+    /// sbm: expected sampled edges per query swept [default: 8,16,32,64,128]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub sbm_edges: Option<String>,
+    /// sbm: clusters k of the training-free init (k-means of the keys) [default: 128]
+    #[arg(long, value_name = "K", help_heading = "Sweeps")]
+    pub sbm_clusters: Option<usize>,
+    /// sbm: SBM parameters (safetensors) instead of the training-free init
+    #[arg(long, value_name = "FILE", help_heading = "Sweeps")]
+    pub sbm_model: Option<PathBuf>,
+    /// topk: k (best-scored keys per query) swept [default: 8,16,32,64,128]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub topk_ks: Option<String>,
+    /// topk: local window width in tokens, 0 = none (first = last = 1 token) [default: 11]
+    #[arg(long, value_name = "TOKENS", help_heading = "Sweeps")]
+    pub topk_window: Option<u32>,
+    /// topk: linear scorer (JSON) instead of the training-free mean-query scorer
+    #[arg(long, value_name = "FILE", help_heading = "Sweeps")]
+    pub topk_scorer: Option<PathBuf>,
 }
 
 impl SweepFlags {
@@ -364,6 +596,12 @@ impl SweepFlags {
             (self.bucket_sizes.is_some(), "--bucket-sizes"),
             (self.cluster_counts.is_some(), "--cluster-counts"),
             (self.query_top.is_some(), "--query-top"),
+            (self.sbm_edges.is_some(), "--sbm-edges"),
+            (self.sbm_clusters.is_some(), "--sbm-clusters"),
+            (self.sbm_model.is_some(), "--sbm-model"),
+            (self.topk_ks.is_some(), "--topk-ks"),
+            (self.topk_window.is_some(), "--topk-window"),
+            (self.topk_scorer.is_some(), "--topk-scorer"),
         ] {
             if set {
                 v.push(name);
@@ -445,6 +683,22 @@ pub fn sweep(name: MethodName, f: &SweepFlags, seed: u64) -> BResult<Vec<Method>
             }
             out
         }
+        MethodName::Sbm => {
+            let init = if f.sbm_model.is_some() { SbmInit::Model } else { SbmInit::Keys };
+            if init == SbmInit::Model && f.sbm_clusters.is_some() {
+                return Err(BenchError::input("--sbm-clusters does not apply with --sbm-model (the model fixes its clusters)"));
+            }
+            let clusters = check_clusters("--sbm-clusters", f.sbm_clusters.unwrap_or(DEFAULT_SBM_CLUSTERS))?;
+            list("--sbm-edges", &f.sbm_edges, "8,16,32,64,128")?
+                .into_iter()
+                .map(|e| Ok(Method::Sbm { density: Density::EdgesPerQuery(check_nonneg("--sbm-edges", e)?), clusters, seed, init }))
+                .collect::<BResult<_>>()?
+        }
+        MethodName::Topk => {
+            let scorer = if f.topk_scorer.is_some() { TopkScorer::Linear } else { TopkScorer::MeanQuery };
+            let window = f.topk_window.unwrap_or(DEFAULT_TOPK_WINDOW);
+            ints("--topk-ks", &f.topk_ks, "8,16,32,64,128")?.into_iter().map(|k| Method::TopK { k, window, first: 1, last: 1, scorer }).collect()
+        }
     })
 }
 
@@ -466,6 +720,18 @@ pub fn for_density(name: MethodName, density: f64, seq: usize, block: u32, seed:
             Ok(Method::Global { first: n, last: n })
         }
         MethodName::Sparsefinder => Err("sparsefinder predicts patterns from real Q/K; speed runs on synthetic data (use pareto/quality for it)".into()),
+        // SBM and top-k select single elements: `density` sets the element density (edges or keys
+        // per query = density * seq); on synthetic Q/K the chosen keys scatter, so the stored
+        // block density (speed's `density` column) comes out higher. Training-free variants only.
+        MethodName::Sbm => Ok(Method::Sbm {
+            density: Density::EdgesPerQuery((density * seq as f64).max(1.0)),
+            clusters: DEFAULT_SBM_CLUSTERS,
+            seed,
+            init: SbmInit::Keys,
+        }),
+        MethodName::Topk => {
+            Ok(Method::TopK { k: ((density * seq as f64).round() as usize).max(1), window: 0, first: 0, last: 0, scorer: TopkScorer::MeanQuery })
+        }
     }
 }
 

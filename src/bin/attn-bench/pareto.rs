@@ -21,7 +21,7 @@ pub struct ParetoArgs {
     /// when present, else the bundled fixture]
     #[arg(long, value_name = "FILE")]
     pub data: Option<PathBuf>,
-    /// Methods swept, comma-separated (dense, window, global, random, sparsefinder); dense is
+    /// Methods swept, comma-separated (dense, window, global, random, sparsefinder, sbm, topk); dense is
     /// added as the reference point unless --no-dense
     #[arg(long, value_name = "LIST", default_value = "window")]
     pub methods: String,
@@ -55,7 +55,7 @@ pub struct ParetoArgs {
     /// Timed GPU runs per cell (median) after one warm-up run
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
-    /// Seed of seeded methods (random)
+    /// Seed of seeded methods (random; sbm: k-means init and edge sampling)
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Refuse sweeps with more (text, layer, method, knob) evaluations than this
@@ -110,11 +110,12 @@ pub fn run(g: &Globals, a: &ParetoArgs) -> BResult<()> {
             a.max_cells
         )));
     }
-    let model = if sweep.iter().any(Method::needs_sparsefinder) {
-        Some(methods::load_sparsefinder(a.sweep.sparsefinder_model.as_deref(), Some(&data))?)
-    } else {
-        None
+    let files = methods::ModelFiles {
+        sparsefinder: a.sweep.sparsefinder_model.as_deref(),
+        sbm: a.sweep.sbm_model.as_deref(),
+        topk: a.sweep.topk_scorer.as_deref(),
     };
+    let models = methods::Models::load(&sweep, files, &data)?;
     let engine = match a.device {
         DeviceArg::Gpu => Some(g.engine()?),
         DeviceArg::Cpu => None,
@@ -142,7 +143,7 @@ pub fn run(g: &Globals, a: &ParetoArgs) -> BResult<()> {
             }));
             for (i, method) in sweep.iter().enumerate() {
                 bar.set_message(format!("{text} layer {layer}: {}", method.label()));
-                let ev = evaluate(&case, method, a.block, model.as_ref(), &runner, Extras::default())
+                let ev = evaluate(&case, method, a.block, &models, &runner, Extras::default())
                     .map_err(|e| e.context(format!("text {text} layer {layer}")))?;
                 let s = &mut acc[i];
                 for m in &ev.heads {
@@ -306,7 +307,9 @@ pub fn run(g: &Globals, a: &ParetoArgs) -> BResult<()> {
             "data": data.path().display().to_string(), "texts": texts, "layers": layers.iter().map(|l| l.1).collect::<Vec<_>>(),
             "methods": names.iter().map(|m| m.as_str()).collect::<Vec<_>>(), "normalizer": normalizer.label(), "gold_alpha": dataset::GOLD_ALPHA,
             "device": prov.device, "dtype": dtype.label(), "path": path.label(), "block": a.block, "repeats": a.repeats, "warmup": 1, "seed": a.seed,
-            "sparsefinder_model": model.as_ref().map(|_| a.sweep.sparsefinder_model.clone().unwrap_or_else(sparse_attn::patterns::sparsefinder::SparsefinderModel::shipped_path).display().to_string()),
+            "sparsefinder_model": models.sparsefinder.as_ref().map(|_| a.sweep.sparsefinder_model.clone().unwrap_or_else(sparse_attn::patterns::sparsefinder::SparsefinderModel::shipped_path).display().to_string()),
+            "sbm_model": models.sbm.as_ref().and(a.sweep.sbm_model.as_ref()).map(|p| p.display().to_string()),
+            "topk_scorer": models.topk.as_ref().and(a.sweep.topk_scorer.as_ref()).map(|p| p.display().to_string()),
         },
         "columns": PARETO_COLUMNS.split(',').collect::<Vec<_>>(),
         "rows": rows,

@@ -53,7 +53,7 @@ pub struct QualityArgs {
     /// Timed runs (median reported) after one warm-up run
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-    /// Seed of seeded methods (random)
+    /// Seed of seeded methods (random; sbm: k-means init and edge sampling)
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output directory for metrics.json (and output.safetensors) [default: target/attn-bench/quality]
@@ -80,7 +80,9 @@ pub fn run(g: &Globals, a: &QualityArgs) -> BResult<()> {
         None => data.texts()[0].clone(),
     };
     let layer_index = dataset::layer_index(&data, a.layer)?;
-    let model = if method.needs_sparsefinder() { Some(methods::load_sparsefinder(a.method_flags.model.as_deref(), Some(&data))?) } else { None };
+    let f = &a.method_flags;
+    let files = methods::ModelFiles { sparsefinder: f.model.as_deref(), sbm: f.sbm_model.as_deref(), topk: f.scorer.as_deref() };
+    let models = methods::Models::load(std::slice::from_ref(&method), files, &data)?;
     let engine = match a.device {
         DeviceArg::Gpu => Some(g.engine()?),
         DeviceArg::Cpu => None,
@@ -89,7 +91,7 @@ pub fn run(g: &Globals, a: &QualityArgs) -> BResult<()> {
     create_out_dir(&out)?;
 
     let case = LayerCase::load(&data, &text, layer_index, Some(normalizer))?;
-    let (pattern, build_ms) = crate::eval::build(&case, &method, a.block, model.as_ref())?;
+    let (pattern, build_ms) = crate::eval::build(&case, &method, a.block, &models)?;
     let runner = match &engine {
         Some(e) => Runner::Gpu { engine: e, opts: AttentionOptions { normalizer, dtype, path, ..Default::default() }, warmup: 1, repeats: a.repeats },
         None => Runner::Cpu { normalizer },
@@ -119,6 +121,7 @@ pub fn run(g: &Globals, a: &QualityArgs) -> BResult<()> {
             })
         })
         .collect();
+    let model_file = [&a.method_flags.model, &a.method_flags.sbm_model, &a.method_flags.scorer].into_iter().flatten().next().map(|p| p.display().to_string());
     let summary = json!({
         "recall": ev.mean_of(|m| m.recall),
         "element_sparsity": ev.mean_of(|m| m.element_sparsity),
@@ -147,6 +150,8 @@ pub fn run(g: &Globals, a: &QualityArgs) -> BResult<()> {
             "knob": knob,
             "value": value,
             "label": method.label(),
+            "params": format!("{method:?}"),
+            "model_file": model_file,
             "normalizer": normalizer.label(),
             "gold_alpha": dataset::GOLD_ALPHA,
             "device": if engine.is_some() { "gpu" } else { "cpu" },

@@ -25,7 +25,7 @@ pub struct SpeedArgs {
     /// Block densities, comma-separated; 1 is the dense baseline, each value < 1 runs every method
     #[arg(long, value_name = "LIST", default_value = "1,0.25,0.1")]
     pub densities: String,
-    /// Sparse methods at each density < 1 (random, window, global); dense always runs as the baseline
+    /// Sparse methods at each density < 1 (random, window, global, sbm, topk; sbm and topk at element density d); dense always runs as the baseline
     #[arg(long, value_name = "LIST", default_value = "random")]
     pub methods: String,
     /// Query heads (= kv heads) [default: 4 on a CPU adapter, else 8]
@@ -241,6 +241,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
         let seed = a.seed.wrapping_add(1000 * si as u64);
         let (q, k, v) = (synthetic(dims, seed), synthetic(dims, seed + 1), synthetic(dims, seed + 2));
         let mut cases: Vec<PatternCase> = Vec::new();
+        let models = methods::Models::default();
         let mut configs: Vec<(Method, f64)> = vec![(Method::Dense, 1.0)];
         for &d in &sparse_densities {
             for n in &sparse_names {
@@ -250,7 +251,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
         }
         for (method, requested_density) in configs {
             bar.set_message(format!("seq {seq}: building {}", method.label()));
-            let input = methods::BuildInput { q: &q, k: &k, shape, block: a.block, layer_index: 0, sparsefinder: None };
+            let input = methods::BuildInput { q: &q, k: &k, shape, block: a.block, layer_index: 0, models: &models };
             let mut times = Vec::new();
             let mut pattern = None;
             for _ in 0..3 {
