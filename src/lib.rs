@@ -20,6 +20,7 @@
 pub mod data;
 pub mod error;
 pub mod gpu;
+pub mod lowrank;
 pub mod metrics;
 pub mod normalizer;
 pub mod pattern;

@@ -1,0 +1,381 @@
+//! The GPU path of low-rank attention: `lowrank.wgsl`'s three entry points (subset scores,
+//! reconstruction, normalisation + P·V), compiled once per engine in [`GpuLowRank::new`].
+
+use super::LowRankPlan;
+use crate::error::{Error, Result};
+use crate::{Engine, Normalizer};
+use ndarray::{Array4, ArrayView4};
+use wgpu::util::DeviceExt;
+
+/// The WGSL source (for validation).
+pub const SHADER: &str = include_str!("lowrank.wgsl");
+
+/// Largest rank the kernel holds in workgroup memory.
+pub const MAX_GPU_RANK: usize = 128;
+/// Bisection steps of the entmax threshold search.
+const ENTMAX_ITERS: u32 = 40;
+const NO_SLOT: u32 = u32::MAX;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    seq_q: u32,
+    heads: u32,
+    kv_heads: u32,
+    group: u32,
+    n: u32,
+    d: u32,
+    m: u32,
+    r: u32,
+    kind: u32,
+    iters: u32,
+    pad0: u32,
+    alpha: f32,
+    scale: f32,
+    pad1: u32,
+    pad2: u32,
+    q_off: u32,
+    k_off: u32,
+    v_off: u32,
+    mu_off: u32,
+    u_off: u32,
+    a_off: u32,
+    pad3: u32,
+    pad4: u32,
+}
+
+/// Output of [`GpuLowRank::attention`]: `o` `[batch, heads, seq_q, head_dim]` and, when asked
+/// for, the reconstructed scores `[batch, heads, seq_q, seq_kv]` (before normalisation).
+#[derive(Clone, Debug)]
+pub struct LowRankOutput {
+    pub o: Array4<f32>,
+    pub scores: Option<Array4<f32>>,
+}
+
+/// Compiled pipelines of the low-rank kernels on one engine's device.
+#[derive(Debug)]
+pub struct GpuLowRank {
+    layout: wgpu::BindGroupLayout,
+    subset: wgpu::ComputePipeline,
+    reconstruct: wgpu::ComputePipeline,
+    normalize: wgpu::ComputePipeline,
+}
+
+impl GpuLowRank {
+    pub fn new(engine: &Engine) -> Result<Self> {
+        let device = engine.device();
+        let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let entries = [
+            wgpu::BindGroupLayoutEntry {
+                binding: 0,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            },
+            storage(1, true),
+            storage(2, true),
+            storage(3, false),
+            storage(4, false),
+            storage(5, false),
+        ];
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("sparse-attn lowrank layout"),
+            entries: &entries,
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("sparse-attn lowrank pipeline layout"),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("sparse-attn lowrank shader"),
+            source: wgpu::ShaderSource::Wgsl(SHADER.into()),
+        });
+        let pipeline = |label: &'static str, entry: &'static str| {
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(label),
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        };
+        let subset = pipeline("sparse-attn lowrank subset scores", "subset_scores");
+        let reconstruct = pipeline("sparse-attn lowrank reconstruct", "reconstruct");
+        let normalize = pipeline("sparse-attn lowrank normalize pv", "normalize_pv");
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!("lowrank pipelines: {e}")));
+        }
+        Ok(Self {
+            layout,
+            subset,
+            reconstruct,
+            normalize,
+        })
+    }
+
+    /// Low-rank attention on the GPU; same inputs and result as [`super::attention`] (f32).
+    /// `with_scores` also reads back the reconstructed scores. `engine` must be the one this was
+    /// created with.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        engine: &Engine,
+        plan: &LowRankPlan,
+        q: &ArrayView4<f32>,
+        k: &ArrayView4<f32>,
+        v: &ArrayView4<f32>,
+        normalizer: Normalizer,
+        with_scores: bool,
+    ) -> Result<LowRankOutput> {
+        normalizer.validate()?;
+        let shape = plan.check_shape(q, k, v)?;
+        let (n, m, r, d) = (plan.length, plan.subset.len(), plan.rank, shape.head_dim);
+        if r > MAX_GPU_RANK {
+            return Err(Error::Unsupported(format!(
+                "lowrank GPU rank {r} exceeds {MAX_GPU_RANK}"
+            )));
+        }
+        let rows = shape.slices() * shape.seq_q;
+        // Pack q, k, v, μ, U, A into one f32 buffer.
+        let mut data: Vec<f32> = Vec::new();
+        let mut push = |xs: &mut dyn Iterator<Item = f32>| {
+            let off = data.len();
+            data.extend(xs);
+            off
+        };
+        let q_off = push(&mut q.iter().copied());
+        let k_off = push(&mut k.iter().copied());
+        let v_off = push(&mut v.iter().copied());
+        let mu_off = push(&mut plan.mean.iter().map(|&x| x as f32));
+        let u_off = push(&mut plan.basis.iter().map(|&x| x as f32));
+        let a_off = push(&mut plan.operator.iter().map(|&x| x as f32));
+        let mut index: Vec<u32> = plan.subset.iter().map(|&j| j as u32).collect();
+        index.resize(m + n, NO_SLOT);
+        for (p, &j) in plan.subset.iter().enumerate() {
+            index[m + j] = p as u32;
+        }
+        let device = engine.device();
+        let limits = device.limits();
+        let max = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        let score_elems = rows as u64 * n as u64;
+        for (what, elems) in [
+            ("packed inputs", data.len() as u64),
+            ("scores", score_elems),
+            ("subset scores", rows as u64 * m as u64),
+            ("output", rows as u64 * d as u64),
+        ] {
+            if elems * 4 > max {
+                return Err(Error::Limit {
+                    limit: "max_storage_buffer_binding_size",
+                    required: elems * 4,
+                    available: max,
+                });
+            }
+            if elems > u32::MAX as u64 {
+                return Err(Error::Shape(format!(
+                    "lowrank GPU: {what} has {elems} elements, past u32 indexing"
+                )));
+            }
+        }
+        let u32s = |x: usize| x as u32; // every size is bounded by the element counts checked above
+        let (kind, alpha) = match normalizer.alpha() {
+            None => (0u32, 1.0f32),
+            Some(a) => (1u32, a as f32),
+        };
+        let params = Params {
+            rows: u32s(rows),
+            seq_q: u32s(shape.seq_q),
+            heads: u32s(shape.heads),
+            kv_heads: u32s(shape.kv_heads),
+            group: u32s(shape.group()),
+            n: u32s(n),
+            d: u32s(d),
+            m: u32s(m),
+            r: u32s(r),
+            kind,
+            iters: ENTMAX_ITERS,
+            pad0: 0,
+            alpha,
+            scale: shape.default_scale(),
+            pad1: 0,
+            pad2: 0,
+            q_off: u32s(q_off),
+            k_off: u32s(k_off),
+            v_off: u32s(v_off),
+            mu_off: u32s(mu_off),
+            u_off: u32s(u_off),
+            a_off: u32s(a_off),
+            pad3: 0,
+            pad4: 0,
+        };
+        let init = |label: &'static str, contents: &[u8], usage: wgpu::BufferUsages| {
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage,
+            })
+        };
+        let empty = |label: &'static str, elems: u64, usage: wgpu::BufferUsages| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: elems.max(1) * 4,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let rw = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+        let readback = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        let params_buf = init(
+            "sparse-attn lowrank params",
+            bytemuck::bytes_of(&params),
+            wgpu::BufferUsages::UNIFORM,
+        );
+        let data_buf = init(
+            "sparse-attn lowrank inputs",
+            bytemuck::cast_slice(&data),
+            wgpu::BufferUsages::STORAGE,
+        );
+        let index_buf = init(
+            "sparse-attn lowrank subset",
+            bytemuck::cast_slice(&index),
+            wgpu::BufferUsages::STORAGE,
+        );
+        let scores_buf = empty("sparse-attn lowrank scores", score_elems, rw);
+        let exact_buf = empty(
+            "sparse-attn lowrank subset scores",
+            rows as u64 * m as u64,
+            wgpu::BufferUsages::STORAGE,
+        );
+        let out_buf = empty("sparse-attn lowrank output", rows as u64 * d as u64, rw);
+        let out_read = empty(
+            "sparse-attn lowrank output readback",
+            rows as u64 * d as u64,
+            readback,
+        );
+        let scores_read = with_scores
+            .then(|| empty("sparse-attn lowrank scores readback", score_elems, readback));
+        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("sparse-attn lowrank bind group"),
+            layout: &self.layout,
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: params_buf.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: data_buf.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: index_buf.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 3,
+                    resource: scores_buf.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 4,
+                    resource: exact_buf.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 5,
+                    resource: out_buf.as_entire_binding(),
+                },
+            ],
+        });
+        let max_grid = limits.max_compute_workgroups_per_dimension.max(1) as u64;
+        let grid = |groups: u64| -> Result<(u32, u32)> {
+            let gx = groups.clamp(1, max_grid);
+            let gy = groups.div_ceil(gx);
+            if gy > max_grid {
+                return Err(Error::Limit {
+                    limit: "max_compute_workgroups_per_dimension",
+                    required: gy,
+                    available: max_grid,
+                });
+            }
+            Ok((gx as u32, gy as u32))
+        };
+        let subset_grid = grid((rows as u64 * m as u64).div_ceil(64))?;
+        let row_grid = grid(rows as u64)?;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("sparse-attn lowrank encoder"),
+        });
+        for (label, pipeline, (gx, gy)) in [
+            ("sparse-attn lowrank subset pass", &self.subset, subset_grid),
+            (
+                "sparse-attn lowrank reconstruct pass",
+                &self.reconstruct,
+                row_grid,
+            ),
+        ] {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(label),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(gx, gy, 1);
+        }
+        if let Some(read) = &scores_read {
+            encoder.copy_buffer_to_buffer(&scores_buf, 0, read, 0, scores_buf.size());
+        }
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("sparse-attn lowrank normalize pass"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&self.normalize);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(row_grid.0, row_grid.1, 1);
+        }
+        encoder.copy_buffer_to_buffer(&out_buf, 0, &out_read, 0, out_buf.size());
+        engine.queue().submit([encoder.finish()]);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!("lowrank dispatch: {e}")));
+        }
+        let to_array =
+            |bytes: Vec<u8>, dims: (usize, usize, usize, usize)| -> Result<Array4<f32>> {
+                let xs: &[f32] = bytemuck::try_cast_slice(&bytes)
+                    .map_err(|e| Error::Gpu(format!("lowrank readback: {e}")))?;
+                let len = dims.0 * dims.1 * dims.2 * dims.3;
+                let xs = xs
+                    .get(..len)
+                    .ok_or_else(|| Error::Gpu("lowrank readback too short".into()))?;
+                Array4::from_shape_vec(dims, xs.to_vec()).map_err(|e| Error::Shape(e.to_string()))
+            };
+        let o = to_array(
+            engine.read_buffer(&out_read)?,
+            (shape.batch, shape.heads, shape.seq_q, d),
+        )?;
+        let scores = match &scores_read {
+            Some(read) => Some(to_array(
+                engine.read_buffer(read)?,
+                (shape.batch, shape.heads, shape.seq_q, n),
+            )?),
+            None => None,
+        };
+        Ok(LowRankOutput { o, scores })
+    }
+}
