@@ -68,6 +68,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             workgroupBarrier();
         }
     }
+    // MRA: fold the query block row's coarse remainder (r, S, N) into the same running max,
+    // sum (lane 0 takes S) and accumulator (mra_none.wgsl makes this a no-op).
+    let rem = mra_row(t.slice * params.q_blocks + t.qb);
+    if (rem.y > 0.0) {
+        let m_new = max(m, rem.x);
+        let corr = exp(m - m_new);
+        let wr = exp(rem.x - m_new);
+        l = l * corr + select(0.0, rem.y * wr, lane == 0u);
+        for (var j = 0u; j < CPT; j++) {
+            acc[j] = acc[j] * corr + wr * mra_value(t.slice * params.q_blocks + t.qb, lane + j * TPR);
+        }
+        m = m_new;
+    }
     // l held each lane's share of the row sum: add the row's lanes in lane order.
     workgroupBarrier();
     share[lid] = l;

@@ -13,14 +13,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         return;
     }
     let mc = row_max_count(ctx, lid);
-    let m = mc.x;
+    // MRA: the folded coarse remainder (r, S) of the query block row joins the max and the sum
+    // (mra_none.wgsl: no remainder).
+    let rem = mra_row(params.row_base + w / BQ);
+    let m = select(mc.x, max(mc.x, rem.x), rem.y > 0.0);
     var sum = 0.0;
     for (var e = lid; e < ctx.len; e += NT) {
         if (element_allowed(ctx, e)) {
             sum += exp(scores[score_index(ctx, e)] - m);
         }
     }
-    let total = reduce_sum(lid, vec4<f32>(sum, 0.0, 0.0, 0.0)).x;
+    var total = reduce_sum(lid, vec4<f32>(sum, 0.0, 0.0, 0.0)).x;
+    if (rem.y > 0.0) {
+        let wr = rem.y * exp(rem.x - m);
+        total += wr;
+        if (lid == 0u) {
+            mra_store_weight(params.row_base * BQ + w, (wr / rem.y) / total);
+        }
+    }
     var support = 0.0;
     for (var e = lid; e < ctx.len; e += NT) {
         let at = score_index(ctx, e);

@@ -67,7 +67,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         for (var j = 0u; j < CPT; j++) {
             let col = col0 + lane + j * TPR;
             if (col < d) {
-                o[out0 + col] = elem(acc[j]);
+                // MRA: + weight * N of the row's folded remainder (0 without one).
+                o[out0 + col] = elem(acc[j] + mra_weighted(vrow, row, col));
             }
         }
     }

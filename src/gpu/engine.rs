@@ -387,23 +387,29 @@ impl Engine {
     }
 
     fn kernel(&self, kind: KernelKind, plan: &Plan) -> std::sync::Arc<Kernel> {
-        let d_chunk = if kind == KernelKind::Spmm { plan.d_chunk } else { 0 };
+        let d_chunk = if matches!(kind, KernelKind::Spmm | KernelKind::SpmmMra) { plan.d_chunk } else { 0 };
         let fused = if kind.is_fused() { plan.fused } else { None };
-        let subgroups = self.caps.subgroups && matches!(kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax);
+        let subgroups = self.caps.subgroups && matches!(kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax | KernelKind::NormalizeSoftmaxMra);
         let vec4 = kind.is_fused() && plan.shape.head_dim % 4 == 0;
         self.kernels.get(&self.device, KernelKey { kind, dtype: plan.dtype, block_q: plan.block_q, block_k: plan.block_k, d_chunk, fused, subgroups, vec4 })
     }
 
     /// Compiles every pipeline `plan` needs (so the hot path compiles nothing).
     pub fn prepare(&self, plan: &Plan) {
-        for kind in Self::kinds(plan) {
+        for kind in Self::kinds(plan, false) {
             self.kernel(kind, plan);
         }
     }
 
-    /// Kernels a plan runs, in order.
-    fn kinds(plan: &Plan) -> Vec<KernelKind> {
+    /// Kernels a plan runs, in order (`mra`: the variants that merge an MRA remainder).
+    fn kinds(plan: &Plan, mra: bool) -> Vec<KernelKind> {
         let softmax = plan.normalizer == Normalizer::Softmax;
+        if mra && softmax {
+            return match plan.path {
+                ExecPath::Fused => vec![KernelKind::FusedSoftmaxMra],
+                _ => vec![KernelKind::Sddmm, KernelKind::NormalizeSoftmaxMra, KernelKind::SpmmMra],
+            };
+        }
         match (plan.path, softmax) {
             (ExecPath::Fused, true) => vec![KernelKind::FusedSoftmax],
             (ExecPath::Fused, false) => vec![KernelKind::FusedEntmax],
@@ -422,7 +428,22 @@ impl Engine {
         pattern: &GpuPattern,
         workspace: &Workspace,
         probabilities: Option<&wgpu::Buffer>,
+        timer: Option<&mut super::timing::PassTimer>,
+    ) -> Result<()> {
+        self.encode_inner(encoder, plan, buffers, pattern, workspace, probabilities, timer, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn encode_inner(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        plan: &Plan,
+        buffers: AttentionBuffers<'_>,
+        pattern: &GpuPattern,
+        workspace: &Workspace,
+        probabilities: Option<&wgpu::Buffer>,
         mut timer: Option<&mut super::timing::PassTimer>,
+        mra: Option<&MraBuffers>,
     ) -> Result<()> {
         if pattern.layout != plan.layout {
             return Err(Error::Shape("the uploaded pattern is not the one the plan was made for".into()));
@@ -443,10 +464,10 @@ impl Engine {
             if probabilities.is_some() {
                 return Err(Error::Unsupported("the fused path has no probabilities to copy".into()));
             }
-            return self.encode_fused(encoder, plan, buffers, pattern, timer);
+            return self.encode_fused(encoder, plan, buffers, pattern, timer, mra);
         }
         let tile_bytes = (plan.block_q * plan.block_k) as u64 * 4;
-        let kinds = Self::kinds(plan);
+        let kinds = Self::kinds(plan, mra.is_some());
         let sddmm = self.kernel(kinds[0], plan);
         let normalize = self.kernel(kinds[1], plan);
         let spmm = self.kernel(kinds[2], plan);
@@ -477,12 +498,24 @@ impl Engine {
                 ),
                 (
                     &normalize,
-                    group(&normalize, vec![params.clone(), pat.clone(), bind(&workspace.scores, scores), bind(&workspace.stats, chunk.stats)]),
+                    group(&normalize, {
+                        let mut r = vec![params.clone(), pat.clone(), bind(&workspace.scores, scores), bind(&workspace.stats, chunk.stats)];
+                        if let Some(m) = mra {
+                            r.extend([m.rows.as_entire_binding(), m.weights.as_entire_binding()]);
+                        }
+                        r
+                    }),
                     chunk.normalize,
                 ),
                 (
                     &spmm,
-                    group(&spmm, vec![params.clone(), bind(buffers.v, chunk.kv), pat.clone(), bind(&workspace.scores, scores), bind(buffers.o, chunk.o)]),
+                    group(&spmm, {
+                        let mut r = vec![params.clone(), bind(buffers.v, chunk.kv), pat.clone(), bind(&workspace.scores, scores), bind(buffers.o, chunk.o)];
+                        if let Some(m) = mra {
+                            r.extend([m.rows.as_entire_binding(), m.weights.as_entire_binding()]);
+                        }
+                        r
+                    }),
                     chunk.spmm,
                 ),
             ];
@@ -514,8 +547,9 @@ impl Engine {
         buffers: AttentionBuffers<'_>,
         pattern: &GpuPattern,
         mut timer: Option<&mut super::timing::PassTimer>,
+        mra: Option<&MraBuffers>,
     ) -> Result<()> {
-        let kernel = self.kernel(Self::kinds(plan)[0], plan);
+        let kernel = self.kernel(Self::kinds(plan, mra.is_some())[0], plan);
         for (ci, chunk) in plan.chunks.iter().enumerate() {
             if chunk.fused.is_empty() {
                 continue;
@@ -525,7 +559,7 @@ impl Engine {
                 contents: bytemuck::bytes_of(&chunk.params),
                 usage: wgpu::BufferUsages::UNIFORM,
             });
-            let resources = [
+            let mut resources = vec![
                 uniform.as_entire_binding(),
                 bind(buffers.q, chunk.q),
                 bind(buffers.k, chunk.kv),
@@ -533,6 +567,9 @@ impl Engine {
                 pattern.buffer.as_entire_binding(),
                 bind(buffers.o, chunk.o),
             ];
+            if let Some(m) = mra {
+                resources.push(m.rows.as_entire_binding());
+            }
             let entries: Vec<wgpu::BindGroupEntry> =
                 resources.into_iter().enumerate().map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource }).collect();
             let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -587,6 +624,83 @@ impl Engine {
         prepared.run_and_read(opts.return_probabilities, opts.return_row_stats)
     }
 
+    /// MRA attention (Zeng et al. 2022): the selected blocks exactly and, in
+    /// [`MraMode::Full`](crate::patterns::mra::MraMode::Full) (MRA-2), every other block's
+    /// low-resolution estimate merged into the same softmax, in the fused kernel or the
+    /// three-kernel path (`opts.path`). `SparseOnly` (MRA-2-s) is ordinary block-sparse attention
+    /// with any normaliser; MRA-2 with entmax is `Unsupported`. The call's scale must be the one
+    /// the remainder was built with. With `return_probabilities`, MRA-2 returns the exact part's
+    /// probabilities (each row sums to 1 minus the remainder's share).
+    pub fn attention_mra<'a>(
+        &self,
+        q: impl Into<ArrayView4<'a, f32>>,
+        k: impl Into<ArrayView4<'a, f32>>,
+        v: impl Into<ArrayView4<'a, f32>>,
+        mra: &crate::patterns::mra::Mra,
+        opts: &AttentionOptions,
+    ) -> Result<AttentionOutput> {
+        let prepared = self.prepare_attention_mra(q, k, v, mra, opts)?;
+        prepared.run_and_read(opts.return_probabilities, opts.return_row_stats)
+    }
+
+    /// [`Engine::prepare_attention`] for an MRA pattern and its remainder.
+    pub fn prepare_attention_mra<'a>(
+        &self,
+        q: impl Into<ArrayView4<'a, f32>>,
+        k: impl Into<ArrayView4<'a, f32>>,
+        v: impl Into<ArrayView4<'a, f32>>,
+        mra: &crate::patterns::mra::Mra,
+        opts: &AttentionOptions,
+    ) -> Result<PreparedAttention<'_>> {
+        use crate::patterns::mra::MraMode;
+        let (q, k, v) = (q.into(), k.into(), v.into());
+        let mut prepared = self.prepare_attention(q, k, v, &mra.pattern, opts)?;
+        if mra.mode == MraMode::SparseOnly {
+            return Ok(prepared);
+        }
+        if opts.normalizer != Normalizer::Softmax {
+            return Err(Error::Unsupported(format!(
+                "MRA-2 (full mode) merges the coarse remainder into a softmax; {:?} has no such form (use MraMode::SparseOnly)",
+                opts.normalizer
+            )));
+        }
+        let rem = &mra.remainder;
+        let shape = prepared.plan.shape;
+        if rem.shape != shape {
+            return Err(Error::Shape(format!("the MRA remainder was built for {:?}, the call is {shape:?}", rem.shape)));
+        }
+        if rem.block != prepared.plan.block_q || rem.block != prepared.plan.block_k {
+            return Err(Error::Shape(format!("the MRA remainder has block {}, the pattern {}x{}", rem.block, prepared.plan.block_q, prepared.plan.block_k)));
+        }
+        let scale = opts.scale.unwrap_or_else(|| shape.default_scale());
+        if (scale - rem.scale).abs() > 1e-6 * rem.scale.abs().max(1.0) {
+            return Err(Error::Shape(format!("the call's scale {scale} differs from the MRA remainder's {}", rem.scale)));
+        }
+        let rows = rem.row_terms()?;
+        let weights_bytes = (shape.slices() as u64 * rem.q_blocks as u64 * rem.block as u64 * 4).max(4);
+        let rows_bytes = (rows.len() as u64 * 4).max(4);
+        for (what, bytes) in [("max_storage_buffer_binding_size (MRA remainder rows)", rows_bytes), ("max_storage_buffer_binding_size (MRA remainder weights)", weights_bytes)] {
+            if bytes > self.plan_limits.max_binding_bytes {
+                return Err(Error::Limit { limit: what, required: bytes, available: self.plan_limits.max_binding_bytes });
+            }
+        }
+        let mut contents: Vec<f32> = rows;
+        if contents.is_empty() {
+            contents.push(0.0);
+        }
+        let rows = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("sparse-attn mra rows"),
+            contents: bytemuck::cast_slice(&contents),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        let weights = self.buffer("sparse-attn mra weights", weights_bytes, wgpu::BufferUsages::STORAGE);
+        for kind in Self::kinds(&prepared.plan, true) {
+            self.kernel(kind, &prepared.plan);
+        }
+        prepared.mra = Some(MraBuffers { rows, weights });
+        Ok(prepared)
+    }
+
     /// Validates, plans, compiles and uploads once; the result can be run many times
     /// (benchmarks) and read back.
     pub fn prepare_attention<'a>(
@@ -622,6 +736,7 @@ impl Engine {
             plan,
             o_elems,
             o_bytes,
+            mra: None,
         })
     }
 
@@ -698,6 +813,16 @@ pub struct PreparedAttention<'e> {
     workspace: Workspace,
     o_elems: u64,
     o_bytes: u64,
+    mra: Option<MraBuffers>,
+}
+
+/// The MRA coarse remainder on the GPU: folded rows `[r, S, N…]` per query-block row
+/// ([`crate::patterns::mra::MraRemainder::row_terms`]) and, for the three-kernel path, one
+/// remainder weight per query row (written by the normaliser, read by the SpMM).
+#[derive(Debug)]
+pub struct MraBuffers {
+    pub rows: wgpu::Buffer,
+    pub weights: wgpu::Buffer,
 }
 
 impl PreparedAttention<'_> {
@@ -718,7 +843,7 @@ impl PreparedAttention<'_> {
         let mut stages: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
         for i in 0..warmup + iters {
             let mut encoder = e.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sparse-attn timed run") });
-            e.encode(&mut encoder, &self.plan, self.buffers(), &self.pattern, &self.workspace, None, timer.as_mut())?;
+            e.encode_inner(&mut encoder, &self.plan, self.buffers(), &self.pattern, &self.workspace, None, timer.as_mut(), self.mra.as_ref())?;
             if let Some(t) = &timer {
                 t.resolve(&mut encoder);
             }
@@ -757,7 +882,7 @@ impl PreparedAttention<'_> {
         let scope = e.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = e.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let mut encoder = e.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sparse-attn attention") });
-        e.encode(&mut encoder, plan, self.buffers(), &self.pattern, &self.workspace, probs.as_ref(), None)?;
+        e.encode_inner(&mut encoder, plan, self.buffers(), &self.pattern, &self.workspace, probs.as_ref(), None, self.mra.as_ref())?;
         let o_read = e.buffer("sparse-attn o readback", self.o_bytes, wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ);
         encoder.copy_buffer_to_buffer(&self.o, 0, &o_read, 0, self.o_bytes);
         let stats = &self.workspace.stats;

@@ -11,6 +11,10 @@ const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl")
 const FUSED_COMMON: &str = include_str!("../../shaders/fused_common.wgsl");
 const FUSED_IO_SCALAR: &str = include_str!("../../shaders/fused_io_scalar.wgsl");
 const FUSED_IO_VEC4: &str = include_str!("../../shaders/fused_io_vec4.wgsl");
+const MRA_NONE: &str = include_str!("../../shaders/mra_none.wgsl");
+const MRA_ROWS: &str = include_str!("../../shaders/mra_rows.wgsl");
+const MRA_WEIGHT_STORE: &str = include_str!("../../shaders/mra_weight_store.wgsl");
+const MRA_WEIGHT_LOAD: &str = include_str!("../../shaders/mra_weight_load.wgsl");
 
 /// The kernels of the three-kernel path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -23,6 +27,13 @@ pub enum KernelKind {
     FusedEntmax,
     /// Batched `x·W + b` (Sparsefinder projections).
     Project,
+    /// Fused softmax that also folds the MRA coarse remainder of each query block row.
+    FusedSoftmaxMra,
+    /// Softmax normaliser with the MRA remainder in its max and sum; writes each row's
+    /// remainder weight.
+    NormalizeSoftmaxMra,
+    /// SpMM that adds each row's weighted MRA remainder.
+    SpmmMra,
 }
 
 /// How a binding is used.
@@ -34,7 +45,7 @@ pub enum Access {
 }
 
 impl KernelKind {
-    pub const ALL: [KernelKind; 7] = [
+    pub const ALL: [KernelKind; 10] = [
         KernelKind::Sddmm,
         KernelKind::NormalizeSoftmax,
         KernelKind::NormalizeEntmax,
@@ -42,10 +53,28 @@ impl KernelKind {
         KernelKind::FusedSoftmax,
         KernelKind::FusedEntmax,
         KernelKind::Project,
+        KernelKind::FusedSoftmaxMra,
+        KernelKind::NormalizeSoftmaxMra,
+        KernelKind::SpmmMra,
     ];
 
     pub fn is_fused(self) -> bool {
-        matches!(self, KernelKind::FusedSoftmax | KernelKind::FusedEntmax)
+        matches!(self, KernelKind::FusedSoftmax | KernelKind::FusedEntmax | KernelKind::FusedSoftmaxMra)
+    }
+
+    /// Kernels that read the MRA remainder.
+    pub fn is_mra(self) -> bool {
+        matches!(self, KernelKind::FusedSoftmaxMra | KernelKind::NormalizeSoftmaxMra | KernelKind::SpmmMra)
+    }
+
+    /// Binding number of the MRA remainder rows (kernels that read them).
+    fn mra_binding(self) -> Option<u32> {
+        match self {
+            KernelKind::FusedSoftmaxMra => Some(6),
+            KernelKind::NormalizeSoftmaxMra => Some(4),
+            KernelKind::SpmmMra => Some(5),
+            _ => None,
+        }
     }
 
     pub fn name(self) -> &'static str {
@@ -57,12 +86,18 @@ impl KernelKind {
             KernelKind::FusedSoftmax => "fused_softmax",
             KernelKind::FusedEntmax => "fused_entmax",
             KernelKind::Project => "project",
+            KernelKind::FusedSoftmaxMra => "fused_softmax_mra",
+            KernelKind::NormalizeSoftmaxMra => "normalize_softmax_mra",
+            KernelKind::SpmmMra => "spmm_mra",
         }
     }
 
     fn body(self) -> &'static str {
         match self {
             KernelKind::Sddmm => include_str!("../../shaders/sddmm.wgsl"),
+            KernelKind::FusedSoftmaxMra => include_str!("../../shaders/fused_softmax.wgsl"),
+            KernelKind::NormalizeSoftmaxMra => include_str!("../../shaders/normalize_softmax.wgsl"),
+            KernelKind::SpmmMra => include_str!("../../shaders/spmm.wgsl"),
             KernelKind::NormalizeSoftmax => include_str!("../../shaders/normalize_softmax.wgsl"),
             KernelKind::NormalizeEntmax => include_str!("../../shaders/normalize_entmax.wgsl"),
             KernelKind::Spmm => include_str!("../../shaders/spmm.wgsl"),
@@ -86,6 +121,12 @@ impl KernelKind {
             KernelKind::FusedSoftmax | KernelKind::FusedEntmax => &[Uniform, Read, Read, Read, Read, ReadWrite],
             // params, x, w, b, y
             KernelKind::Project => &[Uniform, Read, Read, Read, ReadWrite],
+            // fused softmax's, then the MRA remainder rows
+            KernelKind::FusedSoftmaxMra => &[Uniform, Read, Read, Read, Read, ReadWrite, Read],
+            // normaliser's, then the remainder rows and the per-row remainder weights
+            KernelKind::NormalizeSoftmaxMra => &[Uniform, Read, ReadWrite, ReadWrite, Read, ReadWrite],
+            // SpMM's, then the remainder rows and the per-row remainder weights
+            KernelKind::SpmmMra => &[Uniform, Read, Read, Read, ReadWrite, Read, Read],
         }
     }
 }
@@ -114,7 +155,7 @@ pub fn shader_source(key: &KernelKey) -> String {
         return key.kind.body().to_string();
     }
     let mut s = String::new();
-    let normalize = matches!(key.kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax);
+    let normalize = matches!(key.kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax | KernelKind::NormalizeSoftmaxMra);
     // No `enable subgroups;`: naga 30 does not parse that directive yet; subgroup builtins
     // are gated by the device's SUBGROUP feature instead.
     match key.dtype {
@@ -141,6 +182,20 @@ pub fn shader_source(key: &KernelKey) -> String {
     if key.kind.is_fused() {
         s.push_str(if key.vec4 { FUSED_IO_VEC4 } else { FUSED_IO_SCALAR });
         s.push_str(FUSED_COMMON);
+    }
+    // MRA remainder hooks: real for the MRA kinds, no-ops for the plain kernels that call them.
+    match key.kind.mra_binding() {
+        Some(binding) => {
+            s.push_str(&format!("@group(0) @binding({binding}) var<storage, read> mra_rem: array<f32>;\n"));
+            s.push_str(MRA_ROWS);
+            match key.kind {
+                KernelKind::NormalizeSoftmaxMra => s.push_str(MRA_WEIGHT_STORE),
+                KernelKind::SpmmMra => s.push_str(MRA_WEIGHT_LOAD),
+                _ => {}
+            }
+        }
+        None if matches!(key.kind, KernelKind::FusedSoftmax | KernelKind::NormalizeSoftmax | KernelKind::Spmm) => s.push_str(MRA_NONE),
+        None => {}
     }
     s.push_str(key.kind.body());
     s

@@ -329,7 +329,8 @@ pub fn plan(
             let hi = (kv_slice(s1) * seq_kv + (((a.cmax + 1) * bk) as u64).min(seq_kv)) * d;
             Window::covering(lo, hi, eb, limits.binding_alignment)
         } else {
-            Window::covering(0, 1, eb, limits.binding_alignment)
+            // No blocks: a dummy window of one vec4 (the vec4 fused loads need 4 elements).
+            Window::covering(0, 4, eb, limits.binding_alignment)
         };
         let stats_lo = 2 * a.r0 * bq as u64;
         let stats_hi = 2 * (r_last + 1) * bq as u64;

@@ -4,6 +4,7 @@ mod fixed;
 pub mod sbm;
 pub mod sparsefinder;
 pub mod topk;
+pub mod mra;
 
 pub use fixed::{Causal, Dense, GlobalTokens, RandomBlocks, Window};
 

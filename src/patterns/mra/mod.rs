@@ -1,0 +1,343 @@
+//! Multi-resolution block attention (Zeng et al. 2022, "Multi Resolution Analysis (MRA) for
+//! Approximate Self-Attention"), training-free, for any softmax model.
+//!
+//! Per (batch, head) slice, with block size `b` (paper: 32):
+//! 1. block means `Q̂_I`, `K̂_J`, `V̂_J` over the valid tokens of each block (`c_J` = number of
+//!    valid keys of key block `J`, so ragged tails are weighted correctly);
+//! 2. low-resolution scores `L_IJ = scale · Q̂_I·K̂_J` and row maxima `r_I = max_J L_IJ`;
+//! 3. selection: the priors (diagonal band `|I − J| < diagonal_band`, and with
+//!    `first_block_prior` the first block row and column) are always kept; the rest of a
+//!    per-slice budget of `blocks_per_row × q_blocks` blocks is filled with the largest
+//!    `L_IJ − r_I` over the whole slice (a global budget, ties to the lower `(I, J)`);
+//! 4. the selected blocks are computed exactly. In [`MraMode::Full`] (MRA-2) every other block
+//!    adds its low-resolution estimate to the same softmax: for query `i` in block `I`,
+//!    numerator += `Σ_{J∉sel} exp(L_IJ − m_i)·c_J·V̂_J`, denominator += `Σ exp(L_IJ − m_i)·c_J`
+//!    with `m_i` the max shared with the exact part. [`MraMode::SparseOnly`] (MRA-2-s) keeps only
+//!    the selected blocks (ordinary block-sparse attention; any normaliser).
+//!
+//! Memory per slice is `O((n/b)² + nnz)`: the low-resolution scores of the non-selected blocks
+//! are kept in a CSR-like complement of the pattern ([`MraRemainder`]); nothing `n × n` is formed.
+
+pub mod reference;
+
+use crate::error::{Error, Result};
+use crate::pattern::{BlockMask, BlockPattern, PatternAccumulator, PatternGeometry};
+use crate::patterns::DEFAULT_BLOCK;
+use crate::AttentionShape;
+use ndarray::ArrayView4;
+
+/// What happens to the blocks outside the selection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum MraMode {
+    /// MRA-2: non-selected blocks contribute their low-resolution estimate (softmax only).
+    #[default]
+    Full,
+    /// MRA-2-s: only the selected blocks count (any normaliser).
+    SparseOnly,
+}
+
+/// MRA settings. Defaults follow the paper's RoBERTa-512 setting: `b = 32`, 8 blocks per row
+/// (about half of the 16×16 blocks), the diagonal block and the first block row/column kept.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MraConfig {
+    /// Block size `b` (query and key blocks).
+    pub block: u32,
+    /// Budget: `blocks_per_row × q_blocks` blocks per slice, chosen globally over the slice.
+    pub blocks_per_row: u32,
+    /// Always keep blocks with `|I − J| < diagonal_band` (0: none, 1: the diagonal, 2: tri-diagonal…).
+    pub diagonal_band: u32,
+    /// Always keep the first block row (`I = 0`) and the first block column (`J = 0`).
+    pub first_block_prior: bool,
+    pub mode: MraMode,
+    /// Score scale; `None` = `1/sqrt(head_dim)`. Must equal the attention call's scale.
+    pub scale: Option<f32>,
+}
+
+impl Default for MraConfig {
+    fn default() -> Self {
+        Self { block: DEFAULT_BLOCK, blocks_per_row: 8, diagonal_band: 1, first_block_prior: true, mode: MraMode::Full, scale: None }
+    }
+}
+
+/// The coarse remainder of an MRA pattern: block means, key-block counts and the
+/// low-resolution scores of every non-selected block, per slice.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MraRemainder {
+    pub block: u32,
+    pub shape: AttentionShape,
+    pub q_blocks: u32,
+    pub k_blocks: u32,
+    /// The scale the low-resolution scores were computed with.
+    pub scale: f32,
+    /// `Q̂`: `[slices][q_blocks][head_dim]`.
+    pub q_means: Vec<f32>,
+    /// `K̂`: `[batch·kv_heads][k_blocks][head_dim]`.
+    pub k_means: Vec<f32>,
+    /// `V̂`: `[batch·kv_heads][k_blocks][head_dim]`; empty when built without V.
+    pub v_means: Vec<f32>,
+    /// `c_J`: valid keys of each key block.
+    pub counts: Vec<u32>,
+    /// Non-selected blocks of row `slice·q_blocks + I`: `rest_col[rest_ptr[row]..rest_ptr[row+1]]`.
+    pub rest_ptr: Vec<u32>,
+    pub rest_col: Vec<u32>,
+    /// `L_IJ` of each non-selected block (aligned with `rest_col`).
+    pub rest_logit: Vec<f32>,
+}
+
+/// A built MRA pattern: the exact part and its coarse remainder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mra {
+    pub pattern: BlockPattern,
+    pub remainder: MraRemainder,
+    pub mode: MraMode,
+}
+
+impl MraRemainder {
+    /// Whether V̂ was computed (needed by MRA-2).
+    pub fn has_values(&self) -> bool {
+        !self.v_means.is_empty()
+    }
+
+    /// Number of non-selected blocks over all slices.
+    pub fn len(&self) -> usize {
+        self.rest_col.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rest_col.is_empty()
+    }
+
+    /// Floats per row of [`MraRemainder::row_terms`]: `head_dim + 2`.
+    pub fn row_stride(&self) -> usize {
+        self.shape.head_dim + 2
+    }
+
+    /// The remainder folded per query-block row, as the GPU kernels read it: for row
+    /// `slice·q_blocks + I`, `[r, S, N_0 … N_{d−1}]` with `r = max_{J∉sel} L_IJ` (or the
+    /// `-3e38` sentinel when nothing is left), `S = Σ c_J·exp(L_IJ − r)` and
+    /// `N = Σ c_J·exp(L_IJ − r)·V̂_J`. Merging `(r, S, N)` into an online softmax equals merging
+    /// every `(L_IJ, c_J, V̂_J)` one by one. Computed in f64.
+    pub fn row_terms(&self) -> Result<Vec<f32>> {
+        if !self.has_values() {
+            return Err(Error::Shape("the MRA remainder was built without V; MRA-2 needs V̂".into()));
+        }
+        let d = self.shape.head_dim;
+        let stride = self.row_stride();
+        let rows = self.shape.slices() * self.q_blocks as usize;
+        let mut out = vec![0f32; rows * stride];
+        let kb = self.k_blocks as usize;
+        for row in 0..rows {
+            let slice = row / self.q_blocks as usize;
+            let kvs = self.shape.kv_slice(slice);
+            let dst = &mut out[row * stride..(row + 1) * stride];
+            let range = self.rest_ptr[row] as usize..self.rest_ptr[row + 1] as usize;
+            if range.is_empty() {
+                dst[0] = NEG_BIG;
+                continue;
+            }
+            let r = self.rest_logit[range.clone()].iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
+            let mut s = 0f64;
+            let mut n = vec![0f64; d];
+            for e in range {
+                let j = self.rest_col[e] as usize;
+                let w = self.counts[j] as f64 * (self.rest_logit[e] as f64 - r).exp();
+                s += w;
+                let vm = &self.v_means[(kvs * kb + j) * d..][..d];
+                for (acc, &x) in n.iter_mut().zip(vm) {
+                    *acc += w * x as f64;
+                }
+            }
+            dst[0] = r as f32;
+            dst[1] = s as f32;
+            for (o, x) in dst[2..].iter_mut().zip(&n) {
+                *o = *x as f32;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The kernels' "no score" sentinel (finite; WGSL has no ±inf literals).
+pub const NEG_BIG: f32 = -3.0e38;
+
+/// Means over the valid rows of each block of `x` (`[n, d]` slice view): `[blocks][d]`.
+fn block_means(x: &ndarray::ArrayView2<f32>, block: usize, blocks: usize, out: &mut Vec<f32>) {
+    let (n, d) = (x.nrows(), x.ncols());
+    for bi in 0..blocks {
+        let lo = bi * block;
+        let hi = ((bi + 1) * block).min(n);
+        let mut acc = vec![0f64; d];
+        for i in lo..hi {
+            for (a, &v) in acc.iter_mut().zip(x.row(i)) {
+                *a += v as f64;
+            }
+        }
+        let c = (hi - lo).max(1) as f64;
+        out.extend(acc.iter().map(|a| (a / c) as f32));
+    }
+}
+
+impl MraConfig {
+    pub fn new(block: u32, blocks_per_row: u32) -> Self {
+        Self { block, blocks_per_row, ..Self::default() }
+    }
+
+    pub fn with_mode(mut self, mode: MraMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    pub fn with_priors(mut self, diagonal_band: u32, first_block_prior: bool) -> Self {
+        self.diagonal_band = diagonal_band;
+        self.first_block_prior = first_block_prior;
+        self
+    }
+
+    pub fn with_scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// Builds the pattern (one per slice) and its remainder on the CPU. `v` is needed for the
+    /// MRA-2 remainder (`V̂`); without it only MRA-2-s can run.
+    pub fn build(
+        &self,
+        q: &ArrayView4<f32>,
+        k: &ArrayView4<f32>,
+        v: Option<&ArrayView4<f32>>,
+        shape: &AttentionShape,
+    ) -> Result<Mra> {
+        shape.validate()?;
+        let want_q = [shape.batch, shape.heads, shape.seq_q, shape.head_dim];
+        let want_kv = [shape.batch, shape.kv_heads, shape.seq_kv, shape.head_dim];
+        if q.shape() != want_q {
+            return Err(Error::Shape(format!("Q is {:?}, the shape says {want_q:?}", q.shape())));
+        }
+        if k.shape() != want_kv {
+            return Err(Error::Shape(format!("K is {:?}, the shape says {want_kv:?}", k.shape())));
+        }
+        if let Some(v) = v {
+            if v.shape() != want_kv {
+                return Err(Error::Shape(format!("V is {:?}, the shape says {want_kv:?}", v.shape())));
+            }
+        }
+        if self.block == 0 {
+            return Err(Error::ZeroSize("block"));
+        }
+        let scale = self.scale.unwrap_or_else(|| shape.default_scale());
+        if !scale.is_finite() {
+            return Err(Error::Shape(format!("scale must be finite, got {scale}")));
+        }
+        let b = self.block as usize;
+        let d = shape.head_dim;
+        let qn = shape.seq_q.div_ceil(b);
+        let kn = shape.seq_kv.div_ceil(b);
+        let geometry = PatternGeometry {
+            block_q: self.block,
+            block_k: self.block,
+            seq_q: u32::try_from(shape.seq_q).map_err(|_| Error::Shape("seq_q too large".into()))?,
+            seq_kv: u32::try_from(shape.seq_kv).map_err(|_| Error::Shape("seq_kv too large".into()))?,
+            slices: u32::try_from(shape.slices()).map_err(|_| Error::Shape("too many slices".into()))?,
+        };
+        // Block means.
+        let mut q_means = Vec::with_capacity(shape.slices() * qn * d);
+        for bi in 0..shape.batch {
+            for h in 0..shape.heads {
+                block_means(&q.slice(ndarray::s![bi, h, .., ..]), b, qn, &mut q_means);
+            }
+        }
+        let mut k_means = Vec::with_capacity(shape.batch * shape.kv_heads * kn * d);
+        let mut v_means = Vec::new();
+        for bi in 0..shape.batch {
+            for h in 0..shape.kv_heads {
+                block_means(&k.slice(ndarray::s![bi, h, .., ..]), b, kn, &mut k_means);
+                if let Some(v) = v {
+                    block_means(&v.slice(ndarray::s![bi, h, .., ..]), b, kn, &mut v_means);
+                }
+            }
+        }
+        let counts: Vec<u32> = (0..kn).map(|j| (((j + 1) * b).min(shape.seq_kv) - j * b) as u32).collect();
+
+        let mut acc = PatternAccumulator::new(geometry)?;
+        let mut rest_ptr = Vec::with_capacity(shape.slices() * qn + 1);
+        rest_ptr.push(0u32);
+        let mut rest_col = Vec::new();
+        let mut rest_logit = Vec::new();
+        let budget = (self.blocks_per_row as usize).saturating_mul(qn);
+        let mut logits = vec![0f32; qn * kn];
+        let mut selected = vec![false; qn * kn];
+        for slice in 0..shape.slices() {
+            let kvs = shape.kv_slice(slice);
+            for i in 0..qn {
+                let qm = &q_means[(slice * qn + i) * d..][..d];
+                for j in 0..kn {
+                    let km = &k_means[(kvs * kn + j) * d..][..d];
+                    let dot: f64 = qm.iter().zip(km).map(|(&a, &c)| a as f64 * c as f64).sum();
+                    logits[i * kn + j] = (scale as f64 * dot) as f32;
+                }
+            }
+            // Priors first, then the best (L_IJ − r_I) until the budget is spent.
+            selected.iter_mut().for_each(|s| *s = false);
+            let mut taken = 0usize;
+            for i in 0..qn {
+                for j in 0..kn {
+                    let band = (i as i64 - j as i64).unsigned_abs() < self.diagonal_band as u64;
+                    let first = self.first_block_prior && (i == 0 || j == 0);
+                    if band || first {
+                        selected[i * kn + j] = true;
+                        taken += 1;
+                    }
+                }
+            }
+            if taken < budget {
+                let mut cand: Vec<(f32, u32)> = Vec::with_capacity(qn * kn - taken);
+                for i in 0..qn {
+                    let row = &logits[i * kn..(i + 1) * kn];
+                    let r = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                    for (j, &l) in row.iter().enumerate() {
+                        if !selected[i * kn + j] {
+                            cand.push((l - r, (i * kn + j) as u32));
+                        }
+                    }
+                }
+                let want = (budget - taken).min(cand.len());
+                let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+                if want > 0 && want < cand.len() {
+                    cand.select_nth_unstable_by(want - 1, order);
+                }
+                for &(_, at) in &cand[..want] {
+                    selected[at as usize] = true;
+                }
+            }
+            for i in 0..qn {
+                acc.push_row((0..kn).filter(|&j| selected[i * kn + j]).map(|j| (j as u32, BlockMask::Full)));
+                for j in 0..kn {
+                    if !selected[i * kn + j] {
+                        rest_col.push(j as u32);
+                        rest_logit.push(logits[i * kn + j]);
+                    }
+                }
+                rest_ptr.push(rest_col.len() as u32);
+            }
+        }
+        let pattern = acc.finish()?;
+        Ok(Mra {
+            pattern,
+            remainder: MraRemainder {
+                block: self.block,
+                shape: *shape,
+                q_blocks: qn as u32,
+                k_blocks: kn as u32,
+                scale,
+                q_means,
+                k_means,
+                v_means,
+                counts,
+                rest_ptr,
+                rest_col,
+                rest_logit,
+            },
+            mode: self.mode,
+        })
+    }
+}
