@@ -382,11 +382,11 @@ impl Engine {
     }
 
     /// The cached pipeline for `key` (compiled on first use).
-    pub(crate) fn kernel_for(&self, key: KernelKey) -> std::sync::Arc<Kernel> {
+    pub(crate) fn kernel_for(&self, key: KernelKey) -> Result<std::sync::Arc<Kernel>> {
         self.kernels.get(&self.device, key)
     }
 
-    fn kernel(&self, kind: KernelKind, plan: &Plan) -> std::sync::Arc<Kernel> {
+    fn kernel(&self, kind: KernelKind, plan: &Plan) -> Result<std::sync::Arc<Kernel>> {
         let d_chunk = if matches!(kind, KernelKind::Spmm | KernelKind::SpmmMra) { plan.d_chunk } else { 0 };
         let fused = if kind.is_fused() { plan.fused } else { None };
         let subgroups = self.caps.subgroups && matches!(kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax | KernelKind::NormalizeSoftmaxMra);
@@ -395,10 +395,11 @@ impl Engine {
     }
 
     /// Compiles every pipeline `plan` needs (so the hot path compiles nothing).
-    pub fn prepare(&self, plan: &Plan) {
+    pub fn prepare(&self, plan: &Plan) -> Result<()> {
         for kind in Self::kinds(plan, false) {
-            self.kernel(kind, plan);
+            self.kernel(kind, plan)?;
         }
+        Ok(())
     }
 
     /// Kernels a plan runs, in order (`mra`: the variants that merge an MRA remainder).
@@ -468,9 +469,9 @@ impl Engine {
         }
         let tile_bytes = (plan.block_q * plan.block_k) as u64 * 4;
         let kinds = Self::kinds(plan, mra.is_some());
-        let sddmm = self.kernel(kinds[0], plan);
-        let normalize = self.kernel(kinds[1], plan);
-        let spmm = self.kernel(kinds[2], plan);
+        let sddmm = self.kernel(kinds[0], plan)?;
+        let normalize = self.kernel(kinds[1], plan)?;
+        let spmm = self.kernel(kinds[2], plan)?;
         for (ci, chunk) in plan.chunks.iter().enumerate() {
             let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("sparse-attn params"),
@@ -549,7 +550,7 @@ impl Engine {
         mut timer: Option<&mut super::timing::PassTimer>,
         mra: Option<&MraBuffers>,
     ) -> Result<()> {
-        let kernel = self.kernel(Self::kinds(plan, mra.is_some())[0], plan);
+        let kernel = self.kernel(Self::kinds(plan, mra.is_some())[0], plan)?;
         for (ci, chunk) in plan.chunks.iter().enumerate() {
             if chunk.fused.is_empty() {
                 continue;
@@ -695,7 +696,7 @@ impl Engine {
         });
         let weights = self.buffer("sparse-attn mra weights", weights_bytes, wgpu::BufferUsages::STORAGE);
         for kind in Self::kinds(&prepared.plan, true) {
-            self.kernel(kind, &prepared.plan);
+            self.kernel(kind, &prepared.plan)?;
         }
         prepared.mra = Some(MraBuffers { rows, weights });
         Ok(prepared)
@@ -721,7 +722,7 @@ impl Engine {
             }
         }
         let plan = self.plan(&shape, pattern, opts)?;
-        self.prepare(&plan);
+        self.prepare(&plan)?;
         let storage = wgpu::BufferUsages::STORAGE;
         let o_elems = (shape.slices() * shape.seq_q * shape.head_dim) as u64;
         let o_bytes = (o_elems * opts.dtype.bytes()).div_ceil(4) * 4;

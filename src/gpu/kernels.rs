@@ -216,9 +216,21 @@ pub struct KernelCache {
 }
 
 impl KernelCache {
-    pub fn get(&self, device: &wgpu::Device, key: KernelKey) -> Arc<Kernel> {
+    /// The pipeline for `key`, compiling it on first use. A shader or pipeline the driver
+    /// rejects is an `Error::Gpu` naming the kernel (not wgpu's default panic).
+    pub fn get(&self, device: &wgpu::Device, key: KernelKey) -> crate::Result<Arc<Kernel>> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(key).or_insert_with(|| Arc::new(compile(device, key))).clone()
+        if let Some(k) = map.get(&key) {
+            return Ok(k.clone());
+        }
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let kernel = compile(device, key);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(crate::Error::Gpu(format!("compiling {} {key:?}: {e}", key.kind.name())));
+        }
+        let kernel = Arc::new(kernel);
+        map.insert(key, kernel.clone());
+        Ok(kernel)
     }
 
     pub fn len(&self) -> usize {

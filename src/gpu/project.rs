@@ -54,7 +54,7 @@ impl Engine {
         let per_row = (dim.max(rank) * 4) as u64;
         let max_grid = limits.max_compute_workgroups_per_dimension as u64;
         let chunk_rows = (max_binding / per_row).min(max_grid * max_grid * 64).max(1) as usize;
-        let kernel = self.kernel_for(KernelKey { kind: KernelKind::Project, dtype: DType::F32, block_q: 16, block_k: 16, d_chunk: 0, fused: None, subgroups: false, vec4: false });
+        let kernel = self.kernel_for(KernelKey { kind: KernelKind::Project, dtype: DType::F32, block_q: 16, block_k: 16, d_chunk: 0, fused: None, subgroups: false, vec4: false })?;
         let storage = |label: &str, data: &[f32]| {
             device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents: bytemuck::cast_slice(data), usage: wgpu::BufferUsages::STORAGE })
         };
