@@ -67,7 +67,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use random::{kmeans, poisson, Alias};
+use random::{poisson, Alias};
+use crate::patterns::sparsefinder::kmeans::kmeans;
 
 /// How many edges to sample.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -219,7 +220,7 @@ impl SbmLayer {
             }
             let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
             rng.set_stream(h as u64);
-            let c = kmeans(&points, d, config.clusters, config.kmeans_iterations, &mut rng);
+            let c = kmeans(&points, d, config.clusters, config.kmeans_iterations, 1, &mut rng);
             let clusters = Array2::from_shape_vec((config.clusters, d), c.into_iter().map(|x| x as f32).collect())
                 .map_err(|e| Error::Shape(format!("sbm clusters: {e}")))?;
             out.push(SbmHead { clusters });

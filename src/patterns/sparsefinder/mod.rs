@@ -49,7 +49,7 @@
 
 mod fit;
 mod gpu;
-mod kmeans;
+pub(crate) mod kmeans;
 mod model;
 mod predict;
 
