@@ -451,3 +451,89 @@ fn pareto_sweeps_sbm_density_and_topk_k() {
         assert!(f(&hi["recall"]) >= f(&lo["recall"]), "{method}: more edges/keys, no less recall");
     }
 }
+
+#[test]
+fn quality_lowrank_pattern_and_full_row_on_the_fixture() {
+    let fx = fixture();
+    let fx = fx.to_str().unwrap();
+    let out = scratch("quality_lowrank");
+    let o = out.to_str().unwrap();
+    let common = ["quality", "--data", fx, "--text", "gpl3", "--layer", "0", "--device", "cpu", "--out", o];
+
+    // No --lowrank-model: fitted on the fixture's other text, cached under --out.
+    ok_json(&[&common[..], &["--method", "lowrank-pattern", "--rank", "8", "--subset", "32", "--density", "0.25"]].concat());
+    let metrics = read_json(&out.join("metrics.json"));
+    recall_in_unit_interval(&metrics);
+    assert_eq!(metrics["config"]["method"], "lowrank-pattern");
+    assert_eq!(metrics["config"]["knob"], "density");
+    assert_eq!(metrics["config"]["value"], "0.25");
+    let fit = &metrics["config"]["lowrank_model"];
+    assert_eq!(fit["source"], "fitted", "{fit}");
+    let fit0 = &fit["fits"][0];
+    assert_eq!(fit0["evaluated_text"], "gpl3");
+    let on: Vec<&str> = fit0["fitted_on_texts"].as_array().expect("fitted_on_texts").iter().map(|t| t.as_str().unwrap()).collect();
+    assert!(!on.is_empty() && !on.contains(&"gpl3"), "fitted on the evaluated text: {on:?}");
+    let cache = PathBuf::from(fit0["cache_file"].as_str().expect("cache_file"));
+    assert!(cache.exists() && cache.starts_with(&out), "cache {}", cache.display());
+    // 256 tokens at block 32: 8 key blocks, density 0.25 keeps 2 per row.
+    assert!(per_head(&metrics, "block_sparsity").iter().all(|&s| (s - 0.75).abs() < 1e-9), "{metrics}");
+
+    // Full-row reconstruction reuses the cached fit (same rank).
+    ok_json(&[&common[..], &["--method", "lowrank", "--rank", "8", "--subset", "32"]].concat());
+    let metrics = read_json(&out.join("metrics.json"));
+    recall_in_unit_interval(&metrics);
+    assert_eq!(metrics["config"]["method"], "lowrank");
+    assert_eq!(metrics["config"]["lowrank_model"]["fits"][0]["loaded_from_cache"], true);
+    assert!(per_head(&metrics, "element_sparsity").iter().all(|&s| (s - (1.0 - 32.0 / 256.0)).abs() < 1e-9));
+    assert!(per_head(&metrics, "output_error").iter().all(|e| e.is_finite()));
+}
+
+#[test]
+fn lowrank_flags_for_the_wrong_method_are_errors() {
+    let fx = fixture();
+    let fx = fx.to_str().unwrap();
+    let dir = scratch("bad_lowrank");
+    let out = dir.to_str().unwrap();
+    bad(&["quality", "--data", fx, "--method", "window", "--rank", "8", "--out", out], "--rank does not apply to --method window");
+    bad(&["quality", "--data", fx, "--method", "lowrank", "--density", "0.25", "--out", out], "--density does not apply to --method lowrank");
+    bad(&["quality", "--data", fx, "--method", "lowrank", "--rank", "16", "--subset", "8", "--out", out], "--subset 8 must be at least --rank 16");
+    bad(&["pareto", "--data", fx, "--methods", "lowrank", "--lowrank-densities", "0.5", "--out", out], "--lowrank-densities applies to method lowrank-pattern");
+    bad(&["pareto", "--data", fx, "--methods", "window", "--lowrank-ranks", "8", "--out", out], "--lowrank-ranks applies to method lowrank");
+    bad(&["quality", "--data", fx, "--method", "lowrank", "--lowrank-model", "/nonexistent/lr.safetensors", "--out", out], "lowrank model");
+}
+
+#[test]
+fn pareto_sweeps_lowrank_rank_subset_and_density() {
+    let fx = fixture();
+    let out = scratch("pareto_lowrank");
+    let j = ok_json(&[
+        "pareto", "--data", fx.to_str().unwrap(), "--texts", "gpl3", "--layers", "0", "--methods", "lowrank,lowrank-pattern", "--lowrank-ranks", "8",
+        "--lowrank-subsets", "32,64", "--lowrank-densities", "0.25,0.5", "--device", "cpu", "--out", out.to_str().unwrap(),
+    ]);
+    let rows = j["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 1 + 2 + 4, "dense + 2 (rank, subset) + 2 x 2 densities");
+    for r in rows {
+        assert!((0.0..=1.0).contains(&f(&r["recall"])), "{r}");
+    }
+    let lo = rows.iter().find(|r| r["method"] == "lowrank-pattern" && r["variant"] == "r8-m64" && r["value"] == "0.25").expect("d=0.25");
+    let hi = rows.iter().find(|r| r["method"] == "lowrank-pattern" && r["variant"] == "r8-m64" && r["value"] == "0.5").expect("d=0.5");
+    assert!(f(&hi["recall"]) >= f(&lo["recall"]), "denser pattern, no less recall");
+    assert_eq!(j["config"]["lowrank_model"]["source"], "fitted");
+}
+
+#[test]
+fn quality_lowrank_on_the_gpu_matches_its_cpu_reference() {
+    if !gpu() {
+        return;
+    }
+    let fx = fixture();
+    let out = scratch("quality_lowrank_gpu");
+    ok_json(&[
+        "quality", "--data", fx.to_str().unwrap(), "--text", "gpl3", "--layer", "0", "--method", "lowrank", "--rank", "8", "--subset", "32",
+        "--repeats", "1", "--out", out.to_str().unwrap(),
+    ]);
+    let metrics = read_json(&out.join("metrics.json"));
+    recall_in_unit_interval(&metrics);
+    let err = f(&metrics["summary"]["max_abs_error_vs_reference"]);
+    assert!(err < 1e-3, "GPU low-rank vs CPU reference: {err}");
+}

@@ -72,6 +72,8 @@ pub fn select_layers(data: &AttentionData, flag: Option<&str>) -> BResult<Vec<(u
 
 /// One (text, layer) of the data with its ground truth.
 pub struct LayerCase {
+    /// Text of the data file.
+    pub text: String,
     /// Stored layer index in the file.
     pub layer_index: usize,
     pub q: Array4<f32>,
@@ -109,7 +111,7 @@ impl LayerCase {
             None => None,
         };
         let exact_ms = crate::common::ms_since(t);
-        Ok(Self { layer_index, q, k, v, shape, gold, exact, gold_ms, exact_ms })
+        Ok(Self { text: text.to_string(), layer_index, q, k, v, shape, gold, exact, gold_ms, exact_ms })
     }
 
     /// Mean exact entmax-1.5 support per query, over heads.

@@ -69,7 +69,7 @@ impl Evaluation {
 }
 
 pub fn build(case: &LayerCase, method: &Method, block: u32, models: &Models) -> BResult<(BlockPattern, f64)> {
-    let input = BuildInput { q: &case.q, k: &case.k, shape: case.shape, block, layer_index: case.layer_index, models };
+    let input = BuildInput { q: &case.q, k: &case.k, shape: case.shape, block, layer_index: case.layer_index, text: &case.text, models };
     let t = Instant::now();
     let pattern = method.build(&input).map_err(|e| BenchError::from(e).context(format!("building {}", method.label())))?;
     Ok((pattern, ms_since(t)))
@@ -90,6 +90,9 @@ fn cpu_support(case: &LayerCase, pattern: &BlockPattern, normalizer: Normalizer)
 }
 
 pub fn evaluate(case: &LayerCase, method: &Method, block: u32, models: &Models, runner: &Runner<'_>, extras: Extras) -> BResult<Evaluation> {
+    if let Method::LowRank { rank, subset } = *method {
+        return evaluate_lowrank(case, rank, subset, block, models, runner, extras.reference).map_err(|e| e.context(method.label()));
+    }
     let (pattern, build_ms) = build(case, method, block, models)?;
     evaluate_pattern(case, &pattern, build_ms, runner, extras).map_err(|e| e.context(method.label()))
 }
@@ -156,5 +159,97 @@ pub fn evaluate_pattern(case: &LayerCase, pattern: &BlockPattern, build_ms: f64,
         max_abs_error_vs_reference,
         stored_blocks: pattern.nnz(),
         pattern_slices: pattern.slices(),
+    })
+}
+
+/// Full-row low-rank reconstruction (`Method::LowRank`): no block pattern, so the measures mean:
+/// - `recall`: share of the exact entmax-1.5 support where entmax-1.5 of the *reconstructed* score
+///   row is positive (the support the reconstruction predicts, whatever the run's normaliser);
+/// - `element_sparsity`: 1 − m/n, the share of scores not computed exactly;
+/// - `block_sparsity`: 1 − (key blocks holding a subset position)/(key blocks), at `block`;
+/// - `output_error`: O = normaliser(reconstructed row)·V against exact dense attention;
+/// - `mean_support`: keys with p > 0 per query of entmax-1.5 over the reconstructed row.
+/// `build_ms` is the plan (subset operator) time; attention runs the GPU low-rank kernels (f32,
+/// wall clock) or the CPU f64 reference.
+/// With `reference`, also the max |O − O_ref| against the CPU f64 low-rank reference.
+pub fn evaluate_lowrank(case: &LayerCase, rank: usize, subset: usize, block: u32, models: &Models, runner: &Runner<'_>, reference: bool) -> BResult<Evaluation> {
+    use sparse_attn::lowrank::{self, GpuLowRank, LowRankConfig};
+    let normalizer = runner.normalizer();
+    let model = models.lowrank.as_ref().ok_or_else(|| BenchError::runtime("lowrank needs a model (none was loaded)"))?.for_text(&case.text)?;
+    let n = case.shape.seq_kv;
+    let t = Instant::now();
+    let plan = model.plan(&LowRankConfig::new(rank, subset), n)?;
+    let build_ms = ms_since(t);
+    let (q, k, v) = (case.q.view(), case.k.view(), case.v.view());
+    let (o, scores, attention_ms, timer) = match runner {
+        Runner::Gpu { engine, warmup, repeats, .. } => {
+            let gpu = GpuLowRank::new(engine)?;
+            for _ in 0..*warmup {
+                gpu.attention(engine, &plan, &q, &k, &v, normalizer, false)?;
+            }
+            let mut times = Vec::new();
+            for _ in 0..(*repeats).max(1) {
+                let t = Instant::now();
+                gpu.attention(engine, &plan, &q, &k, &v, normalizer, false)?;
+                times.push(ms_since(t));
+            }
+            times.sort_by(f64::total_cmp);
+            let out = gpu.attention(engine, &plan, &q, &k, &v, normalizer, true)?;
+            let scores = out.scores.ok_or_else(|| BenchError::runtime("lowrank GPU: no scores read back"))?;
+            (out.o, scores, times[times.len() / 2], "wall-clock")
+        }
+        Runner::Cpu { normalizer } => {
+            let t = Instant::now();
+            let o = lowrank::attention(&plan, &q, &k, &v, *normalizer)?;
+            let ms = ms_since(t);
+            (o, lowrank::reconstruct_scores(&plan, &q, &k)?, ms, "cpu-reference")
+        }
+    };
+    let max_abs_error_vs_reference = if reference {
+        let want = lowrank::attention(&plan, &q, &k, &v, normalizer)?;
+        Some(o.iter().zip(want.iter()).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max))
+    } else {
+        None
+    };
+    let b = block as usize;
+    let k_blocks = n.div_ceil(b);
+    let mut subset_blocks: Vec<usize> = plan.subset().iter().map(|&j| j / b).collect();
+    subset_blocks.dedup();
+    let block_sparsity = 1.0 - subset_blocks.len() as f64 / k_blocks as f64;
+    let element_sparsity = 1.0 - plan.subset().len() as f64 / n as f64;
+    let heads = (0..case.shape.heads)
+        .map(|h| {
+            let gold = &case.gold[h];
+            let (mut hit, mut support) = (0usize, 0usize);
+            for i in 0..case.shape.seq_q {
+                let row: Vec<f64> = scores.slice(ndarray::s![0, h, i, ..]).iter().map(|&x| x as f64).collect();
+                let p = reference::entmax15(&row);
+                support += p.iter().filter(|&&x| x > 0.0).count();
+                hit += gold.row(i).iter().filter(|&&j| p[j as usize] > 0.0).count();
+            }
+            let output_error = match &case.exact {
+                Some(exact) => output_error(&o.index_axis(Axis(0), 0).index_axis(Axis(0), h), &exact.index_axis(Axis(0), 0).index_axis(Axis(0), h)),
+                None => f64::NAN,
+            };
+            HeadMetrics {
+                recall: if gold.total() == 0 { 1.0 } else { hit as f64 / gold.total() as f64 },
+                element_sparsity,
+                block_sparsity,
+                output_error,
+                mean_support: Some(support as f64 / case.shape.seq_q.max(1) as f64),
+                gold_mean_support: gold.mean_support(),
+            }
+        })
+        .collect();
+    Ok(Evaluation {
+        heads,
+        build_ms,
+        attention_ms,
+        timer,
+        stage_ms: Default::default(),
+        o,
+        max_abs_error_vs_reference,
+        stored_blocks: 0,
+        pattern_slices: 0,
     })
 }

@@ -12,6 +12,8 @@ use sparse_attn::patterns::sparsefinder::{Sparsefinder, SparsefinderModel, Thres
 use sparse_attn::patterns::topk::{LinearScorerModel, Scorer, TopK};
 use sparse_attn::patterns::{Dense, GlobalTokens, RandomBlocks, Window};
 use sparse_attn::{AttentionShape, BlockPattern};
+use sparse_attn::lowrank::{LowRankConfig, LowRankFitter, LowRankModel, LowRankPattern};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Method names as the CLI spells them.
@@ -32,6 +34,13 @@ pub enum MethodName {
     /// Top-k token selection (Pietruszka et al. 2022): the k best-scored keys plus a window and
     /// first/last tokens.
     Topk,
+    /// Low-rank reconstruction (Bhojanapalli et al. 2021): `--subset` exact scores per query, the
+    /// rest of the row estimated in a fitted rank-`--rank` eigenbasis; full-row attention (no
+    /// block pattern).
+    Lowrank,
+    /// Low-rank pattern predictor: the key blocks where the reconstructed rows hold the most mass,
+    /// at block density `--density`, then computed exactly by the engine.
+    LowrankPattern,
 }
 
 impl MethodName {
@@ -44,6 +53,8 @@ impl MethodName {
             MethodName::Sparsefinder => "sparsefinder",
             MethodName::Sbm => "sbm",
             MethodName::Topk => "topk",
+            MethodName::Lowrank => "lowrank",
+            MethodName::LowrankPattern => "lowrank-pattern",
         }
     }
 
@@ -90,6 +101,14 @@ pub fn spec(name: MethodName) -> MethodSpec {
             quality_flags: &["--k", "--window", "--first", "--last", "--scorer"],
             sweep_flags: &["--topk-ks", "--topk-window", "--topk-scorer"],
         },
+        MethodName::Lowrank => MethodSpec {
+            quality_flags: &["--rank", "--subset", "--lowrank-model"],
+            sweep_flags: &["--lowrank-ranks", "--lowrank-subsets", "--lowrank-model"],
+        },
+        MethodName::LowrankPattern => MethodSpec {
+            quality_flags: &["--rank", "--subset", "--density", "--lowrank-model"],
+            sweep_flags: &["--lowrank-ranks", "--lowrank-subsets", "--lowrank-densities", "--lowrank-model"],
+        },
     }
 }
 
@@ -114,7 +133,8 @@ pub struct MethodFlags {
     /// global, topk: trailing tokens every query sees (and, for global, that see every key) [default: 1]
     #[arg(long, value_name = "N", help_heading = "Method flags")]
     pub last: Option<u32>,
-    /// random: block density in [0, 1] [default: 0.25]
+    /// random: block density in [0, 1]; lowrank-pattern: share of key blocks kept per query-block
+    /// row, in (0, 1] [default: 0.25]
     #[arg(long, value_name = "D", help_heading = "Method flags")]
     pub density: Option<f64>,
     /// sparsefinder: how pairs are predicted [default: distance]
@@ -160,6 +180,18 @@ pub struct MethodFlags {
     /// sparse-attn-topk-linear) [default: the training-free mean-query scorer]
     #[arg(long, value_name = "FILE", help_heading = "Method flags")]
     pub scorer: Option<PathBuf>,
+    /// lowrank, lowrank-pattern: principal directions used (at most the model's rank) [default: 32]
+    #[arg(long, value_name = "R", help_heading = "Method flags")]
+    pub rank: Option<usize>,
+    /// lowrank, lowrank-pattern: exact scores per query row, m >= rank (the first 2 tokens plus
+    /// evenly spaced positions) [default: 64]
+    #[arg(long, value_name = "M", help_heading = "Method flags")]
+    pub subset: Option<usize>,
+    /// lowrank, lowrank-pattern: fitted model (safetensors from sparse_attn::lowrank) [default: fit
+    /// one on every layer and head of the data file's other texts than the evaluated one, cached
+    /// under --out]
+    #[arg(long, value_name = "FILE", help_heading = "Method flags")]
+    pub lowrank_model: Option<PathBuf>,
 }
 
 impl MethodFlags {
@@ -187,6 +219,9 @@ impl MethodFlags {
         add(self.k.is_some(), "--k");
         add(self.window.is_some(), "--window");
         add(self.scorer.is_some(), "--scorer");
+        add(self.rank.is_some(), "--rank");
+        add(self.subset.is_some(), "--subset");
+        add(self.lowrank_model.is_some(), "--lowrank-model");
         v
     }
 }
@@ -211,6 +246,10 @@ pub enum Method {
     /// `clusters` applies to [`SbmInit::Keys`] only; `seed` seeds k-means and the sampler.
     Sbm { density: Density, clusters: usize, seed: u64, init: SbmInit },
     TopK { k: usize, window: u32, first: u32, last: u32, scorer: TopkScorer },
+    /// Full-row low-rank reconstruction (evaluated by `eval::evaluate_lowrank`, not a pattern).
+    LowRank { rank: usize, subset: usize },
+    /// Block pattern predicted from the reconstructed rows.
+    LowRankPattern { rank: usize, subset: usize, density: f64 },
 }
 
 /// Where the SBM parameters come from.
@@ -238,14 +277,125 @@ pub struct Models {
     pub sparsefinder: Option<SparsefinderModel>,
     pub sbm: Option<SbmModel>,
     pub topk: Option<LinearScorerModel>,
+    pub lowrank: Option<LowRankModels>,
 }
 
-/// Model files given on the command line (`None` = the default, where there is one).
+/// Model files given on the command line (`None` = the default, where there is one), plus what
+/// a default low-rank fit needs: the texts the run evaluates and where to cache fits.
 #[derive(Clone, Copy, Default)]
 pub struct ModelFiles<'a> {
     pub sparsefinder: Option<&'a Path>,
     pub sbm: Option<&'a Path>,
     pub topk: Option<&'a Path>,
+    pub lowrank: Option<&'a Path>,
+    pub texts: &'a [String],
+    pub cache_dir: Option<&'a Path>,
+}
+
+/// The low-rank model used for each evaluated text: a given file (same model for every text), or
+/// one fitted per evaluated text on the data file's other texts (leave-one-text-out).
+pub struct LowRankModels {
+    by_text: BTreeMap<String, LowRankModel>,
+    /// What each model was fitted on (metrics.json / pareto.json `lowrank_model`).
+    pub info: serde_json::Value,
+}
+
+impl LowRankModels {
+    pub fn for_text(&self, text: &str) -> sparse_attn::Result<&LowRankModel> {
+        self.by_text.get(text).ok_or_else(|| sparse_attn::Error::Unsupported(format!("lowrank: no model for text `{text}` (none was loaded or fitted)")))
+    }
+}
+
+/// Calibration rows at most fitted per model (every `row_stride`-th query keeps it near this).
+const LOWRANK_FIT_ROWS: usize = 32768;
+
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+fn load_lowrank(methods: &[Method], files: ModelFiles<'_>, data: &sparse_attn::data::AttentionData) -> BResult<Option<LowRankModels>> {
+    let ranks: Vec<usize> = methods
+        .iter()
+        .filter_map(|m| match *m {
+            Method::LowRank { rank, .. } | Method::LowRankPattern { rank, .. } => Some(rank),
+            _ => None,
+        })
+        .collect();
+    let Some(&max_rank) = ranks.iter().max() else { return Ok(None) };
+    let seq = data.seq();
+    if let Some(path) = files.lowrank {
+        let model = LowRankModel::load(path).map_err(|e| BenchError::from(e).context(format!("lowrank model `{}`", path.display())))?;
+        let basis = model.basis(seq).map_err(|e| BenchError::input(format!("lowrank model `{}` does not fit data `{}`: {e}", path.display(), data.path().display())))?;
+        if basis.rank < max_rank {
+            return Err(BenchError::input(format!("lowrank model `{}` has rank {}, but rank {max_rank} was asked for", path.display(), basis.rank)));
+        }
+        let info = serde_json::json!({
+            "source": "file", "file": path.display().to_string(), "rank": basis.rank, "rows": basis.rows, "lengths": model.lengths(),
+            "fitted_on": "unknown (a given model file; its fit data is not recorded by this run)",
+        });
+        let by_text = files.texts.iter().map(|t| (t.clone(), model.clone())).collect();
+        return Ok(Some(LowRankModels { by_text, info }));
+    }
+    let all = data.texts();
+    let layers = data.layers();
+    let mut by_text = BTreeMap::new();
+    let mut fits = Vec::new();
+    for text in files.texts {
+        let train: Vec<&String> = all.iter().filter(|t| *t != text).collect();
+        if train.is_empty() {
+            return Err(BenchError::input(format!(
+                "lowrank: data `{}` has only the evaluated text `{text}`, nothing to fit on without it (pass --lowrank-model FILE)",
+                data.path().display()
+            )));
+        }
+        let total_rows = train.len() * layers * data.heads() * seq;
+        let row_stride = total_rows.div_ceil(LOWRANK_FIT_ROWS).max(1);
+        let stem = data.path().file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let name = format!("lowrank_{}_without-{}_r{max_rank}_stride{row_stride}.safetensors", sanitize(&stem), sanitize(text));
+        let cache = files.cache_dir.map(|d| d.join(&name));
+        let cached = cache.as_ref().filter(|p| p.exists()).and_then(|p| LowRankModel::load(p).ok()).filter(|m| m.basis(seq).is_ok_and(|b| b.rank >= max_rank));
+        let t = std::time::Instant::now();
+        let from_cache = cached.is_some();
+        let model = match cached {
+            Some(m) => m,
+            None => {
+                let mut fitter = LowRankFitter::new(max_rank)?;
+                for tr in &train {
+                    for l in 0..layers {
+                        let (q, k, _) = data.layer(tr, l)?;
+                        fitter.add_scores(&q.view(), &k.view(), row_stride)?;
+                    }
+                }
+                let m = fitter.finish().map_err(|e| BenchError::from(e).context(format!("fitting the lowrank model without text {text}")))?;
+                if let Some(p) = &cache {
+                    m.save(p).map_err(|e| BenchError::from(e).context(format!("caching the lowrank model to `{}`", p.display())))?;
+                }
+                m
+            }
+        };
+        let basis = model.basis(seq)?;
+        fits.push(serde_json::json!({
+            "evaluated_text": text,
+            "fitted_on_texts": train,
+            "fitted_on_layers": data.layer_ids(),
+            "heads": "all",
+            "row_stride": row_stride,
+            "rows": basis.rows,
+            "rank": basis.rank,
+            "explained_variance_at_rank": basis.explained_variance(max_rank),
+            "cache_file": cache.as_ref().map(|p| p.display().to_string()),
+            "loaded_from_cache": from_cache,
+            "ms": crate::common::ms_since(t),
+        }));
+        by_text.insert(text.clone(), model);
+    }
+    let info = serde_json::json!({
+        "source": "fitted",
+        "data": data.path().display().to_string(),
+        "how": "leave-one-text-out: for each evaluated text, a model fitted on the score rows (scale/sqrt(d) q.k) of every layer and head of the data file's other texts, every row_stride-th query",
+        "fits": fits,
+    });
+    Ok(Some(LowRankModels { by_text, info }))
 }
 
 impl Models {
@@ -288,6 +438,7 @@ impl Models {
             }
             m.topk = Some(model);
         }
+        m.lowrank = load_lowrank(methods, files, data)?;
         Ok(m)
     }
 }
@@ -300,6 +451,8 @@ pub struct BuildInput<'a> {
     pub block: u32,
     /// Stored layer index in the data file (learned methods pick their per-layer model by it).
     pub layer_index: usize,
+    /// Text of the data file (low-rank picks its leave-one-out model by it).
+    pub text: &'a str,
     pub models: &'a Models,
 }
 
@@ -313,6 +466,8 @@ impl Method {
             Method::Sparsefinder { .. } => MethodName::Sparsefinder,
             Method::Sbm { .. } => MethodName::Sbm,
             Method::TopK { .. } => MethodName::Topk,
+            Method::LowRank { .. } => MethodName::Lowrank,
+            Method::LowRankPattern { .. } => MethodName::LowrankPattern,
         }
     }
 
@@ -345,6 +500,8 @@ impl Method {
                 };
                 (variant.into(), "k".into(), k.to_string())
             }
+            Method::LowRank { rank, subset } => ("full-row".into(), "rank/subset".into(), format!("{rank}/{subset}")),
+            Method::LowRankPattern { rank, subset, density } => (format!("r{rank}-m{subset}"), "density".into(), format!("{density}")),
         }
     }
 
@@ -353,7 +510,7 @@ impl Method {
         let (variant, knob, value) = self.describe();
         match self {
             Method::Dense => "dense".into(),
-            Method::Sparsefinder { .. } => format!("sparsefinder-{variant}({knob}={value})"),
+            Method::Sparsefinder { .. } | Method::LowRankPattern { .. } => format!("{}-{variant}({knob}={value})", self.name().as_str()),
             _ => format!("{}({knob}={value})", self.name().as_str()),
         }
     }
@@ -364,6 +521,7 @@ impl Method {
             Method::Sparsefinder { variant } => format!("sparsefinder-{}", variant.name()),
             Method::Sbm { init: SbmInit::Model, .. } => "sbm-model".into(),
             Method::TopK { scorer: TopkScorer::Linear, .. } => "topk-linear".into(),
+            Method::LowRankPattern { rank, subset, .. } => format!("lowrank-pattern-r{rank}-m{subset}"),
             _ => self.name().as_str().into(),
         }
     }
@@ -375,6 +533,8 @@ impl Method {
             Method::Window { width } => format!("w={width}"),
             Method::Sbm { density: Density::EdgesPerQuery(e), .. } => format!("e={e}"),
             Method::TopK { k, .. } => format!("k={k}"),
+            Method::LowRank { rank, subset } => format!("r={rank},m={subset}"),
+            Method::LowRankPattern { density, .. } => format!("d={density}"),
             _ => self.describe().2,
         }
     }
@@ -419,6 +579,12 @@ impl Method {
                         .scorer(input.layer_index)?,
                 };
                 TopK { k, window, first, last, block_q: b, block_k: b }.build(&input.q.view(), &input.k.view(), &scorer)
+            }
+            Method::LowRank { .. } => Err(sparse_attn::Error::Unsupported("lowrank (full-row reconstruction) builds no block pattern; use lowrank-pattern".into())),
+            Method::LowRankPattern { rank, subset, density } => {
+                let models = input.models.lowrank.as_ref().ok_or_else(|| sparse_attn::Error::Unsupported("lowrank-pattern needs a model (none was loaded)".into()))?;
+                let plan = models.for_text(input.text)?.plan(&LowRankConfig::new(rank, subset), input.shape.seq_kv)?;
+                LowRankPattern::new(density).with_blocks(b, b).build(&plan, &input.q.view(), &input.k.view())
             }
         }
     }
@@ -510,6 +676,14 @@ pub fn from_flags(name: MethodName, f: &MethodFlags, seed: u64) -> BResult<Metho
             last: f.last.unwrap_or(1),
             scorer: if f.scorer.is_some() { TopkScorer::Linear } else { TopkScorer::MeanQuery },
         },
+        MethodName::Lowrank => {
+            let (rank, subset) = check_rank_subset("--rank", "--subset", f.rank.unwrap_or(DEFAULT_LOWRANK_RANK), f.subset.unwrap_or(DEFAULT_LOWRANK_SUBSET))?;
+            Method::LowRank { rank, subset }
+        }
+        MethodName::LowrankPattern => {
+            let (rank, subset) = check_rank_subset("--rank", "--subset", f.rank.unwrap_or(DEFAULT_LOWRANK_RANK), f.subset.unwrap_or(DEFAULT_LOWRANK_SUBSET))?;
+            Method::LowRankPattern { rank, subset, density: check_density("--density", f.density.unwrap_or(0.25))? }
+        }
     })
 }
 
@@ -517,6 +691,26 @@ const DEFAULT_SBM_EDGES: f64 = 32.0;
 const DEFAULT_SBM_CLUSTERS: usize = 128;
 const DEFAULT_TOPK_K: usize = 64;
 const DEFAULT_TOPK_WINDOW: u32 = 11;
+const DEFAULT_LOWRANK_RANK: usize = 32;
+const DEFAULT_LOWRANK_SUBSET: usize = 64;
+
+fn check_rank_subset(rank_flag: &str, subset_flag: &str, rank: usize, subset: usize) -> BResult<(usize, usize)> {
+    if rank == 0 {
+        return Err(BenchError::input(format!("{rank_flag} must be at least 1")));
+    }
+    if subset < rank {
+        return Err(BenchError::input(format!("{subset_flag} {subset} must be at least {rank_flag} {rank}")));
+    }
+    Ok((rank, subset))
+}
+
+fn check_density(flag: &str, d: f64) -> BResult<f64> {
+    if d > 0.0 && d <= 1.0 {
+        Ok(d)
+    } else {
+        Err(BenchError::input(format!("{flag} {d}: must lie in (0, 1]")))
+    }
+}
 
 fn check_nonneg(flag: &str, x: f64) -> BResult<f64> {
     if x.is_finite() && x >= 0.0 {
@@ -581,6 +775,20 @@ pub struct SweepFlags {
     /// topk: linear scorer (JSON) instead of the training-free mean-query scorer
     #[arg(long, value_name = "FILE", help_heading = "Sweeps")]
     pub topk_scorer: Option<PathBuf>,
+    /// lowrank, lowrank-pattern: ranks swept [default: 8,16,32]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub lowrank_ranks: Option<String>,
+    /// lowrank, lowrank-pattern: exact scores per row swept (pairs with subset < rank are skipped)
+    /// [default: 32,64,128]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub lowrank_subsets: Option<String>,
+    /// lowrank-pattern: block densities swept [default: 0.125,0.25,0.5]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub lowrank_densities: Option<String>,
+    /// lowrank, lowrank-pattern: fitted model (safetensors) [default: fit one per evaluated text on
+    /// every layer and head of the data file's other texts, cached under --out]
+    #[arg(long, value_name = "FILE", help_heading = "Sweeps")]
+    pub lowrank_model: Option<PathBuf>,
 }
 
 impl SweepFlags {
@@ -602,6 +810,10 @@ impl SweepFlags {
             (self.topk_ks.is_some(), "--topk-ks"),
             (self.topk_window.is_some(), "--topk-window"),
             (self.topk_scorer.is_some(), "--topk-scorer"),
+            (self.lowrank_ranks.is_some(), "--lowrank-ranks"),
+            (self.lowrank_subsets.is_some(), "--lowrank-subsets"),
+            (self.lowrank_densities.is_some(), "--lowrank-densities"),
+            (self.lowrank_model.is_some(), "--lowrank-model"),
         ] {
             if set {
                 v.push(name);
@@ -699,6 +911,34 @@ pub fn sweep(name: MethodName, f: &SweepFlags, seed: u64) -> BResult<Vec<Method>
             let window = f.topk_window.unwrap_or(DEFAULT_TOPK_WINDOW);
             ints("--topk-ks", &f.topk_ks, "8,16,32,64,128")?.into_iter().map(|k| Method::TopK { k, window, first: 1, last: 1, scorer }).collect()
         }
+        MethodName::Lowrank | MethodName::LowrankPattern => {
+            let ranks = ints("--lowrank-ranks", &f.lowrank_ranks, "8,16,32")?;
+            let subsets = ints("--lowrank-subsets", &f.lowrank_subsets, "32,64,128")?;
+            let densities = match name {
+                MethodName::LowrankPattern => list("--lowrank-densities", &f.lowrank_densities, "0.125,0.25,0.5")?
+                    .into_iter()
+                    .map(|d| check_density("--lowrank-densities", d))
+                    .collect::<BResult<Vec<_>>>()?,
+                _ => vec![],
+            };
+            let mut out = Vec::new();
+            for &rank in &ranks {
+                if rank == 0 {
+                    return Err(BenchError::input("--lowrank-ranks: a rank must be at least 1"));
+                }
+                for &subset in subsets.iter().filter(|&&m| m >= rank) {
+                    if name == MethodName::Lowrank {
+                        out.push(Method::LowRank { rank, subset });
+                    } else {
+                        out.extend(densities.iter().map(|&density| Method::LowRankPattern { rank, subset, density }));
+                    }
+                }
+            }
+            if out.is_empty() {
+                return Err(BenchError::input("--lowrank-subsets: no subset is at least a swept rank (--lowrank-ranks)"));
+            }
+            out
+        }
     })
 }
 
@@ -731,6 +971,9 @@ pub fn for_density(name: MethodName, density: f64, seq: usize, block: u32, seed:
         }),
         MethodName::Topk => {
             Ok(Method::TopK { k: ((density * seq as f64).round() as usize).max(1), window: 0, first: 0, last: 0, scorer: TopkScorer::MeanQuery })
+        }
+        MethodName::Lowrank | MethodName::LowrankPattern => {
+            Err("lowrank needs a basis fitted on real Q/K; speed runs on synthetic data (use pareto/quality for it)".into())
         }
     }
 }

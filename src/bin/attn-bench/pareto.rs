@@ -21,7 +21,7 @@ pub struct ParetoArgs {
     /// when present, else the bundled fixture]
     #[arg(long, value_name = "FILE")]
     pub data: Option<PathBuf>,
-    /// Methods swept, comma-separated (dense, window, global, random, sparsefinder, sbm, topk); dense is
+    /// Methods swept, comma-separated (dense, window, global, random, sparsefinder, sbm, topk, lowrank, lowrank-pattern); dense is
     /// added as the reference point unless --no-dense
     #[arg(long, value_name = "LIST", default_value = "window")]
     pub methods: String,
@@ -110,18 +110,21 @@ pub fn run(g: &Globals, a: &ParetoArgs) -> BResult<()> {
             a.max_cells
         )));
     }
+    let out = a.out.clone().unwrap_or_else(|| default_out("pareto"));
+    create_out_dir(&out)?;
     let files = methods::ModelFiles {
         sparsefinder: a.sweep.sparsefinder_model.as_deref(),
         sbm: a.sweep.sbm_model.as_deref(),
         topk: a.sweep.topk_scorer.as_deref(),
+        lowrank: a.sweep.lowrank_model.as_deref(),
+        texts: &texts,
+        cache_dir: Some(&out),
     };
     let models = methods::Models::load(&sweep, files, &data)?;
     let engine = match a.device {
         DeviceArg::Gpu => Some(g.engine()?),
         DeviceArg::Cpu => None,
     };
-    let out = a.out.clone().unwrap_or_else(|| default_out("pareto"));
-    create_out_dir(&out)?;
     let prov = Provenance::new(engine.as_ref(), if engine.is_some() { "gpu" } else { "cpu" }, dtype.label(), a.seed).with_data(&data);
     let runner = match &engine {
         Some(e) => Runner::Gpu { engine: e, opts: AttentionOptions { normalizer, dtype, path, ..Default::default() }, warmup: 1, repeats: a.repeats },
@@ -310,6 +313,7 @@ pub fn run(g: &Globals, a: &ParetoArgs) -> BResult<()> {
             "sparsefinder_model": models.sparsefinder.as_ref().map(|_| a.sweep.sparsefinder_model.clone().unwrap_or_else(sparse_attn::patterns::sparsefinder::SparsefinderModel::shipped_path).display().to_string()),
             "sbm_model": models.sbm.as_ref().and(a.sweep.sbm_model.as_ref()).map(|p| p.display().to_string()),
             "topk_scorer": models.topk.as_ref().and(a.sweep.topk_scorer.as_ref()).map(|p| p.display().to_string()),
+            "lowrank_model": models.lowrank.as_ref().map(|l| l.info.clone()),
         },
         "columns": PARETO_COLUMNS.split(',').collect::<Vec<_>>(),
         "rows": rows,
@@ -321,6 +325,8 @@ pub fn run(g: &Globals, a: &ParetoArgs) -> BResult<()> {
             "recall": "share of the exact entmax-1.5 support (dense scores, CPU f64) inside the pattern",
             "output_error": "||O - O_exact||_F / ||O_exact||_F per head; O_exact = exact dense attention with the run's normaliser (CPU f64)",
             "attention_ms": "median time of one call over all heads of a layer",
+            "lowrank": crate::quality::LOWRANK_NOTE,
+            "lowrank_pattern": "lowrank-pattern: block pattern from the reconstructed rows (variant rR-mM = rank R, M exact scores per row), computed exactly by the engine like any pattern; its build_ms includes the subset scores and reconstruction on the CPU",
         },
         "files": {"csv": csv_path.display().to_string(), "svg": svgs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>()},
     });

@@ -2,7 +2,7 @@
 
 use crate::common::*;
 use crate::dataset::{self, LayerCase};
-use crate::eval::{evaluate_pattern, Extras, Runner};
+use crate::eval::{evaluate, Extras, Runner};
 use crate::methods::{self, MethodFlags, MethodName};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -81,23 +81,29 @@ pub fn run(g: &Globals, a: &QualityArgs) -> BResult<()> {
     };
     let layer_index = dataset::layer_index(&data, a.layer)?;
     let f = &a.method_flags;
-    let files = methods::ModelFiles { sparsefinder: f.model.as_deref(), sbm: f.sbm_model.as_deref(), topk: f.scorer.as_deref() };
+    let out = a.out.clone().unwrap_or_else(|| default_out("quality"));
+    create_out_dir(&out)?;
+    let texts = [text.clone()];
+    let files = methods::ModelFiles {
+        sparsefinder: f.model.as_deref(),
+        sbm: f.sbm_model.as_deref(),
+        topk: f.scorer.as_deref(),
+        lowrank: f.lowrank_model.as_deref(),
+        texts: &texts,
+        cache_dir: Some(&out),
+    };
     let models = methods::Models::load(std::slice::from_ref(&method), files, &data)?;
     let engine = match a.device {
         DeviceArg::Gpu => Some(g.engine()?),
         DeviceArg::Cpu => None,
     };
-    let out = a.out.clone().unwrap_or_else(|| default_out("quality"));
-    create_out_dir(&out)?;
 
     let case = LayerCase::load(&data, &text, layer_index, Some(normalizer))?;
-    let (pattern, build_ms) = crate::eval::build(&case, &method, a.block, &models)?;
     let runner = match &engine {
         Some(e) => Runner::Gpu { engine: e, opts: AttentionOptions { normalizer, dtype, path, ..Default::default() }, warmup: 1, repeats: a.repeats },
         None => Runner::Cpu { normalizer },
     };
-    let ev = evaluate_pattern(&case, &pattern, build_ms, &runner, Extras { support: true, reference: engine.is_some() })
-        .map_err(|e| e.context(method.label()))?;
+    let ev = evaluate(&case, &method, a.block, &models, &runner, Extras { support: true, reference: engine.is_some() })?;
 
     let prov = Provenance::new(engine.as_ref(), if engine.is_some() { "gpu" } else { "cpu" }, dtype.label(), a.seed).with_data(&data);
     let heads = case.shape.heads as f64;
@@ -121,7 +127,7 @@ pub fn run(g: &Globals, a: &QualityArgs) -> BResult<()> {
             })
         })
         .collect();
-    let model_file = [&a.method_flags.model, &a.method_flags.sbm_model, &a.method_flags.scorer].into_iter().flatten().next().map(|p| p.display().to_string());
+    let model_file = [&a.method_flags.model, &a.method_flags.sbm_model, &a.method_flags.scorer, &a.method_flags.lowrank_model].into_iter().flatten().next().map(|p| p.display().to_string());
     let summary = json!({
         "recall": ev.mean_of(|m| m.recall),
         "element_sparsity": ev.mean_of(|m| m.element_sparsity),
@@ -152,6 +158,7 @@ pub fn run(g: &Globals, a: &QualityArgs) -> BResult<()> {
             "label": method.label(),
             "params": format!("{method:?}"),
             "model_file": model_file,
+            "lowrank_model": models.lowrank.as_ref().map(|l| l.info.clone()),
             "normalizer": normalizer.label(),
             "gold_alpha": dataset::GOLD_ALPHA,
             "device": if engine.is_some() { "gpu" } else { "cpu" },
@@ -173,6 +180,9 @@ pub fn run(g: &Globals, a: &QualityArgs) -> BResult<()> {
         },
         "files": {"metrics": metrics_path.display().to_string()},
     });
+    if matches!(method, methods::Method::LowRank { .. }) {
+        report["notes"]["lowrank"] = json!(LOWRANK_NOTE);
+    }
     if a.dump_output {
         let o_path = out.join("output.safetensors");
         write_output(&o_path, &ev.o, &prov)?;
@@ -232,3 +242,6 @@ fn write_output(path: &std::path::Path, o: &ndarray::Array4<f32>, prov: &Provena
     meta.insert("layout".to_string(), "o: [heads, seq, head_dim] f32".to_string());
     safetensors::serialize_to_file([("o", view)], Some(meta), path).map_err(|e| BenchError::runtime(format!("cannot write `{}`: {e}", path.display())))
 }
+
+/// How the full-row low-rank method's measures read (it has no block pattern).
+pub const LOWRANK_NOTE: &str = "lowrank (full-row reconstruction) has no block pattern: recall = share of the exact entmax-1.5 support where entmax-1.5 of the reconstructed score row is positive; element_sparsity = 1 - m/n (scores not computed exactly); block_sparsity = 1 - (key blocks holding a subset position)/(key blocks); mean_support = keys with p > 0 per query of entmax-1.5 over the reconstructed row; output_error = O from the run's normaliser over the reconstructed row vs exact dense attention; the GPU path is f32 whatever --dtype/--path say; stored_blocks = 0";

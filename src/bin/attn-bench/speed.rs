@@ -251,7 +251,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
         }
         for (method, requested_density) in configs {
             bar.set_message(format!("seq {seq}: building {}", method.label()));
-            let input = methods::BuildInput { q: &q, k: &k, shape, block: a.block, layer_index: 0, models: &models };
+            let input = methods::BuildInput { q: &q, k: &k, shape, block: a.block, layer_index: 0, text: "", models: &models };
             let mut times = Vec::new();
             let mut pattern = None;
             for _ in 0..3 {
