@@ -206,3 +206,46 @@ fn forced_fallbacks_match_reference_and_refuse_f16() {
     let f16 = AttentionOptions { dtype: DType::F16, ..AttentionOptions::new(Normalizer::Softmax) };
     assert!(matches!(fallback.attention_with(&q, &k, &v, &pattern, &f16), Err(Error::Unsupported(_))));
 }
+
+#[test]
+fn rows_with_one_allowed_key_output_that_keys_value() {
+    let Some(engine) = engine() else { return };
+    use sparse_attn::pattern::{BlockMask, PatternAccumulator, PatternGeometry};
+    // Query i sees only key (3·i) mod seq: a single allowed key per row, in a partial block.
+    let (n, d) = (40usize, 16usize);
+    let shape = AttentionShape::new(1, 2, n, d);
+    let g = PatternGeometry { block_q: 16, block_k: 16, seq_q: n as u32, seq_kv: n as u32, slices: 1 };
+    let mut acc = PatternAccumulator::new(g).unwrap();
+    for qb in 0..g.q_blocks() {
+        let mut rows: Vec<(u32, BlockMask)> = (0..g.k_blocks()).map(|kb| (kb, BlockMask::Bits(vec![0; g.mask_words()]))).collect();
+        for r in 0..16u32 {
+            let i = qb * 16 + r;
+            if i as usize >= n {
+                break;
+            }
+            let j = (3 * i) % n as u32;
+            if let BlockMask::Bits(bits) = &mut rows[(j / 16) as usize].1 {
+                bits[r as usize] |= 1 << (j % 16);
+            }
+        }
+        acc.push_row(rows);
+    }
+    let pattern = acc.finish().unwrap();
+    let q = random4((1, 2, n, d), 31, 50.0);
+    let k = random4((1, 2, n, d), 32, 50.0);
+    let v = random4((1, 2, n, d), 33, 1.0);
+    for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.2 }] {
+        for path in [sparse_attn::ExecPath::ThreeKernel, sparse_attn::ExecPath::Fused] {
+            let opts = AttentionOptions { path, ..AttentionOptions::new(normalizer) };
+            let o = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap().o;
+            for h in 0..2 {
+                for i in 0..n {
+                    let j = (3 * i) % n;
+                    let got: Vec<f32> = o.slice(ndarray::s![0, h, i, ..]).to_vec();
+                    let want: Vec<f32> = v.slice(ndarray::s![0, h, j, ..]).to_vec();
+                    assert_close(&format!("{} {path:?} head {h} row {i}", normalizer.label()), &got, &want, tolerance(DType::F32));
+                }
+            }
+        }
+    }
+}
