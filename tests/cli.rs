@@ -537,3 +537,127 @@ fn quality_lowrank_on_the_gpu_matches_its_cpu_reference() {
     let err = f(&metrics["summary"]["max_abs_error_vs_reference"]);
     assert!(err < 1e-3, "GPU low-rank vs CPU reference: {err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// MRA
+
+/// `quality --method mra` in both modes at the same budget (softmax, so MRA-2 applies): same
+/// pattern (recall, sparsity), and MRA-2's merged coarse remainder brings the output no further
+/// from exact dense attention than dropping it (MRA-2-s). On the CPU reference, and on the GPU
+/// where there is one (which must agree with the reference).
+#[test]
+fn quality_mra_full_and_sparse_on_the_fixture() {
+    let fx = fixture();
+    let fx = fx.to_str().unwrap();
+    let mut devices = vec!["cpu"];
+    if gpu() {
+        devices.push("gpu");
+    }
+    for device in devices {
+        let mut errors = Vec::new();
+        let mut recalls = Vec::new();
+        for mode in ["full", "sparse"] {
+            let out = scratch(&format!("quality_mra_{device}_{mode}"));
+            ok_json(&[
+                "quality", "--data", fx, "--text", "gpl3", "--layer", "0", "--method", "mra", "--mode", mode, "--blocks-per-row", "2",
+                "--normalizer", "softmax", "--device", device, "--repeats", "1", "--out", out.to_str().unwrap(),
+            ]);
+            let metrics = read_json(&out.join("metrics.json"));
+            recall_in_unit_interval(&metrics);
+            assert_eq!(metrics["config"]["method"], "mra");
+            assert_eq!(metrics["config"]["variant"], mode);
+            assert_eq!(metrics["config"]["knob"], "blocks_per_row");
+            assert_eq!(metrics["config"]["value"], "2");
+            let sp = f(&metrics["summary"]["block_sparsity"]);
+            assert!(sp > 0.0 && sp < 1.0, "{device} {mode}: block sparsity {sp}");
+            if device == "gpu" {
+                let e = f(&metrics["summary"]["max_abs_error_vs_reference"]);
+                assert!(e < 1e-4, "{device} {mode}: GPU vs MRA reference {e}");
+            }
+            errors.push(f(&metrics["summary"]["output_error"]));
+            recalls.push(per_head(&metrics, "recall"));
+        }
+        assert_eq!(recalls[0], recalls[1], "{device}: the modes share the pattern");
+        assert!(errors[0] <= errors[1], "{device}: MRA-2 output error {} > MRA-2-s {}", errors[0], errors[1]);
+    }
+}
+
+#[test]
+fn mra_full_with_entmax_and_wrong_method_flags_are_errors() {
+    let fx = fixture();
+    let fx = fx.to_str().unwrap();
+    let dir = scratch("bad_mra");
+    let out = dir.to_str().unwrap();
+    bad(&["quality", "--data", fx, "--method", "mra", "--mode", "full", "--normalizer", "entmax15", "--out", out], "--mode sparse");
+    bad(&["quality", "--data", fx, "--method", "mra", "--mode", "full", "--normalizer", "entmax15", "--device", "cpu", "--out", out], "--normalizer softmax");
+    bad(&["pareto", "--data", fx, "--methods", "mra", "--mra-modes", "full", "--normalizer", "sparsemax", "--out", out], "--mode sparse");
+    bad(&["quality", "--data", fx, "--method", "window", "--blocks-per-row", "4", "--out", out], "--blocks-per-row does not apply to --method window");
+    bad(&["quality", "--data", fx, "--method", "window", "--mode", "sparse", "--out", out], "--mode does not apply to --method window");
+    bad(&["quality", "--data", fx, "--method", "mra", "--width", "8", "--out", out], "--width does not apply to --method mra");
+    bad(&["quality", "--data", fx, "--method", "mra", "--blocks-per-row", "0", "--out", out], "--blocks-per-row must be at least 1");
+    bad(&["pareto", "--data", fx, "--methods", "window", "--mra-blocks-per-row", "1,2", "--out", out], "--mra-blocks-per-row applies to method mra");
+    bad(&["speed", "--methods", "random", "--mra-modes", "full", "--seqs", "64", "--out", out], "--mra-modes applies to method mra");
+    for (sub, flags) in [("quality", &["--mode", "--blocks-per-row"][..]), ("pareto", &["--mra-blocks-per-row", "--mra-modes"][..]), ("speed", &["--mra-modes"][..])] {
+        let help = ok(&[sub, "--help"]);
+        for flag in flags {
+            assert!(help.contains(flag), "{sub} --help lacks `{flag}`");
+        }
+    }
+}
+
+/// The pareto sweep of the MRA budget (CPU reference, softmax: both modes): recall grows with
+/// the budget, and at each budget MRA-2's error is at most MRA-2-s's.
+#[test]
+fn pareto_sweeps_mra_blocks_per_row() {
+    let fx = fixture();
+    let out = scratch("pareto_mra");
+    let j = ok_json(&[
+        "pareto", "--data", fx.to_str().unwrap(), "--texts", "gpl3", "--layers", "0", "--methods", "mra", "--mra-blocks-per-row", "1,4",
+        "--normalizer", "softmax", "--device", "cpu", "--out", out.to_str().unwrap(),
+    ]);
+    let rows = j["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 5, "dense + two budgets x two modes: {rows:?}");
+    let get = |variant: &str, value: &str| rows.iter().find(|r| r["method"] == "mra" && r["variant"] == variant && r["value"] == value).unwrap_or_else(|| panic!("mra {variant} {value}"));
+    for r in rows {
+        assert!((0.0..=1.0).contains(&f(&r["recall"])), "{r}");
+    }
+    for variant in ["full", "sparse"] {
+        assert!(f(&get(variant, "4")["recall"]) >= f(&get(variant, "1")["recall"]), "{variant}: larger budget, no less recall");
+    }
+    for value in ["1", "4"] {
+        assert!(f(&get("full", value)["output_error"]) <= f(&get("sparse", value)["output_error"]), "budget {value}: MRA-2 error above MRA-2-s");
+    }
+    // The default normaliser (entmax15) sweeps the sparse mode only.
+    let j = ok_json(&[
+        "pareto", "--data", fx.to_str().unwrap(), "--texts", "gpl3", "--layers", "0", "--methods", "mra", "--mra-blocks-per-row", "2",
+        "--no-dense", "--device", "cpu", "--out", out.to_str().unwrap(),
+    ]);
+    let rows = j["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["variant"], "sparse");
+}
+
+#[test]
+fn speed_times_mra_build_and_attention_separately() {
+    if !gpu() {
+        return;
+    }
+    let out = scratch("speed_mra");
+    let j = ok_json(&[
+        "speed", "--methods", "mra", "--seqs", "128", "--densities", "0.25", "--normalizers", "softmax,entmax15", "--dtypes", "f32", "--paths",
+        "fused", "--heads", "2", "--repeats", "1", "--warmup", "0", "--out", out.to_str().unwrap(),
+    ]);
+    let rows = j["rows"].as_array().expect("rows");
+    let mra: Vec<&Value> = rows.iter().filter(|r| r["method"] == "mra").collect();
+    assert_eq!(mra.len(), 4, "two modes x two normalisers: {rows:?}");
+    for r in &mra {
+        let full = r["label"].as_str().unwrap().starts_with("mra-full");
+        if full && r["normalizer"] != "softmax" {
+            assert_eq!(r["status"], "skipped", "{r}");
+        } else {
+            assert_eq!(r["status"], "ok", "{r}");
+            assert!(f(&r["build_ms"]) > 0.0 && f(&r["attention_ms"]) > 0.0, "{r}");
+            assert!(f(&r["density"]) > 0.0 && f(&r["density"]) < 1.0, "{r}");
+        }
+    }
+}

@@ -6,6 +6,7 @@ use crate::dataset::LayerCase;
 use crate::methods::{BuildInput, Method, Models};
 use ndarray::{Array4, Axis};
 use sparse_attn::metrics::{block_sparsity, element_sparsity, output_error, recall};
+use sparse_attn::patterns::mra::{reference as mra_reference, Mra};
 use sparse_attn::{reference, AttentionOptions, BlockPattern, Engine, ExecPath, Normalizer};
 use std::time::Instant;
 
@@ -69,7 +70,7 @@ impl Evaluation {
 }
 
 pub fn build(case: &LayerCase, method: &Method, block: u32, models: &Models) -> BResult<(BlockPattern, f64)> {
-    let input = BuildInput { q: &case.q, k: &case.k, shape: case.shape, block, layer_index: case.layer_index, text: &case.text, models };
+    let input = BuildInput { q: &case.q, k: &case.k, v: Some(&case.v), shape: case.shape, block, layer_index: case.layer_index, text: &case.text, models };
     let t = Instant::now();
     let pattern = method.build(&input).map_err(|e| BenchError::from(e).context(format!("building {}", method.label())))?;
     Ok((pattern, ms_since(t)))
@@ -93,17 +94,41 @@ pub fn evaluate(case: &LayerCase, method: &Method, block: u32, models: &Models, 
     if let Method::LowRank { rank, subset } = *method {
         return evaluate_lowrank(case, rank, subset, block, models, runner, extras.reference).map_err(|e| e.context(method.label()));
     }
+    if let Method::Mra { .. } = method {
+        let input = BuildInput { q: &case.q, k: &case.k, v: Some(&case.v), shape: case.shape, block, layer_index: case.layer_index, text: &case.text, models };
+        let t = Instant::now();
+        let mra = method.build_mra(&input).expect("mra").map_err(|e| BenchError::from(e).context(format!("building {}", method.label())))?;
+        let build_ms = ms_since(t);
+        return evaluate_built(case, &mra.pattern, Some(&mra), build_ms, runner, extras).map_err(|e| e.context(method.label()));
+    }
     let (pattern, build_ms) = build(case, method, block, models)?;
     evaluate_pattern(case, &pattern, build_ms, runner, extras).map_err(|e| e.context(method.label()))
 }
 
 pub fn evaluate_pattern(case: &LayerCase, pattern: &BlockPattern, build_ms: f64, runner: &Runner<'_>, extras: Extras) -> BResult<Evaluation> {
+    evaluate_built(case, pattern, None, build_ms, runner, extras)
+}
+
+/// A block pattern, or (with `mra`) an MRA pattern and its coarse remainder: MRA-2 runs
+/// `attention_mra` on the GPU and the MRA reference on the CPU; recall and sparsity are the
+/// pattern's (the selected blocks).
+fn evaluate_built(case: &LayerCase, pattern: &BlockPattern, mra: Option<&Mra>, build_ms: f64, runner: &Runner<'_>, extras: Extras) -> BResult<Evaluation> {
     let normalizer = runner.normalizer();
+    // The exact-or-reference output of this pattern (the CPU f64 reference).
+    let reference_out = |normalizer: Normalizer| -> sparse_attn::Result<Array4<f32>> {
+        match mra {
+            Some(m) => mra_reference::attention(&case.q, &case.k, &case.v, m, normalizer, None),
+            None => reference::attention(&case.q, &case.k, &case.v, pattern, normalizer),
+        }
+    };
     let entmax = normalizer.alpha().is_some();
     let mut stage_ms = Default::default();
     let (o, attention_ms, timer, support) = match runner {
         Runner::Gpu { engine, opts, warmup, repeats } => {
-            let prepared = engine.prepare_attention(&case.q, &case.k, &case.v, pattern, opts)?;
+            let prepared = match mra {
+                Some(m) => engine.prepare_attention_mra(&case.q, &case.k, &case.v, m, opts)?,
+                None => engine.prepare_attention(&case.q, &case.k, &case.v, pattern, opts)?,
+            };
             let times = prepared.time(*warmup, (*repeats).max(1))?;
             stage_ms = times.stage_ms.clone();
             let timer = if times.gpu_ms.is_empty() { "wall-clock" } else { "gpu-timestamps" };
@@ -120,14 +145,14 @@ pub fn evaluate_pattern(case: &LayerCase, pattern: &BlockPattern, build_ms: f64,
         }
         Runner::Cpu { normalizer } => {
             let t = Instant::now();
-            let o = reference::attention(&case.q, &case.k, &case.v, pattern, *normalizer)?;
+            let o = reference_out(*normalizer)?;
             let ms = ms_since(t);
             let support = (extras.support && entmax).then(|| cpu_support(case, pattern, *normalizer));
             (o, ms, "cpu-reference", support)
         }
     };
     let max_abs_error_vs_reference = if extras.reference {
-        let want = reference::attention(&case.q, &case.k, &case.v, pattern, normalizer)?;
+        let want = reference_out(normalizer)?;
         Some(o.iter().zip(want.iter()).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max))
     } else {
         None

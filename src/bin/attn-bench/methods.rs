@@ -7,11 +7,12 @@
 use crate::common::{parse_list, BResult, BenchError};
 use clap::{Args, ValueEnum};
 use ndarray::Array4;
+use sparse_attn::patterns::mra::{Mra, MraConfig, MraMode};
 use sparse_attn::patterns::sbm::{Density, Sbm, SbmConfig, SbmLayer, SbmModel};
 use sparse_attn::patterns::sparsefinder::{Sparsefinder, SparsefinderModel, Threshold, Variant};
 use sparse_attn::patterns::topk::{LinearScorerModel, Scorer, TopK};
 use sparse_attn::patterns::{Dense, GlobalTokens, RandomBlocks, Window};
-use sparse_attn::{AttentionShape, BlockPattern};
+use sparse_attn::{AttentionShape, BlockPattern, Normalizer};
 use sparse_attn::lowrank::{LowRankConfig, LowRankFitter, LowRankModel, LowRankPattern};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,11 @@ pub enum MethodName {
     /// Low-rank pattern predictor: the key blocks where the reconstructed rows hold the most mass,
     /// at block density `--density`, then computed exactly by the engine.
     LowrankPattern,
+    /// MRA (Zeng et al. 2022): block means give low-resolution scores; the top `--blocks-per-row`
+    /// × q_blocks blocks (plus the diagonal and first block row/column) are computed exactly;
+    /// `--mode full` (MRA-2, softmax only) merges every other block's coarse estimate into the
+    /// softmax, `--mode sparse` (MRA-2-s) drops them.
+    Mra,
 }
 
 impl MethodName {
@@ -55,6 +61,7 @@ impl MethodName {
             MethodName::Topk => "topk",
             MethodName::Lowrank => "lowrank",
             MethodName::LowrankPattern => "lowrank-pattern",
+            MethodName::Mra => "mra",
         }
     }
 
@@ -109,6 +116,7 @@ pub fn spec(name: MethodName) -> MethodSpec {
             quality_flags: &["--rank", "--subset", "--density", "--lowrank-model"],
             sweep_flags: &["--lowrank-ranks", "--lowrank-subsets", "--lowrank-densities", "--lowrank-model"],
         },
+        MethodName::Mra => MethodSpec { quality_flags: &["--mode", "--blocks-per-row"], sweep_flags: &["--mra-blocks-per-row", "--mra-modes"] },
     }
 }
 
@@ -118,6 +126,58 @@ pub enum SfVariant {
     Distance,
     Quantization,
     Clustering,
+}
+
+/// MRA's two modes as the CLI spells them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MraModeArg {
+    /// MRA-2: the coarse remainder is merged into the softmax (softmax normaliser only).
+    Full,
+    /// MRA-2-s: only the selected blocks count (any normaliser).
+    Sparse,
+}
+
+impl MraModeArg {
+    pub fn mode(self) -> MraMode {
+        match self {
+            MraModeArg::Full => MraMode::Full,
+            MraModeArg::Sparse => MraMode::SparseOnly,
+        }
+    }
+}
+
+fn mra_mode_name(mode: MraMode) -> &'static str {
+    match mode {
+        MraMode::Full => "full",
+        MraMode::SparseOnly => "sparse",
+    }
+}
+
+/// MRA block size used by the bench is the run's `--block`; paper default budget.
+const DEFAULT_MRA_BLOCKS_PER_ROW: u32 = 8;
+
+/// The one-line error for MRA-2 with a normaliser other than softmax.
+pub fn mra_full_unsupported(normalizer: Normalizer, flag: &str) -> BenchError {
+    BenchError::input(format!(
+        "{flag} full (MRA-2) merges the coarse remainder into a softmax and has no {} form; use --mode sparse (MRA-2-s) or --normalizer softmax",
+        normalizer.label()
+    ))
+}
+
+/// Resolves MRA's mode against the run's normaliser: without an explicit `--mode`, full under
+/// softmax and sparse otherwise; an explicit full mode with another normaliser is an error.
+pub fn resolve_mra(method: &mut Method, explicit_mode: Option<MraModeArg>, normalizer: Normalizer) -> BResult<()> {
+    if let Method::Mra { mode, .. } = method {
+        *mode = match explicit_mode {
+            Some(m) => m.mode(),
+            None if normalizer == Normalizer::Softmax => MraMode::Full,
+            None => MraMode::SparseOnly,
+        };
+        if *mode == MraMode::Full && normalizer != Normalizer::Softmax {
+            return Err(mra_full_unsupported(normalizer, "--mode"));
+        }
+    }
+    Ok(())
 }
 
 /// Method flags of `quality` (and the demo). Each applies to one method; giving a flag that does
@@ -192,6 +252,15 @@ pub struct MethodFlags {
     /// under --out]
     #[arg(long, value_name = "FILE", help_heading = "Method flags")]
     pub lowrank_model: Option<PathBuf>,
+    /// mra: full (MRA-2: coarse remainder merged into the softmax; softmax only) or sparse
+    /// (MRA-2-s: selected blocks only; any normaliser) [default: full with --normalizer softmax,
+    /// else sparse]
+    #[arg(long, value_enum, help_heading = "Method flags")]
+    pub mode: Option<MraModeArg>,
+    /// mra: block budget per query-block row (blocks_per_row × q_blocks blocks per slice, chosen
+    /// globally, priors included) [default: 8]
+    #[arg(long, value_name = "N", help_heading = "Method flags")]
+    pub blocks_per_row: Option<u32>,
 }
 
 impl MethodFlags {
@@ -222,6 +291,8 @@ impl MethodFlags {
         add(self.rank.is_some(), "--rank");
         add(self.subset.is_some(), "--subset");
         add(self.lowrank_model.is_some(), "--lowrank-model");
+        add(self.mode.is_some(), "--mode");
+        add(self.blocks_per_row.is_some(), "--blocks-per-row");
         v
     }
 }
@@ -250,6 +321,8 @@ pub enum Method {
     LowRank { rank: usize, subset: usize },
     /// Block pattern predicted from the reconstructed rows.
     LowRankPattern { rank: usize, subset: usize, density: f64 },
+    /// MRA at the run's block size: budget `blocks_per_row × q_blocks` per slice.
+    Mra { blocks_per_row: u32, mode: MraMode },
 }
 
 /// Where the SBM parameters come from.
@@ -447,6 +520,8 @@ impl Models {
 pub struct BuildInput<'a> {
     pub q: &'a Array4<f32>,
     pub k: &'a Array4<f32>,
+    /// V, for methods whose build summarises it (MRA-2's block means V̂).
+    pub v: Option<&'a Array4<f32>>,
     pub shape: AttentionShape,
     pub block: u32,
     /// Stored layer index in the data file (learned methods pick their per-layer model by it).
@@ -468,6 +543,7 @@ impl Method {
             Method::TopK { .. } => MethodName::Topk,
             Method::LowRank { .. } => MethodName::Lowrank,
             Method::LowRankPattern { .. } => MethodName::LowrankPattern,
+            Method::Mra { .. } => MethodName::Mra,
         }
     }
 
@@ -502,6 +578,7 @@ impl Method {
             }
             Method::LowRank { rank, subset } => ("full-row".into(), "rank/subset".into(), format!("{rank}/{subset}")),
             Method::LowRankPattern { rank, subset, density } => (format!("r{rank}-m{subset}"), "density".into(), format!("{density}")),
+            Method::Mra { blocks_per_row, mode } => (mra_mode_name(mode).into(), "blocks_per_row".into(), blocks_per_row.to_string()),
         }
     }
 
@@ -510,7 +587,7 @@ impl Method {
         let (variant, knob, value) = self.describe();
         match self {
             Method::Dense => "dense".into(),
-            Method::Sparsefinder { .. } | Method::LowRankPattern { .. } => format!("{}-{variant}({knob}={value})", self.name().as_str()),
+            Method::Sparsefinder { .. } | Method::LowRankPattern { .. } | Method::Mra { .. } => format!("{}-{variant}({knob}={value})", self.name().as_str()),
             _ => format!("{}({knob}={value})", self.name().as_str()),
         }
     }
@@ -522,6 +599,7 @@ impl Method {
             Method::Sbm { init: SbmInit::Model, .. } => "sbm-model".into(),
             Method::TopK { scorer: TopkScorer::Linear, .. } => "topk-linear".into(),
             Method::LowRankPattern { rank, subset, .. } => format!("lowrank-pattern-r{rank}-m{subset}"),
+            Method::Mra { mode, .. } => format!("mra-{}", mra_mode_name(*mode)),
             _ => self.name().as_str().into(),
         }
     }
@@ -535,13 +613,24 @@ impl Method {
             Method::TopK { k, .. } => format!("k={k}"),
             Method::LowRank { rank, subset } => format!("r={rank},m={subset}"),
             Method::LowRankPattern { density, .. } => format!("d={density}"),
+            Method::Mra { blocks_per_row, .. } => format!("b/r={blocks_per_row}"),
             _ => self.describe().2,
         }
+    }
+
+    /// The MRA pattern and its coarse remainder (`None` for other methods). Block means and the
+    /// selection run on the CPU; V̂ is computed when `input.v` is given (MRA-2 needs it).
+    pub fn build_mra(&self, input: &BuildInput<'_>) -> Option<sparse_attn::Result<Mra>> {
+        let Method::Mra { blocks_per_row, mode } = *self else { return None };
+        let config = MraConfig::new(input.block, blocks_per_row).with_mode(mode);
+        let v = input.v.map(|v| v.view());
+        Some(config.build(&input.q.view(), &input.k.view(), v.as_ref(), &input.shape))
     }
 
     pub fn build(&self, input: &BuildInput<'_>) -> sparse_attn::Result<BlockPattern> {
         let (b, shape) = (input.block, &input.shape);
         match *self {
+            Method::Mra { .. } => self.build_mra(input).expect("mra").map(|m| m.pattern),
             Method::Dense => Dense::new().with_blocks(b, b).build(shape),
             Method::Window { width } => Window::new(width).with_blocks(b, b).build(shape),
             Method::Global { first, last } => GlobalTokens::new(first, last).with_blocks(b, b).build(shape),
@@ -684,6 +773,14 @@ pub fn from_flags(name: MethodName, f: &MethodFlags, seed: u64) -> BResult<Metho
             let (rank, subset) = check_rank_subset("--rank", "--subset", f.rank.unwrap_or(DEFAULT_LOWRANK_RANK), f.subset.unwrap_or(DEFAULT_LOWRANK_SUBSET))?;
             Method::LowRankPattern { rank, subset, density: check_density("--density", f.density.unwrap_or(0.25))? }
         }
+        MethodName::Mra => {
+            let blocks_per_row = f.blocks_per_row.unwrap_or(DEFAULT_MRA_BLOCKS_PER_ROW);
+            if blocks_per_row == 0 {
+                return Err(BenchError::input("--blocks-per-row must be at least 1"));
+            }
+            // The mode is settled against the normaliser by `resolve_mra`.
+            Method::Mra { blocks_per_row, mode: f.mode.map(MraModeArg::mode).unwrap_or(MraMode::Full) }
+        }
     })
 }
 
@@ -789,6 +886,13 @@ pub struct SweepFlags {
     /// every layer and head of the data file's other texts, cached under --out]
     #[arg(long, value_name = "FILE", help_heading = "Sweeps")]
     pub lowrank_model: Option<PathBuf>,
+    /// mra: blocks per query-block row swept [default: 1,2,4,8,16]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub mra_blocks_per_row: Option<String>,
+    /// mra: modes swept, full (MRA-2, softmax only) and/or sparse (MRA-2-s) [default: full,sparse
+    /// with --normalizer softmax, else sparse]
+    #[arg(long, value_name = "LIST", help_heading = "Sweeps")]
+    pub mra_modes: Option<String>,
 }
 
 impl SweepFlags {
@@ -814,6 +918,8 @@ impl SweepFlags {
             (self.lowrank_subsets.is_some(), "--lowrank-subsets"),
             (self.lowrank_densities.is_some(), "--lowrank-densities"),
             (self.lowrank_model.is_some(), "--lowrank-model"),
+            (self.mra_blocks_per_row.is_some(), "--mra-blocks-per-row"),
+            (self.mra_modes.is_some(), "--mra-modes"),
         ] {
             if set {
                 v.push(name);
@@ -839,7 +945,7 @@ pub fn check_sweep_flags(methods: &[MethodName], f: &SweepFlags) -> BResult<()> 
 }
 
 /// The knob values a method is swept over in `pareto`.
-pub fn sweep(name: MethodName, f: &SweepFlags, seed: u64) -> BResult<Vec<Method>> {
+pub fn sweep(name: MethodName, f: &SweepFlags, seed: u64, normalizer: Normalizer) -> BResult<Vec<Method>> {
     let list = |flag: &str, given: &Option<String>, default: &str| -> BResult<Vec<f64>> { parse_list(flag, given.as_deref().unwrap_or(default)) };
     let ints = |flag: &str, given: &Option<String>, default: &str| -> BResult<Vec<usize>> { parse_list(flag, given.as_deref().unwrap_or(default)) };
     Ok(match name {
@@ -939,6 +1045,35 @@ pub fn sweep(name: MethodName, f: &SweepFlags, seed: u64) -> BResult<Vec<Method>
             }
             out
         }
+        MethodName::Mra => {
+            let softmax = normalizer == Normalizer::Softmax;
+            let modes: Vec<MraMode> = match &f.mra_modes {
+                None if softmax => vec![MraMode::Full, MraMode::SparseOnly],
+                None => vec![MraMode::SparseOnly],
+                Some(s) => {
+                    let mut modes = Vec::new();
+                    for m in parse_list::<String>("--mra-modes", s)? {
+                        let m = MraModeArg::from_str(&m, true).map_err(|_| BenchError::input(format!("--mra-modes: unknown mode `{m}` (full, sparse)")))?.mode();
+                        if m == MraMode::Full && !softmax {
+                            return Err(mra_full_unsupported(normalizer, "--mra-modes"));
+                        }
+                        if !modes.contains(&m) {
+                            modes.push(m);
+                        }
+                    }
+                    modes
+                }
+            };
+            let bprs = ints("--mra-blocks-per-row", &f.mra_blocks_per_row, "1,2,4,8,16")?;
+            if bprs.contains(&0) {
+                return Err(BenchError::input("--mra-blocks-per-row: a budget must be at least 1"));
+            }
+            let mut out = Vec::new();
+            for &mode in &modes {
+                out.extend(bprs.iter().map(|&b| Method::Mra { blocks_per_row: b as u32, mode }));
+            }
+            out
+        }
     })
 }
 
@@ -971,6 +1106,13 @@ pub fn for_density(name: MethodName, density: f64, seq: usize, block: u32, seed:
         }),
         MethodName::Topk => {
             Ok(Method::TopK { k: ((density * seq as f64).round() as usize).max(1), window: 0, first: 0, last: 0, scorer: TopkScorer::MeanQuery })
+        }
+        MethodName::Mra => {
+            // Budget = density × k_blocks blocks per query-block row (priors included), so the
+            // stored block density comes out near `density`. Mode: full; speed adds sparse rows.
+            let k_blocks = seq.div_ceil(block.max(1) as usize);
+            let blocks_per_row = ((density * k_blocks as f64).round() as u32).max(1);
+            Ok(Method::Mra { blocks_per_row, mode: MraMode::Full })
         }
         MethodName::Lowrank | MethodName::LowrankPattern => {
             Err("lowrank needs a basis fitted on real Q/K; speed runs on synthetic data (use pareto/quality for it)".into())

@@ -21,7 +21,7 @@ pub struct ParetoArgs {
     /// when present, else the bundled fixture]
     #[arg(long, value_name = "FILE")]
     pub data: Option<PathBuf>,
-    /// Methods swept, comma-separated (dense, window, global, random, sparsefinder, sbm, topk, lowrank, lowrank-pattern); dense is
+    /// Methods swept, comma-separated (dense, window, global, random, sparsefinder, sbm, topk, lowrank, lowrank-pattern, mra); dense is
     /// added as the reference point unless --no-dense
     #[arg(long, value_name = "LIST", default_value = "window")]
     pub methods: String,
@@ -94,7 +94,7 @@ pub fn run(g: &Globals, a: &ParetoArgs) -> BResult<()> {
     }
     let mut sweep: Vec<Method> = Vec::new();
     for n in &names {
-        sweep.extend(methods::sweep(*n, &a.sweep, a.seed)?);
+        sweep.extend(methods::sweep(*n, &a.sweep, a.seed, normalizer)?);
     }
     let data_path = dataset::resolve_data_path(a.data.as_deref());
     let data = dataset::open(&data_path)?;
@@ -326,6 +326,7 @@ pub fn run(g: &Globals, a: &ParetoArgs) -> BResult<()> {
             "output_error": "||O - O_exact||_F / ||O_exact||_F per head; O_exact = exact dense attention with the run's normaliser (CPU f64)",
             "attention_ms": "median time of one call over all heads of a layer",
             "lowrank": crate::quality::LOWRANK_NOTE,
+            "mra": "mra (Zeng et al. 2022) at the run's --block: budget blocks_per_row x q_blocks blocks per slice chosen globally from low-resolution block-mean scores, plus the diagonal and first block row/column; variant full = MRA-2 (the non-selected blocks' coarse estimate merged into the softmax; output_error includes it), sparse = MRA-2-s (selected blocks only); recall and sparsity are the selected pattern's; build_ms = CPU block means of Q/K/V + selection",
             "lowrank_pattern": "lowrank-pattern: block pattern from the reconstructed rows (variant rR-mM = rank R, M exact scores per row), computed exactly by the engine like any pattern; its build_ms includes the subset scores and reconstruction on the CPU",
         },
         "files": {"csv": csv_path.display().to_string(), "svg": svgs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>()},

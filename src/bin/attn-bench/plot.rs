@@ -33,7 +33,8 @@ pub struct Panel {
     pub x_ticks: Option<Vec<f64>>,
 }
 
-const COLORS: [RGBColor; 10] = [
+/// Curve colours: tab10, then 10 further hues distinct from it (darker / lighter variants).
+const COLORS: [RGBColor; 20] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -44,7 +45,36 @@ const COLORS: [RGBColor; 10] = [
     RGBColor(127, 127, 127),
     RGBColor(188, 189, 34),
     RGBColor(23, 190, 207),
+    RGBColor(0, 0, 128),
+    RGBColor(128, 0, 0),
+    RGBColor(0, 100, 0),
+    RGBColor(255, 215, 0),
+    RGBColor(75, 0, 130),
+    RGBColor(0, 128, 128),
+    RGBColor(255, 99, 71),
+    RGBColor(107, 142, 35),
+    RGBColor(199, 21, 133),
+    RGBColor(30, 30, 30),
 ];
+
+/// Marker outlines in pixel offsets: circle (octagon), triangle, square, diamond, inverted
+/// triangle.
+const MARKERS: [&[(i32, i32)]; 5] = [
+    &[(-1, -3), (1, -3), (3, -1), (3, 1), (1, 3), (-1, 3), (-3, 1), (-3, -1)],
+    &[(0, -4), (4, 3), (-4, 3)],
+    &[(-3, -3), (3, -3), (3, 3), (-3, 3)],
+    &[(0, -4), (4, 0), (0, 4), (-4, 0)],
+    &[(0, 4), (4, -3), (-4, -3)],
+];
+
+/// Colour and marker of curve `i`: the first 20 curves differ in colour (each also gets its own
+/// marker cycle), and a curve that reuses a colour (i ≥ 20) gets a different marker than the
+/// curve it shares the colour with, so every (colour, marker) pair is distinct for i < 100.
+pub(crate) fn curve_style(i: usize) -> (RGBColor, &'static [(i32, i32)]) {
+    let color = COLORS[i % COLORS.len()];
+    let marker = MARKERS[(i + i / COLORS.len()) % MARKERS.len()];
+    (color, marker)
+}
 
 fn tf(log: bool, v: f64) -> f64 {
     if log {
@@ -201,7 +231,7 @@ where
         .draw()
         .map_err(err(path))?;
     for (i, s) in p.series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
+        let (color, marker) = curve_style(i);
         let pts: Vec<(f64, f64)> = s
             .points
             .iter()
@@ -216,8 +246,14 @@ where
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(width)))
             .map_err(err(path))?
             .label(s.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-        chart.draw_series(pts.iter().map(|&q| Circle::new(q, 3, color.filled()))).map_err(err(path))?;
+            .legend(move |(x, y)| {
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (18, 0)], color.stroke_width(2))
+                    + Polygon::new(marker.iter().map(|&(dx, dy)| (dx + 9, dy)).collect::<Vec<_>>(), color.filled())
+            });
+        chart
+            .draw_series(pts.iter().map(|&q| EmptyElement::at(q) + Polygon::new(marker.to_vec(), color.filled())))
+            .map_err(err(path))?;
         let labelled: Vec<((f64, f64), String)> = s
             .points
             .iter()

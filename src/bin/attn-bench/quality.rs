@@ -69,7 +69,8 @@ pub fn run(g: &Globals, a: &QualityArgs) -> BResult<()> {
     let dtype = parse_dtype(&a.dtype)?;
     let path = parse_path(&a.path)?;
     check_block(a.block)?;
-    let method = methods::from_flags(a.method, &a.method_flags, a.seed)?;
+    let mut method = methods::from_flags(a.method, &a.method_flags, a.seed)?;
+    methods::resolve_mra(&mut method, a.method_flags.mode, normalizer)?;
     if a.device == DeviceArg::Cpu && (dtype != DType::F32 || path != sparse_attn::ExecPath::Auto) {
         return Err(BenchError::input("--dtype and --path apply to --device gpu only"));
     }
@@ -182,6 +183,9 @@ pub fn run(g: &Globals, a: &QualityArgs) -> BResult<()> {
     });
     if matches!(method, methods::Method::LowRank { .. }) {
         report["notes"]["lowrank"] = json!(LOWRANK_NOTE);
+    }
+    if matches!(method, methods::Method::Mra { .. }) {
+        report["notes"]["mra"] = json!("mra: budget blocks_per_row x q_blocks blocks per slice (priors included) chosen from low-resolution block-mean scores; variant full = MRA-2 (coarse remainder merged into the softmax, so output_error includes it; max_abs_error_vs_reference is against the MRA-2 reference), sparse = MRA-2-s; recall and sparsity are of the selected blocks; build_ms = CPU block means of Q/K/V + selection");
     }
     if a.dump_output {
         let o_path = out.join("output.safetensors");

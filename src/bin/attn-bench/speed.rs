@@ -4,10 +4,11 @@
 use crate::common::*;
 use crate::methods::{self, Method, MethodName};
 use crate::plot::{self, Panel, Series};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use ndarray::Array4;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use sparse_attn::patterns::mra::{Mra, MraMode};
 use sparse_attn::patterns::Dense;
 use sparse_attn::{AttentionOptions, AttentionShape, BlockPattern, DType, Engine, Error, ExecPath, Normalizer};
 use std::path::PathBuf;
@@ -25,9 +26,14 @@ pub struct SpeedArgs {
     /// Block densities, comma-separated; 1 is the dense baseline, each value < 1 runs every method
     #[arg(long, value_name = "LIST", default_value = "1,0.25,0.1")]
     pub densities: String,
-    /// Sparse methods at each density < 1 (random, window, global, sbm, topk; sbm and topk at element density d); dense always runs as the baseline
+    /// Sparse methods at each density < 1 (random, window, global, sbm, topk, mra; sbm and topk at
+    /// element density d; mra with blocks_per_row = round(d x k_blocks)); dense always runs as the baseline
     #[arg(long, value_name = "LIST", default_value = "random")]
     pub methods: String,
+    /// mra: modes timed, full (MRA-2; softmax only, entmax cells are recorded as skipped) and/or
+    /// sparse (MRA-2-s) [default: full,sparse]
+    #[arg(long, value_name = "LIST")]
+    pub mra_modes: Option<String>,
     /// Query heads (= kv heads) [default: 4 on a CPU adapter, else 8]
     #[arg(long)]
     pub heads: Option<usize>,
@@ -82,6 +88,8 @@ fn synthetic(shape: (usize, usize, usize, usize), seed: u64) -> Array4<f32> {
 
 struct PatternCase {
     method: Method,
+    /// The MRA pattern's coarse remainder (MRA methods only).
+    mra: Option<Mra>,
     requested_density: f64,
     pattern: BlockPattern,
     build_ms: f64,
@@ -94,6 +102,8 @@ struct Row {
     seq: usize,
     method: MethodName,
     label: String,
+    /// Plot curve (method and variant, e.g. mra-full).
+    curve: String,
     normalizer: Normalizer,
     dtype: DType,
     path: ExecPath,
@@ -160,6 +170,24 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
         }
     }
     let sparse_names: Vec<MethodName> = names.iter().copied().filter(|n| *n != MethodName::Dense).collect();
+    if a.mra_modes.is_some() && !names.contains(&MethodName::Mra) {
+        return Err(BenchError::input("--mra-modes applies to method mra, which is not in --methods"));
+    }
+    let mut mra_modes: Vec<MraMode> = Vec::new();
+    for m in parse_list::<String>("--mra-modes", a.mra_modes.as_deref().unwrap_or("full,sparse"))? {
+        let m = methods::MraModeArg::from_str(&m, true).map_err(|_| BenchError::input(format!("--mra-modes: unknown mode `{m}` (full, sparse)")))?.mode();
+        if !mra_modes.contains(&m) {
+            mra_modes.push(m);
+        }
+    }
+    // Method settings at one density: MRA once per mode.
+    let at_density = |n: MethodName, d: f64, seq: usize| -> BResult<Vec<Method>> {
+        let m = methods::for_density(n, d, seq, a.block, a.seed).map_err(BenchError::input)?;
+        Ok(match m {
+            Method::Mra { blocks_per_row, .. } => mra_modes.iter().map(|&mode| Method::Mra { blocks_per_row, mode }).collect(),
+            m => vec![m],
+        })
+    };
     let sparse_densities: Vec<f64> = densities.iter().copied().filter(|d| *d < 1.0).collect();
 
     let dtypes: Vec<DType> = if a.dtypes.trim() == "auto" {
@@ -179,7 +207,8 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
         }
         d
     };
-    let patterns_per_seq = 1 + sparse_names.len() * sparse_densities.len();
+    let settings_per_density: usize = sparse_names.iter().map(|n| if *n == MethodName::Mra { mra_modes.len() } else { 1 }).sum();
+    let patterns_per_seq = 1 + settings_per_density * sparse_densities.len();
     let per_pattern = normalizers.len() * dtypes.len() * paths.len();
     let cells = seqs.len() * patterns_per_seq * per_pattern;
     if cells > a.max_cells {
@@ -245,19 +274,35 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
         let mut configs: Vec<(Method, f64)> = vec![(Method::Dense, 1.0)];
         for &d in &sparse_densities {
             for n in &sparse_names {
-                let m = methods::for_density(*n, d, seq, a.block, a.seed).map_err(BenchError::input)?;
-                configs.push((m, d));
+                for m in at_density(*n, d, seq)? {
+                    configs.push((m, d));
+                }
             }
         }
         for (method, requested_density) in configs {
             bar.set_message(format!("seq {seq}: building {}", method.label()));
-            let input = methods::BuildInput { q: &q, k: &k, shape, block: a.block, layer_index: 0, text: "", models: &models };
+            let input = methods::BuildInput { q: &q, k: &k, v: Some(&v), shape, block: a.block, layer_index: 0, text: "", models: &models };
             let mut times = Vec::new();
             let mut pattern = None;
+            let mut mra = None;
+            let what = |e: Error| BenchError::from(e).context(format!("seq {seq}: building {}", method.label()));
             for _ in 0..3 {
                 let t = Instant::now();
-                let p = method.build(&input).map_err(|e| BenchError::from(e).context(format!("seq {seq}: building {}", method.label())))?;
-                times.push(ms_since(t));
+                // MRA: block means of Q, K, V + low-resolution scores + selection (CPU).
+                let p = match method.build_mra(&input) {
+                    Some(m) => {
+                        let m = m.map_err(what)?;
+                        times.push(ms_since(t));
+                        let p = m.pattern.clone();
+                        mra = Some(m);
+                        p
+                    }
+                    None => {
+                        let p = method.build(&input).map_err(what)?;
+                        times.push(ms_since(t));
+                        p
+                    }
+                };
                 pattern = Some(p);
             }
             let pattern = pattern.expect("built");
@@ -266,7 +311,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
                 (0..slices).map(|s| pattern.slice_nnz(pattern.pattern_slice(s)) as f64).sum::<f64>() / slices as f64;
             let density = per_slice_blocks / (pattern.q_blocks() as f64 * pattern.k_blocks() as f64);
             let pairs: u64 = (0..slices).map(|s| pattern.allowed_pairs(pattern.pattern_slice(s))).sum();
-            cases.push(PatternCase { method, requested_density, pattern, build_ms: median(&times), density, pairs });
+            cases.push(PatternCase { method, mra, requested_density, pattern, build_ms: median(&times), density, pairs });
         }
         for case in &cases {
             for &normalizer in &normalizers {
@@ -277,6 +322,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
                             seq,
                             method: case.method.name(),
                             label: case.method.label(),
+                            curve: case.method.curve(),
                             normalizer,
                             dtype,
                             path,
@@ -291,7 +337,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
                             reason: String::new(),
                             stage_ms: Default::default(),
                         };
-                        match time_cell(engine, &q, &k, &v, &case.pattern, AttentionOptions { normalizer, dtype, path, ..Default::default() }, a.warmup, a.repeats) {
+                        match time_cell(engine, &q, &k, &v, &case.pattern, case.mra.as_ref(), AttentionOptions { normalizer, dtype, path, ..Default::default() }, a.warmup, a.repeats) {
                             Ok(t) => {
                                 row.attention_ms = t.median_ms();
                                 row.wall_ms = median(&t.wall_ms);
@@ -380,9 +426,9 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
         .find(|p| rows.iter().filter(ok).any(|r| r.path == *p && r.dtype == plot_dtype))
         .unwrap_or(paths[0]);
     let mut by_seq: Vec<Series> = Vec::new();
-    let mut curve_keys: Vec<(MethodName, f64, Normalizer)> = Vec::new();
+    let mut curve_keys: Vec<(String, f64, Normalizer)> = Vec::new();
     for r in rows.iter().filter(ok).filter(|r| r.dtype == plot_dtype && r.path == plot_path) {
-        let key = (r.method, r.requested_density, r.normalizer);
+        let key = (r.curve.clone(), r.requested_density, r.normalizer);
         if !curve_keys.contains(&key) {
             curve_keys.push(key);
         }
@@ -391,27 +437,32 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
         let pts: Vec<(f64, f64)> = rows
             .iter()
             .filter(ok)
-            .filter(|r| r.dtype == plot_dtype && r.path == plot_path && r.method == *m && r.requested_density == *d && r.normalizer == *n)
+            .filter(|r| r.dtype == plot_dtype && r.path == plot_path && r.curve == *m && r.requested_density == *d && r.normalizer == *n)
             .map(|r| (r.seq as f64, r.attention_ms))
             .collect();
-        let name = if *m == MethodName::Dense { "dense".to_string() } else { format!("{} d={d}", m.as_str()) };
+        let name = if m == "dense" { "dense".to_string() } else { format!("{m} d={d}") };
         by_seq.push(Series { name: format!("{name} {}", n.label()), points: pts, labels: Vec::new(), thin: false });
     }
     let max_seq = *seqs.iter().max().unwrap_or(&0);
     let mut by_density: Vec<Series> = Vec::new();
-    let density_methods: Vec<MethodName> = if sparse_names.is_empty() { vec![MethodName::Dense] } else { sparse_names.clone() };
+    let mut density_methods: Vec<String> = Vec::new();
+    for r in &rows {
+        if (r.method != MethodName::Dense || sparse_names.is_empty()) && !density_methods.contains(&r.curve) {
+            density_methods.push(r.curve.clone());
+        }
+    }
     for m in &density_methods {
         for &n in &normalizers {
             for &p in &paths {
                 let mut pts: Vec<(f64, f64)> = rows
                     .iter()
                     .filter(ok)
-                    .filter(|r| r.seq == max_seq && r.dtype == plot_dtype && r.path == p && r.normalizer == n && (r.method == *m || r.method == MethodName::Dense))
+                    .filter(|r| r.seq == max_seq && r.dtype == plot_dtype && r.path == p && r.normalizer == n && (r.curve == *m || r.method == MethodName::Dense))
                     .map(|r| (r.density, r.attention_ms))
                     .collect();
                 pts.sort_by(|x, y| x.0.total_cmp(&y.0));
                 if !pts.is_empty() {
-                    by_density.push(Series { name: format!("{} {} {}", m.as_str(), n.label(), p.label()), points: pts, labels: Vec::new(), thin: false });
+                    by_density.push(Series { name: format!("{m} {} {}", n.label(), p.label()), points: pts, labels: Vec::new(), thin: false });
                 }
             }
         }
@@ -476,7 +527,8 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
         "elapsed_s": elapsed_s,
         "notes": {
             "attention_ms": "median of the timed runs of one call (GPU timestamps summed over passes when the adapter has them, else wall clock submit-to-idle)",
-            "build_ms": "median of 3 host-side pattern builds",
+            "build_ms": "median of 3 host-side pattern builds (mra: block means of Q/K/V, low-resolution scores and the block selection on the CPU; the remainder upload is outside both times)",
+            "mra": "mra at density d: blocks_per_row = round(d x k_blocks) (priors included in the budget); mode full = MRA-2 (coarse remainder merged into the softmax; entmax cells are skipped), sparse = MRA-2-s",
             "density": "the pattern's block density (stored blocks / all blocks, mean over slices)",
             "gflops": "4 * computed pairs * head_dim / attention time",
         },
@@ -488,12 +540,12 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
         println!("{title}");
         println!("{subtitle}");
         println!(
-            "{:<24} {:<12} {:<9} {:<5} {:>6} {:>8} {:>9} {:>11} {:>8}  status",
+            "{:<30} {:<12} {:<9} {:<5} {:>6} {:>8} {:>9} {:>11} {:>8}  status",
             "method", "path", "norm", "dtype", "seq", "density", "build_ms", "attn_ms", "GFLOP/s"
         );
         for r in &rows {
             println!(
-                "{:<24} {:<12} {:<9} {:<5} {:>6} {:>8.4} {:>9.3} {:>11.3} {:>8.2}  {}",
+                "{:<30} {:<12} {:<9} {:<5} {:>6} {:>8.4} {:>9.3} {:>11.3} {:>8.2}  {}",
                 r.label,
                 r.path.label(),
                 r.normalizer.label(),
@@ -539,10 +591,14 @@ fn time_cell(
     k: &Array4<f32>,
     v: &Array4<f32>,
     pattern: &BlockPattern,
+    mra: Option<&Mra>,
     opts: AttentionOptions,
     warmup: usize,
     repeats: usize,
 ) -> Result<sparse_attn::RunTimes, Error> {
-    let prepared = engine.prepare_attention(q, k, v, pattern, &opts)?;
+    let prepared = match mra {
+        Some(m) => engine.prepare_attention_mra(q, k, v, m, &opts)?,
+        None => engine.prepare_attention(q, k, v, pattern, &opts)?,
+    };
     prepared.time(warmup, repeats)
 }
