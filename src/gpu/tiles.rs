@@ -33,8 +33,9 @@ impl FusedTile {
     }
 }
 
-/// Entmax candidates kept per row on chip (rows with more recompute their scores).
-pub const ENTMAX_CANDIDATES: u32 = 64;
+/// Entmax candidates kept on chip per thread: a row keeps `16 · threads-per-row` of its largest
+/// scores (rows whose support does not fit recompute their scores instead).
+pub const ENTMAX_CANDIDATES_PER_THREAD: u32 = 16;
 /// Largest head_dim a fused tile supports.
 pub const MAX_FUSED_HEAD_DIM: u32 = 256;
 
@@ -59,7 +60,7 @@ pub fn candidates(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, limit
             if dp / tpr > 32 {
                 return None;
             }
-            let tile = FusedTile { tq, kc, wg, dp, cap: ENTMAX_CANDIDATES };
+            let tile = FusedTile { tq, kc, wg, dp, cap: ENTMAX_CANDIDATES_PER_THREAD * tpr };
             (tile.workgroup_bytes(entmax) <= limits.max_compute_workgroup_storage_size).then_some(tile)
         })
         .collect()
@@ -74,7 +75,7 @@ pub fn default_tile(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, lim
         Error::Unsupported(format!(
             "no fused tile for head_dim {head_dim} fits max_compute_workgroup_storage_size = {} bytes (smallest needs {})",
             limits.max_compute_workgroup_storage_size,
-            FusedTile { tq: 4, kc: 8, wg: 64, dp: head_dim.next_multiple_of(16), cap: ENTMAX_CANDIDATES }.workgroup_bytes(entmax)
+            FusedTile { tq: 4, kc: 8, wg: 64, dp: head_dim.next_multiple_of(16), cap: ENTMAX_CANDIDATES_PER_THREAD * 16 }.workgroup_bytes(entmax)
         ))
     })
 }
