@@ -88,3 +88,15 @@ fn allowed(b: u32, qb: u32, r: u32, c: u32) -> bool {
     let word = pat[params.off_masks + m + r * words_per_row + c / 32u];
     return ((word >> (c % 32u)) & 1u) == 1u;
 }
+
+// x^e for the entmax exponent e = 1/(α-1), x > 0; exact fast paths for sparsemax (e = 1) and
+// 1.5-entmax (e = 2).
+fn pow_e(x: f32) -> f32 {
+    if (params.exponent == 1.0) {
+        return x;
+    }
+    if (params.exponent == 2.0) {
+        return x * x;
+    }
+    return exp2(params.exponent * log2(x));
+}

@@ -17,16 +17,6 @@ var<workgroup> part: array<vec4<f32>, WG>;
 var<workgroup> flags: array<u32, WG>;
 var<workgroup> uniform_word: u32;
 
-fn pow_e(x: f32) -> f32 {
-    if (params.exponent == 1.0) {
-        return x;
-    }
-    if (params.exponent == 2.0) {
-        return x * x;
-    }
-    return exp2(params.exponent * log2(x));
-}
-
 // (Σ x^e, Σ x^(e-1), Σ x^(e-2)) contribution of one score at threshold tau.
 fn moments(s: f32, m: f32, tau: f32) -> vec4<f32> {
     let x = (params.alpha - 1.0) * (s - m) - tau;

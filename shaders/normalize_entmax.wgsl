@@ -4,17 +4,6 @@
 // finite; stops on |Σp - 1| <= tolerance, a step or bracket below 1e-7, or max_iterations.
 // The final p is renormalised by its sum. Masked entries and empty rows are 0.
 
-fn pow_e(x: f32) -> f32 {
-    // Exact fast paths for sparsemax (e = 1) and 1.5-entmax (e = 2).
-    if (params.exponent == 1.0) {
-        return x;
-    }
-    if (params.exponent == 2.0) {
-        return x * x;
-    }
-    return exp2(params.exponent * log2(x));
-}
-
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
