@@ -213,7 +213,6 @@ fn rows_with_one_allowed_key_output_that_keys_value() {
     use sparse_attn::pattern::{BlockMask, PatternAccumulator, PatternGeometry};
     // Query i sees only key (3·i) mod seq: a single allowed key per row, in a partial block.
     let (n, d) = (40usize, 16usize);
-    let shape = AttentionShape::new(1, 2, n, d);
     let g = PatternGeometry { block_q: 16, block_k: 16, seq_q: n as u32, seq_kv: n as u32, slices: 1 };
     let mut acc = PatternAccumulator::new(g).unwrap();
     for qb in 0..g.q_blocks() {

@@ -32,7 +32,7 @@ pub fn required_limits_check(l: &wgpu::Limits) -> Result<()> {
         ("max_compute_workgroup_storage_size", 16384, l.max_compute_workgroup_storage_size as u64),
         ("max_storage_buffers_per_shader_stage", 4, l.max_storage_buffers_per_shader_stage as u64),
         ("max_compute_workgroups_per_dimension", 1, l.max_compute_workgroups_per_dimension as u64),
-        ("max_uniform_buffer_binding_size", 128, l.max_uniform_buffer_binding_size as u64),
+        ("max_uniform_buffer_binding_size", 128, l.max_uniform_buffer_binding_size),
     ];
     for (limit, required, available) in checks {
         if available < required {

@@ -395,7 +395,7 @@ impl Engine {
         let d_chunk = if matches!(kind, KernelKind::Spmm | KernelKind::SpmmMra) { plan.d_chunk } else { 0 };
         let fused = if kind.is_fused() { plan.fused } else { None };
         let subgroups = self.caps.subgroups && matches!(kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax | KernelKind::NormalizeSoftmaxMra);
-        let vec4 = kind.is_fused() && plan.shape.head_dim % 4 == 0;
+        let vec4 = kind.is_fused() && plan.shape.head_dim.is_multiple_of(4);
         self.kernels.get(&self.device, KernelKey { kind, dtype: plan.dtype, block_q: plan.block_q, block_k: plan.block_k, d_chunk, fused, subgroups, vec4 })
     }
 

@@ -306,7 +306,7 @@ pub fn all_shader_sources() -> Vec<(String, String)> {
         }
         for dtype in [DType::F32, DType::F16] {
             for (bq, bk) in [(16, 16), (32, 64), (128, 128)] {
-                let fused = kind.is_fused().then(|| super::tiles::FusedTile { tq: 16, kc: 16, wg: 128, dp: 64, cap: 64 });
+                let fused = kind.is_fused().then_some(super::tiles::FusedTile { tq: 16, kc: 16, wg: 128, dp: 64, cap: 64 });
                 for (subgroups, vec4) in [(false, false), (true, true)] {
                     let key = KernelKey { kind, dtype, block_q: bq, block_k: bk, d_chunk: 64, fused, subgroups, vec4 };
                     out.push((format!("{} {:?} {bq}x{bk} subgroups={subgroups} vec4={vec4}", kind.name(), dtype), shader_source(&key)));

@@ -66,7 +66,7 @@ pub struct PlanLimits {
 impl PlanLimits {
     pub fn from_wgpu(l: &wgpu::Limits) -> Self {
         Self {
-            max_binding_bytes: l.max_storage_buffer_binding_size as u64,
+            max_binding_bytes: l.max_storage_buffer_binding_size,
             max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
             binding_alignment: l.min_storage_buffer_offset_alignment as u64,
             max_buffer_bytes: l.max_buffer_size,

@@ -49,7 +49,7 @@ impl Engine {
         }
         let device = self.device();
         let limits = device.limits();
-        let max_binding = limits.max_storage_buffer_binding_size as u64;
+        let max_binding = limits.max_storage_buffer_binding_size;
         // Rows per dispatch: the x and y windows both fit one binding, and the grid fits.
         let per_row = (dim.max(rank) * 4) as u64;
         let max_grid = limits.max_compute_workgroups_per_dimension as u64;
