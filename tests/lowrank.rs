@@ -465,3 +465,38 @@ fn gpu_matches_cpu_reference_on_real_data() {
         (2e-3, 2e-4),
     );
 }
+
+/// Work past one binding is split into query-row chunks (and batch items), not refused.
+#[test]
+fn gpu_path_chunks_work_past_one_binding() {
+    if common::engine().is_none() {
+        return;
+    }
+    let mut engine = sparse_attn::Engine::new().unwrap();
+    let data = AttentionData::open(fixture_path()).unwrap();
+    let texts = data.texts().to_vec();
+    let mut fitter = LowRankFitter::new(8).unwrap();
+    let (q1, k1, _) = data.layer(&texts[1], 0).unwrap();
+    fitter.add_scores(&q1.view(), &k1.view(), 2).unwrap();
+    let model = fitter.finish().unwrap();
+    let n = data.seq();
+    let plan = model.plan(&LowRankConfig::new(8, 16), n).unwrap();
+    let (q, k, v) = data.layer(&texts[0], 1).unwrap();
+    // Batch 2: the same layer twice, second copy scaled so the batches differ.
+    let cat = |a: &ndarray::Array4<f32>| ndarray::concatenate(ndarray::Axis(0), &[a.view(), a.mapv(|x| 0.5 * x).view()]).unwrap();
+    let (q, k, v) = (cat(&q), cat(&k), cat(&v));
+    let want = lowrank::attention(&plan, &q.view(), &k.view(), &v.view(), Normalizer::Softmax).unwrap();
+    // 2 × 4 heads × 256 rows × 256 keys of scores (2 MiB) against 512 KiB bindings.
+    let limits = engine.plan_limits();
+    engine.set_plan_limits(sparse_attn::gpu::plan::PlanLimits { max_binding_bytes: 512 * 1024, ..limits });
+    let gpu = GpuLowRank::new(&engine).unwrap();
+    let got = gpu.attention(&engine, &plan, &q.view(), &k.view(), &v.view(), Normalizer::Softmax, true).unwrap();
+    assert_eq!(got.scores.as_ref().map(|s| s.dim()), Some((2, 4, n, n)));
+    assert_close("chunked lowrank output", got.o.as_slice().unwrap(), want.as_slice().unwrap(), (2e-3, 2e-4));
+    // A binding too small for even one row with its K/V is a typed Limit error.
+    engine.set_plan_limits(sparse_attn::gpu::plan::PlanLimits { max_binding_bytes: 4096, ..limits });
+    assert!(matches!(
+        gpu.attention(&engine, &plan, &q.view(), &k.view(), &v.view(), Normalizer::Softmax, false),
+        Err(sparse_attn::Error::Limit { .. })
+    ));
+}

@@ -133,6 +133,10 @@ impl GpuLowRank {
     /// Low-rank attention on the GPU; same inputs and result as [`super::attention`] (f32).
     /// `with_scores` also reads back the reconstructed scores. `engine` must be the one this was
     /// created with.
+    ///
+    /// Work past one binding (the engine's `plan_limits().max_binding_bytes`) is split into
+    /// chunks of query rows, then of batch items; only a single batch item whose K/V (plus the
+    /// basis) alone exceed a binding is a `Limit` error.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -145,6 +149,87 @@ impl GpuLowRank {
         with_scores: bool,
     ) -> Result<LowRankOutput> {
         normalizer.validate()?;
+        let shape = plan.check_shape(q, k, v)?;
+        let max = engine.plan_limits().max_binding_bytes.min(engine.device().limits().max_buffer_size);
+        let (n, m, d) = (plan.length as u64, plan.subset.len() as u64, shape.head_dim as u64);
+        let slices = shape.slices() as u64;
+        let fixed = (k.len() + v.len() + plan.mean.len() + plan.basis.len() + plan.operator.len()) as u64;
+        // Largest binding of a call with `rows` query rows per slice.
+        let need = |rows: u64| {
+            let per = slices * rows;
+            [fixed + per * d, per * n, per * m, per * d].into_iter().max().unwrap_or(0) * 4
+        };
+        if need(shape.seq_q as u64) <= max {
+            return self.attention_once(engine, plan, q, k, v, normalizer, with_scores);
+        }
+        let axis = ndarray::Axis(0);
+        if shape.batch > 1 && fixed * 4 > max / 2 {
+            // K/V dominate: split the batch first.
+            return self.concat(engine, plan, q, k, v, normalizer, with_scores, axis, 1);
+        }
+        let mut rows = shape.seq_q as u64;
+        while rows > 1 && need(rows) > max {
+            rows = rows.div_ceil(2);
+        }
+        if need(rows) > max {
+            if shape.batch > 1 {
+                return self.concat(engine, plan, q, k, v, normalizer, with_scores, axis, 1);
+            }
+            return Err(Error::Limit {
+                limit: "max_storage_buffer_binding_size (lowrank: one query row with its K/V and basis)",
+                required: need(1),
+                available: max,
+            });
+        }
+        self.concat(engine, plan, q, k, v, normalizer, with_scores, ndarray::Axis(2), rows as usize)
+    }
+
+    /// Runs `attention` on chunks of `step` along `axis` (0: batch, with its K/V; 2: query rows,
+    /// full K/V) and concatenates the results.
+    #[allow(clippy::too_many_arguments)]
+    fn concat(
+        &self,
+        engine: &Engine,
+        plan: &LowRankPlan,
+        q: &ArrayView4<f32>,
+        k: &ArrayView4<f32>,
+        v: &ArrayView4<f32>,
+        normalizer: Normalizer,
+        with_scores: bool,
+        axis: ndarray::Axis,
+        step: usize,
+    ) -> Result<LowRankOutput> {
+        let len = q.len_of(axis);
+        let mut outs = Vec::new();
+        for start in (0..len).step_by(step.max(1)) {
+            let range = ndarray::Slice::from(start..(start + step).min(len));
+            let qc = q.slice_axis(axis, range);
+            let (kc, vc) = if axis.index() == 0 { (k.slice_axis(axis, range), v.slice_axis(axis, range)) } else { (k.view(), v.view()) };
+            outs.push(self.attention(engine, plan, &qc, &kc, &vc, normalizer, with_scores)?);
+        }
+        let join = |parts: Vec<ndarray::ArrayView4<f32>>| {
+            ndarray::concatenate(axis, &parts).map_err(|e| Error::Shape(format!("lowrank chunks: {e}")))
+        };
+        let o = join(outs.iter().map(|x| x.o.view()).collect())?;
+        let scores = match with_scores {
+            true => Some(join(outs.iter().filter_map(|x| x.scores.as_ref().map(|s| s.view())).collect())?),
+            false => None,
+        };
+        Ok(LowRankOutput { o, scores })
+    }
+
+    /// One call whose bindings fit.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_once(
+        &self,
+        engine: &Engine,
+        plan: &LowRankPlan,
+        q: &ArrayView4<f32>,
+        k: &ArrayView4<f32>,
+        v: &ArrayView4<f32>,
+        normalizer: Normalizer,
+        with_scores: bool,
+    ) -> Result<LowRankOutput> {
         let shape = plan.check_shape(q, k, v)?;
         let (n, m, r, d) = (plan.length, plan.subset.len(), plan.rank, shape.head_dim);
         if r > MAX_GPU_RANK {
@@ -173,9 +258,7 @@ impl GpuLowRank {
         }
         let device = engine.device();
         let limits = device.limits();
-        let max = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
+        let max = engine.plan_limits().max_binding_bytes.min(limits.max_buffer_size);
         let score_elems = rows as u64 * n as u64;
         for (what, elems) in [
             ("packed inputs", data.len() as u64),
