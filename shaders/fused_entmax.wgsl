@@ -27,6 +27,15 @@ fn moments(s: f32, m: f32, tau: f32) -> vec4<f32> {
     return vec4<f32>(px, px / x, px / (x * x), 0.0);
 }
 
+// Stages K of chunk kc of stored block b (key block kb) and scores it into s_tile; all three
+// passes walk the row this way (V is staged only in pass 2, where needed).
+fn stage_scores(t: Tile, b: u32, kb: u32, kc: u32, lid: u32) {
+    load_k_chunk(t, kb, kc, lid);
+    workgroupBarrier();
+    _ = score_chunk(t, b, kc, lid);
+    workgroupBarrier();
+}
+
 // Sum of part[] over the row's TPR threads, in lane order.
 fn row_total(row: u32) -> vec4<f32> {
     var s = vec4<f32>(0.0);
@@ -120,10 +129,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             if (kb * BK + kc >= params.seq_kv) {
                 break;
             }
-            load_k_chunk(t, kb, kc, lid);
-            workgroupBarrier();
-            _ = score_chunk(t, b, kc, lid);
-            workgroupBarrier();
+            stage_scores(t, b, kb, kc, lid);
             for (var kk = lane; kk < KC; kk += TPR) {
                 let s = s_tile[row * KC + kk];
                 if (s > NEG_BIG) {
@@ -212,10 +218,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 if (kb * BK + kc >= params.seq_kv) {
                     break;
                 }
-                load_k_chunk(t, kb, kc, lid);
-                workgroupBarrier();
-                _ = score_chunk(t, b, kc, lid);
-                workgroupBarrier();
+                stage_scores(t, b, kb, kc, lid);
                 if (recompute && st.searching) {
                     for (var kk = lane; kk < KC; kk += TPR) {
                         sums += moments(s_tile[row * KC + kk], m, st.tau);
@@ -246,10 +249,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             if (kb * BK + kc >= params.seq_kv) {
                 break;
             }
-            load_k_chunk(t, kb, kc, lid);
-            workgroupBarrier();
-            _ = score_chunk(t, b, kc, lid);
-            workgroupBarrier();
+            stage_scores(t, b, kb, kc, lid);
             // Each lane turns its own entries into p in place.
             var any_p = false;
             for (var kk = lane; kk < KC; kk += TPR) {

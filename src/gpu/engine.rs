@@ -664,12 +664,7 @@ impl Engine {
         if mra.mode == MraMode::SparseOnly {
             return Ok(prepared);
         }
-        if opts.normalizer != Normalizer::Softmax {
-            return Err(Error::Unsupported(format!(
-                "MRA-2 (full mode) merges the coarse remainder into a softmax; {:?} has no such form (use MraMode::SparseOnly)",
-                opts.normalizer
-            )));
-        }
+        mra.check_normalizer(opts.normalizer)?;
         let rem = &mra.remainder;
         let shape = prepared.plan.shape;
         if rem.shape != shape {

@@ -92,6 +92,19 @@ pub struct Mra {
     pub mode: MraMode,
 }
 
+impl Mra {
+    /// MRA-2 merges the coarse remainder into a softmax and has no entmax form: any other
+    /// normaliser in `Full` mode is `Unsupported`. (Shared by the reference and the engine.)
+    pub fn check_normalizer(&self, normalizer: crate::Normalizer) -> crate::Result<()> {
+        if self.mode == MraMode::Full && normalizer != crate::Normalizer::Softmax {
+            return Err(crate::Error::Unsupported(format!(
+                "MRA-2 (full mode) merges the coarse remainder into a softmax; {normalizer:?} has no such form (use MraMode::SparseOnly)"
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl MraRemainder {
     /// Whether V̂ was computed (needed by MRA-2).
     pub fn has_values(&self) -> bool {

@@ -27,11 +27,7 @@ pub fn attention<'a>(
     match mra.mode {
         MraMode::SparseOnly => crate::reference::attention_scaled(q, k, v, &mra.pattern, normalizer, scale),
         MraMode::Full => {
-            if normalizer != Normalizer::Softmax {
-                return Err(Error::Unsupported(format!(
-                    "MRA-2 (full mode) merges the coarse remainder into a softmax; {normalizer:?} has no such form (use MraMode::SparseOnly)"
-                )));
-            }
+            mra.check_normalizer(normalizer)?;
             full(&q, &k, &v, mra, scale)
         }
     }
