@@ -11,19 +11,23 @@ use sparse_attn::{reference, AttentionOptions, AttentionShape, DType, Engine, Ex
 #[test]
 fn every_candidate_tile_matches_reference() {
     let Some(engine) = engine() else { return };
-    let shape = AttentionShape::new(1, 2, 70, 40).with_seq_kv(90);
-    let q = random4((1, 2, 70, 40), 1, 2.0);
-    let k = random4((1, 2, 90, 40), 2, 2.0);
-    let v = random4((1, 2, 90, 40), 3, 1.0);
-    let pattern = RandomBlocks::new(0.7, 4).with_partial(0.4).with_blocks(32, 32).build(&shape).unwrap();
-    for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15] {
-        let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
-        let tiles = engine.fused_tile_candidates(32, 32, 40, normalizer);
-        assert!(!tiles.is_empty(), "no fused tile fits this adapter");
-        for tile in tiles {
-            let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(normalizer) };
-            let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap_or_else(|e| panic!("{tile:?}: {e}"));
-            assert_close(&format!("{} tile {tile:?}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+    // Block 32 for both kernels; block 64 with head_dim 72 reaches the softmax kernel's 64-row
+    // tiles and lanes that own a second, partial vec4 column (18 vec4 columns over 16 lanes).
+    for (block, d, normalizers) in [(32u32, 40usize, &[Normalizer::Softmax, Normalizer::ENTMAX15][..]), (64, 72, &[Normalizer::Softmax][..])] {
+        let shape = AttentionShape::new(1, 2, 70, d).with_seq_kv(90);
+        let q = random4((1, 2, 70, d), 1, 2.0);
+        let k = random4((1, 2, 90, d), 2, 2.0);
+        let v = random4((1, 2, 90, d), 3, 1.0);
+        let pattern = RandomBlocks::new(0.7, 4).with_partial(0.4).with_blocks(block, block).build(&shape).unwrap();
+        for &normalizer in normalizers {
+            let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
+            let tiles = engine.fused_tile_candidates(block, block, d, normalizer);
+            assert!(!tiles.is_empty(), "no fused tile fits this adapter");
+            for tile in tiles {
+                let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(normalizer) };
+                let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap_or_else(|e| panic!("{tile:?}: {e}"));
+                assert_close(&format!("{} block {block} d {d} tile {tile:?}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ const NORMALIZE_COMMON: &str = include_str!("../../shaders/normalize_common.wgsl
 const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 const FUSED_COMMON: &str = include_str!("../../shaders/fused_common.wgsl");
+const FUSED_ROWS: &str = include_str!("../../shaders/fused_rows.wgsl");
 const FUSED_IO_SCALAR: &str = include_str!("../../shaders/fused_io_scalar.wgsl");
 const FUSED_IO_VEC4: &str = include_str!("../../shaders/fused_io_vec4.wgsl");
 const MRA_NONE: &str = include_str!("../../shaders/mra_none.wgsl");
@@ -170,8 +171,8 @@ pub fn shader_source(key: &KernelKey) -> String {
     ));
     if let Some(t) = key.fused {
         s.push_str(&format!(
-            "const DP: u32 = {}u;\nconst TQ: u32 = {}u;\nconst KC: u32 = {}u;\nconst WG: u32 = {}u;\nconst CAP: u32 = {}u;\n",
-            t.dp, t.tq, t.kc, t.wg, t.cap
+            "const DP: u32 = {}u;\nconst TQ: u32 = {}u;\nconst KC: u32 = {}u;\nconst WG: u32 = {}u;\nconst CAP: u32 = {}u;\nconst RQ: u32 = {}u;\n",
+            t.dp, t.tq, t.kc, t.wg, t.cap, t.rq.max(1)
         ));
     }
     s.push_str(COMMON);
@@ -182,6 +183,9 @@ pub fn shader_source(key: &KernelKey) -> String {
     if key.kind.is_fused() {
         s.push_str(if key.vec4 { FUSED_IO_VEC4 } else { FUSED_IO_SCALAR });
         s.push_str(FUSED_COMMON);
+        if key.kind == KernelKind::FusedEntmax {
+            s.push_str(FUSED_ROWS);
+        }
     }
     // MRA remainder hooks: real for the MRA kinds, no-ops for the plain kernels that call them.
     match key.kind.mra_binding() {
@@ -197,7 +201,15 @@ pub fn shader_source(key: &KernelKey) -> String {
         None if matches!(key.kind, KernelKind::FusedSoftmax | KernelKind::NormalizeSoftmax | KernelKind::Spmm) => s.push_str(MRA_NONE),
         None => {}
     }
-    s.push_str(key.kind.body());
+    match (key.kind, key.fused) {
+        (KernelKind::FusedSoftmax | KernelKind::FusedSoftmaxMra, Some(t)) => {
+            // Register-tile loop counts, as fused_softmax.wgsl derives them.
+            let lanes = t.lanes();
+            let consts = [("RQ", t.rq.max(1)), ("NK", t.kc / lanes.max(1)), ("NC", (t.dp / 4).div_ceil(lanes.max(1)))];
+            s.push_str(&super::unroll::unroll(key.kind.body(), &consts));
+        }
+        _ => s.push_str(key.kind.body()),
+    }
     s
 }
 
@@ -306,7 +318,11 @@ pub fn all_shader_sources() -> Vec<(String, String)> {
         }
         for dtype in [DType::F32, DType::F16] {
             for (bq, bk) in [(16, 16), (32, 64), (128, 128)] {
-                let fused = kind.is_fused().then_some(super::tiles::FusedTile { tq: 16, kc: 16, wg: 128, dp: 64, cap: 64 });
+                let fused = kind.is_fused().then_some(if kind == KernelKind::FusedEntmax {
+                    super::tiles::FusedTile { tq: 16, kc: 16, wg: 128, dp: 64, cap: 64, rq: 0 }
+                } else {
+                    super::tiles::FusedTile { tq: 16, kc: 16, wg: 64, dp: 64, cap: 0, rq: 2 }
+                });
                 for (subgroups, vec4) in [(false, false), (true, true)] {
                     let key = KernelKey { kind, dtype, block_q: bq, block_k: bk, d_chunk: 64, fused, subgroups, vec4 };
                     out.push((format!("{} {:?} {bq}x{bk} subgroups={subgroups} vec4={vec4}", kind.name(), dtype), shader_source(&key)));

@@ -7,4 +7,5 @@ pub mod kernels;
 pub mod plan;
 pub mod project;
 pub mod tiles;
+pub(crate) mod unroll;
 pub mod timing;
