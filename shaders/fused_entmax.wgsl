@@ -240,7 +240,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     // ---- pass 2: p = [z - τ]₊^e, O = Σ p v / Σ p; chunks with no p > 0 skip V ----------
     var l = 0.0;
     var acc: array<f32, CPT>;
-    for (var j = 0u; j < CPT; j++) {
+    for (var j = 0u; j < CPT; j++) { // @unroll
         acc[j] = 0.0;
     }
     for (var b = t.first; b < t.last; b++) {
@@ -264,7 +264,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                     let p = s_tile[row * KC + kk];
                     if (p > 0.0) {
                         l += p;
-                        for (var j = 0u; j < CPT; j++) {
+                        for (var j = 0u; j < CPT; j++) { // @unroll
                             acc[j] += p * v_tile[kk * DP + lane + j * TPR];
                         }
                     }

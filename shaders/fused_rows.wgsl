@@ -69,7 +69,7 @@ fn store_output(t: Tile, row: u32, lane: u32, acc: ptr<function, array<f32, CPT>
     let i = t.qb * BQ + t.row0 + row;
     if (i < params.seq_q) {
         let base = (t.slice * params.seq_q + i) * params.head_dim - params.o_base;
-        for (var j = 0u; j < CPT; j++) {
+        for (var j = 0u; j < CPT; j++) { // @unroll
             let col = lane + j * TPR;
             if (col < params.head_dim) {
                 o[base + col] = elem((*acc)[j] * inv);

@@ -183,8 +183,9 @@ pub fn shader_source(key: &KernelKey) -> String {
     if key.kind.is_fused() {
         s.push_str(if key.vec4 { FUSED_IO_VEC4 } else { FUSED_IO_SCALAR });
         s.push_str(FUSED_COMMON);
-        if key.kind == KernelKind::FusedEntmax {
-            s.push_str(FUSED_ROWS);
+        if let (KernelKind::FusedEntmax, Some(t)) = (key.kind, key.fused) {
+            let tpr = (t.wg / t.tq).max(1);
+            s.push_str(&super::unroll::unroll(FUSED_ROWS, &[("CPT", t.dp.div_ceil(tpr))]));
         }
     }
     // MRA remainder hooks: real for the MRA kinds, no-ops for the plain kernels that call them.
@@ -207,6 +208,10 @@ pub fn shader_source(key: &KernelKey) -> String {
             let lanes = t.lanes();
             let consts = [("RQ", t.rq.max(1)), ("NK", t.kc / lanes.max(1)), ("NC", (t.dp / 4).div_ceil(lanes.max(1)))];
             s.push_str(&super::unroll::unroll(key.kind.body(), &consts));
+        }
+        (KernelKind::FusedEntmax, Some(t)) => {
+            let tpr = (t.wg / t.tq).max(1);
+            s.push_str(&super::unroll::unroll(key.kind.body(), &[("CPT", t.dp.div_ceil(tpr))]));
         }
         _ => s.push_str(key.kind.body()),
     }
