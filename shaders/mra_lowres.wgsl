@@ -3,7 +3,8 @@
 //   block_means:  Q̂, K̂, V̂ over the valid rows of each block (ragged tails use the valid count)
 //                 into `means` = [Q̂ (slices·qn·d) | K̂ (kv_slices·kn·d) | V̂ (same, if has_v)]
 //                                                           (one invocation per (block, column))
-//   block_scores: L_IJ = scale·Q̂_I·K̂_J and the row max r_I over all J (one workgroup per row)
+//   block_scores: L_IJ = scale·Q̂_I·K̂_J and the row max r_I over all J
+//                 (one workgroup per 4 query-block rows of a slice, lanes of a vec4)
 //   select_blocks: the priors, then the `want` largest keys (L_IJ − r_I) among the other blocks,
 //                 ties to the lower flat index I·kn + J (one workgroup per slice): the keys are
 //                 order-preserving u32s; a 4-pass radix select (256-bin histograms, integer
@@ -12,13 +13,15 @@
 //                 workgroup prefix scan per tile) are taken. sel[...] = 1 selected, 0 not.
 //   row_terms:    per query-block row, over the non-selected blocks: [r, S, N_0..N_{d-1}] with
 //                 r = max L_IJ (NEG_BIG when none), S = Σ c_J·exp(L_IJ − r),
-//                 N = Σ c_J·exp(L_IJ − r)·V̂_J                    (one workgroup per row)
+//                 N = Σ c_J·exp(L_IJ − r)·V̂_J      (one workgroup per 4 rows, like block_scores)
+// The selection's tie ranks come from one exclusive scan over per-thread runs of indices.
 // Every index is guarded; f32 accumulation in a fixed order (deterministic); no float atomics;
 // no infinities (NEG_BIG is the finite "no score" sentinel).
 
 const NEG_BIG: f32 = -3.0e38;
 const WG: u32 = 64u;
 const SWG: u32 = 256u;
+const ROWS: u32 = 4u;
 
 struct LowResParams {
     slices: u32,
@@ -53,7 +56,8 @@ struct LowResParams {
 @group(0) @binding(7) var<storage, read_write> sel: array<u32>;
 @group(0) @binding(8) var<storage, read_write> rows: array<f32>;
 
-var<workgroup> red: array<f32, WG>;
+var<workgroup> red4: array<vec4<f32>, WG>;
+var<workgroup> wts4: array<vec4<f32>, WG>;
 var<workgroup> hist: array<atomic<u32>, SWG>;
 var<workgroup> scan: array<u32, SWG>;
 var<workgroup> pick: vec2<u32>;
@@ -179,43 +183,61 @@ fn block_means(
     }
 }
 
+// Rows of a 4-row group (query-block rows i0..i0+3 of one local slice), as a validity mask.
+struct RowGroup {
+    ls: u32,
+    i0: u32,
+    valid: vec4<bool>,
+}
+
+fn row_group(g: u32) -> RowGroup {
+    let groups = (lp.q_blocks + ROWS - 1u) / ROWS;
+    let ls = g / max(groups, 1u);
+    let i0 = (g % max(groups, 1u)) * ROWS;
+    let live = ls < lp.slices;
+    let i = vec4<u32>(i0, i0 + 1u, i0 + 2u, i0 + 3u);
+    return RowGroup(ls, i0, vec4<bool>(live && i.x < lp.q_blocks, live && i.y < lp.q_blocks, live && i.z < lp.q_blocks, live && i.w < lp.q_blocks));
+}
+
 @compute @workgroup_size(64)
 fn block_scores(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = group_index(wg, nwg);
-    let live = row < lp.slices * lp.q_blocks;
+    let grp = row_group(group_index(wg, nwg));
     let d = lp.head_dim;
     let kn = lp.k_blocks;
-    let ls = row / max(lp.q_blocks, 1u);
-    let kvl = kv_local(ls);
-    var m = NEG_BIG;
-    if (live) {
+    let kvl = kv_local(grp.ls);
+    let row0 = grp.ls * lp.q_blocks + grp.i0;
+    var m = vec4<f32>(NEG_BIG);
+    if (any(grp.valid)) {
         for (var j = lid; j < kn; j += WG) {
-            var dot = 0.0;
+            var dot = vec4<f32>(0.0);
             for (var c = 0u; c < d; c++) {
-                dot += ld_mean(row * d + c) * ld_mean(lp.k_means_off + (kvl * kn + j) * d + c);
+                let qv = vec4<f32>(ld_mean(row0 * d + c), ld_mean((row0 + 1u) * d + c), ld_mean((row0 + 2u) * d + c), ld_mean((row0 + 3u) * d + c));
+                dot += qv * ld_mean(lp.k_means_off + (kvl * kn + j) * d + c);
             }
             let l = lp.scale * dot;
-            let at = row * kn + j;
-            if (at < arrayLength(&logits)) {
-                logits[at] = l;
+            for (var r = 0u; r < ROWS; r++) {
+                let at = (row0 + r) * kn + j;
+                if (grp.valid[r] && at < arrayLength(&logits)) {
+                    logits[at] = l[r];
+                }
             }
             m = max(m, l);
         }
     }
-    red[lid] = m;
+    red4[lid] = m;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if (lid < s) {
-            red[lid] = max(red[lid], red[lid + s]);
+            red4[lid] = max(red4[lid], red4[lid + s]);
         }
         workgroupBarrier();
     }
-    if (live && lid == 0u && row < arrayLength(&rowmax)) {
-        rowmax[row] = red[0];
+    if (lid < ROWS && grp.valid[lid] && row0 + lid < arrayLength(&rowmax)) {
+        rowmax[row0 + lid] = red4[0][lid];
     }
 }
 
@@ -294,43 +316,51 @@ fn select_blocks(
         rank = p.y;
     }
     // `prefix` is the threshold key T; `rank` keys equal to T are still wanted (lowest indices).
-    var running = 0u;
-    for (var base = 0u; base < total; base += SWG) {
-        let idx = base + lid;
-        var flag = 0u;
-        var eq = 0u;
-        if (live && idx < total) {
+    // Each thread walks a contiguous run of indices: count its ties, scan the counts across
+    // the workgroup (exclusive), then walk the run again handing out tie ranks in index order.
+    let per = (total + SWG - 1u) / SWG;
+    let lo = min(lid * per, total);
+    let hi = min(lo + per, total);
+    var ties = 0u;
+    if (live && lp.want > 0u) {
+        for (var idx = lo; idx < hi; idx++) {
             let c = candidate(ls, idx);
+            if (!c.prior && c.key == prefix) {
+                ties += 1u;
+            }
+        }
+    }
+    scan[lid] = ties;
+    workgroupBarrier();
+    for (var off = 1u; off < SWG; off <<= 1u) {
+        var x = 0u;
+        if (lid >= off) {
+            x = scan[lid - off];
+        }
+        workgroupBarrier();
+        scan[lid] += x;
+        workgroupBarrier();
+    }
+    var before = scan[lid] - ties;
+    if (live) {
+        for (var idx = lo; idx < hi; idx++) {
+            let c = candidate(ls, idx);
+            var flag = 0u;
             if (c.prior) {
                 flag = 1u;
             } else if (lp.want > 0u && c.key > prefix) {
                 flag = 1u;
             } else if (lp.want > 0u && c.key == prefix) {
-                eq = 1u;
+                if (before < rank) {
+                    flag = 1u;
+                }
+                before += 1u;
+            }
+            let at = ls * total + idx;
+            if (at < arrayLength(&sel)) {
+                sel[at] = flag;
             }
         }
-        scan[lid] = eq;
-        workgroupBarrier();
-        for (var off = 1u; off < SWG; off <<= 1u) {
-            var x = 0u;
-            if (lid >= off) {
-                x = scan[lid - off];
-            }
-            workgroupBarrier();
-            scan[lid] += x;
-            workgroupBarrier();
-        }
-        let inclusive = scan[lid];
-        let tile = scan[SWG - 1u];
-        if (eq == 1u && running + inclusive <= rank) {
-            flag = 1u;
-        }
-        let at = ls * total + idx;
-        if (live && idx < total && at < arrayLength(&sel)) {
-            sel[at] = flag;
-        }
-        running += tile;
-        workgroupBarrier();
     }
 }
 
@@ -340,58 +370,73 @@ fn row_terms(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = group_index(wg, nwg);
-    let live = row < lp.slices * lp.q_blocks;
+    let grp = row_group(group_index(wg, nwg));
     let d = lp.head_dim;
     let kn = lp.k_blocks;
-    let ls = row / max(lp.q_blocks, 1u);
-    let kvl = kv_local(ls);
-    var m = NEG_BIG;
-    if (live) {
-        for (var j = lid; j < kn; j += WG) {
-            if (ld_sel(row * kn + j) == 0u) {
-                m = max(m, ld_logit(row * kn + j));
+    let kvl = kv_local(grp.ls);
+    let row0 = grp.ls * lp.q_blocks + grp.i0;
+    // r per row: the max over its non-selected blocks (NEG_BIG when none).
+    var m = vec4<f32>(NEG_BIG);
+    for (var j = lid; j < kn; j += WG) {
+        for (var r = 0u; r < ROWS; r++) {
+            let at = (row0 + r) * kn + j;
+            if (grp.valid[r] && ld_sel(at) == 0u) {
+                m[r] = max(m[r], ld_logit(at));
             }
         }
     }
-    red[lid] = m;
+    red4[lid] = m;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if (lid < s) {
-            red[lid] = max(red[lid], red[lid + s]);
+            red4[lid] = max(red4[lid], red4[lid + s]);
         }
         workgroupBarrier();
     }
-    let r = red[0];
-    if (!live) {
-        return;
-    }
+    let rmax = red4[0];
     let stride = d + 2u;
-    let empty = r <= NEG_BIG;
-    if (lid == 0u && row * stride < arrayLength(&rows)) {
-        rows[row * stride] = select(r, NEG_BIG, empty);
+    if (lid < ROWS && grp.valid[lid] && (row0 + lid) * stride < arrayLength(&rows)) {
+        rows[(row0 + lid) * stride] = max(rmax[lid], NEG_BIG);
     }
-    // Column c < d: N_c; column d: S. Each sum runs over J in order.
-    for (var c = lid; c <= d; c += WG) {
-        var acc = 0.0;
-        if (!empty) {
-            for (var j = 0u; j < kn; j++) {
-                if (ld_sel(row * kn + j) == 0u) {
-                    let w = f32(key_count(j)) * exp(ld_logit(row * kn + j) - r);
-                    if (c < d) {
-                        acc += w * ld_mean(lp.v_means_off + (kvl * kn + j) * d + c);
-                    } else {
-                        acc += w;
+    // Column c < d: N_c; column d: S. The weights c_J·exp(L_IJ − r) of a tile of 64 key blocks
+    // (4 rows each) are staged in workgroup memory; each column sums over J in order.
+    for (var c0 = 0u; c0 <= d; c0 += WG) {
+        let c = c0 + lid;
+        var acc = vec4<f32>(0.0);
+        for (var j0 = 0u; j0 < kn; j0 += WG) {
+            let j = j0 + lid;
+            var w = vec4<f32>(0.0);
+            if (j < kn) {
+                let cnt = f32(key_count(j));
+                for (var r = 0u; r < ROWS; r++) {
+                    let at = (row0 + r) * kn + j;
+                    if (grp.valid[r] && rmax[r] > NEG_BIG && ld_sel(at) == 0u) {
+                        w[r] = cnt * exp(ld_logit(at) - rmax[r]);
                     }
                 }
             }
+            wts4[lid] = w;
+            workgroupBarrier();
+            let n = min(WG, kn - j0);
+            if (c < d) {
+                for (var t = 0u; t < n; t++) {
+                    acc += wts4[t] * ld_mean(lp.v_means_off + (kvl * kn + j0 + t) * d + c);
+                }
+            } else if (c == d) {
+                for (var t = 0u; t < n; t++) {
+                    acc += wts4[t];
+                }
+            }
+            workgroupBarrier();
         }
-        var at = row * stride + 2u + c;
-        if (c == d) {
-            at = row * stride + 1u;
-        }
-        if (at < arrayLength(&rows)) {
-            rows[at] = acc;
+        for (var r = 0u; r < ROWS; r++) {
+            var at = (row0 + r) * stride + 2u + c;
+            if (c == d) {
+                at = (row0 + r) * stride + 1u;
+            }
+            if (grp.valid[r] && c <= d && at < arrayLength(&rows)) {
+                rows[at] = acc[r];
+            }
         }
     }
 }

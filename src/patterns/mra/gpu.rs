@@ -19,8 +19,10 @@ use wgpu::util::DeviceExt;
 /// The WGSL source (for validation).
 pub const SHADER: &str = include_str!("../../../shaders/mra_lowres.wgsl");
 
-/// Invocations per workgroup of the means, scores and row-term passes, and of the selection.
+/// Invocations per workgroup of the means, scores and row-term passes.
 const WG: u64 = 64;
+/// Query-block rows per workgroup of the scores and row-term passes (the shader's `ROWS`).
+const ROWS: u64 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -220,7 +222,7 @@ impl GpuMraLowRes {
         let means = (cs * qn + ckv * kn * if has_v { 2 } else { 1 }) * d;
         let elems = [cs * n * d, ckv * m * d, means, cs * qn * kn, cs * qn * (d + 2)];
         let bytes = elems.into_iter().max().unwrap_or(0) * 4;
-        let groups = [means.div_ceil(WG), cs * qn, cs].into_iter().max().unwrap_or(0);
+        let groups = [means.div_ceil(WG), cs * qn.div_ceil(ROWS), cs].into_iter().max().unwrap_or(0);
         (bytes, groups)
     }
 
@@ -338,13 +340,14 @@ impl GpuMraLowRes {
             }
             Ok((gx as u32, gy as u32))
         };
+        let row_groups = cs as u64 * (qn as u64).div_ceil(ROWS);
         let mut passes = vec![
             ("sparse-attn mra lowres means pass", &self.means, grid((mean_items as u64).div_ceil(WG))?),
-            ("sparse-attn mra lowres scores pass", &self.scores, grid((cs * qn) as u64)?),
+            ("sparse-attn mra lowres scores pass", &self.scores, grid(row_groups)?),
             ("sparse-attn mra lowres select pass", &self.select, grid(cs as u64)?),
         ];
         if has_v {
-            passes.push(("sparse-attn mra lowres row terms pass", &self.rows, grid((cs * qn) as u64)?));
+            passes.push(("sparse-attn mra lowres row terms pass", &self.rows, grid(row_groups)?));
         }
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sparse-attn mra lowres encoder") });
         for (label, pipeline, (gx, gy)) in passes {
