@@ -6,12 +6,16 @@
 //! - `normalize/<normalizer>/<pattern>/4096`: the three-kernel path's normalisation kernel
 //!   alone, entmax-1.5 vs softmax (mean entmax iterations printed once).
 //! - `fused/<normalizer>/<pattern>/<seq>`: fused softmax vs fused entmax-1.5.
+//! - `mra_build/<cpu|gpu>/4096`: MRA's low-resolution stage (block means, scores, selection,
+//!   remainder) at seq 4096, 4 heads, block 32, 16 blocks per row: `MraConfig::build` on the
+//!   host vs `build_with_engine` (wall-clock, uploads and read-back included).
 //!
 //! `SPARSE_ATTN_BENCH_HEADS` (default 2) sets the head count; `cargo bench --bench kernels`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use ndarray::Array4;
 use rand::{Rng, SeedableRng};
+use sparse_attn::patterns::mra::MraConfig;
 use sparse_attn::patterns::{Dense, RandomBlocks};
 use sparse_attn::{AttentionOptions, AttentionShape, BlockPattern, Engine, ExecPath, Normalizer, PreparedAttention};
 use std::time::Duration;
@@ -108,5 +112,26 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(kernels, benches);
+/// MRA's build, CPU oracle vs GPU low-resolution stage (wall-clock per build).
+fn mra_build(c: &mut Criterion) {
+    let engine = match Engine::new() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("no adapter, skipping the MRA build bench: {e}");
+            return;
+        }
+    };
+    let shape = AttentionShape::new(1, 4, 4096, HEAD_DIM);
+    let (q, k, v) = (data(&shape, 1), data(&shape, 2), data(&shape, 3));
+    let cfg = MraConfig::new(32, 16);
+    let mut g = c.benchmark_group("mra_build");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+    g.bench_function(BenchmarkId::new("cpu", 4096), |b| b.iter(|| cfg.build(&q.view(), &k.view(), Some(&v.view()), &shape).expect("cpu build")));
+    g.bench_function(BenchmarkId::new("gpu", 4096), |b| {
+        b.iter(|| cfg.build_with_engine(&engine, &q.view(), &k.view(), Some(&v.view()), &shape).expect("gpu build"))
+    });
+    g.finish();
+}
+
+criterion_group!(kernels, mra_build, benches);
 criterion_main!(kernels);

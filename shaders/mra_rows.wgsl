@@ -1,5 +1,5 @@
 // MRA coarse remainder (Zeng et al. 2022), folded per query-block row by the host
-// (patterns::mra::MraRemainder::row_terms): row vrow = slice * q_blocks + qb holds
+// (patterns::mra::MraRemainder::row_terms) or on the GPU (mra_lowres.wgsl's row_terms): row vrow = slice * q_blocks + qb holds
 // [r, S, N_0 .. N_{d-1}] at vrow * (head_dim + 2), with r = max over the non-selected blocks of
 // L_IJ, S = sum c_J exp(L_IJ - r), N = sum c_J exp(L_IJ - r) V̂_J. The binding `mra_rem` is
 // declared by the host (its number depends on the kernel). Merging (r, S, N) into an online

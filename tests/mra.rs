@@ -177,3 +177,245 @@ fn gpu_full_budget_equals_dense_and_plain_attention_is_unchanged() {
     let want = reference::attention(&q, &k, &v, &m.pattern, Normalizer::Softmax).unwrap();
     assert_close("plain", plain.as_slice().unwrap(), want.as_slice().unwrap(), (1e-4, 1e-5));
 }
+
+// ---- GPU low-resolution stage (`MraConfig::build_with_engine`) against the CPU oracle ----
+
+/// Q, K, V with a random per-block offset plus smaller token noise: the low-resolution scores
+/// spread widely, so f32 (GPU) vs f64 (CPU) rounding cannot reorder the budget's boundary
+/// (checked per case by `assert_boundary_separated`).
+fn block_structured(shape: &AttentionShape, b: usize, seed: u64) -> (Array4<f32>, Array4<f32>, Array4<f32>) {
+    let s = shape;
+    let one = |heads: usize, n: usize, seed: u64, range: f32| {
+        let base = random4((s.batch, heads, n.div_ceil(b), s.head_dim), seed, 2.0 * range);
+        let noise = random4((s.batch, heads, n, s.head_dim), seed + 100, 0.3 * range);
+        Array4::from_shape_fn((s.batch, heads, n, s.head_dim), |(x, h, i, c)| base[[x, h, i / b, c]] + noise[[x, h, i, c]])
+    };
+    (one(s.heads, s.seq_q, seed, 1.0), one(s.kv_heads, s.seq_kv, seed + 1, 1.0), one(s.kv_heads, s.seq_kv, seed + 2, 0.5))
+}
+
+/// The test's premise: in every slice the budget-th and the next candidate key (L_IJ − r_I,
+/// recomputed in f64 from the CPU means) differ by more than f32 rounding could move them.
+fn assert_boundary_separated(what: &str, cfg: &MraConfig, cpu: &mra::Mra) {
+    let rem = &cpu.remainder;
+    let (qn, kn, d) = (rem.q_blocks as usize, rem.k_blocks as usize, rem.shape.head_dim);
+    for slice in 0..rem.shape.slices() {
+        let kvs = rem.shape.kv_slice(slice);
+        let l = |i: usize, j: usize| {
+            let (qm, km) = (&rem.q_means[(slice * qn + i) * d..][..d], &rem.k_means[(kvs * kn + j) * d..][..d]);
+            rem.scale as f64 * qm.iter().zip(km).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>()
+        };
+        let prior = |i: usize, j: usize| (i as i64 - j as i64).unsigned_abs() < cfg.diagonal_band as u64 || (cfg.first_block_prior && (i == 0 || j == 0));
+        let mut keys = Vec::new();
+        let mut taken = 0;
+        for i in 0..qn {
+            let r = (0..kn).map(|j| l(i, j)).fold(f64::NEG_INFINITY, f64::max);
+            for j in 0..kn {
+                if prior(i, j) {
+                    taken += 1;
+                } else {
+                    keys.push(l(i, j) - r);
+                }
+            }
+        }
+        keys.sort_by(|a, b| b.total_cmp(a));
+        let want = (cfg.blocks_per_row as usize * qn).saturating_sub(taken).min(keys.len());
+        if want > 0 && want < keys.len() {
+            // Exact ties are safe only at 0 (each row's maximum, L − r = 0 exactly, ordered by
+            // index on both sides) when no other block comes close to its row's maximum.
+            let (gap, at) = match keys[want - 1] == 0.0 && keys[want] == 0.0 {
+                true => (-keys.iter().copied().find(|&x| x != 0.0).unwrap_or(-1.0), "row maxima"),
+                false => (keys[want - 1] - keys[want], "the budget boundary"),
+            };
+            assert!(gap > 1e-5, "{what}: slice {slice}: keys at {at} differ by only {gap:e}; pick another seed");
+        }
+    }
+}
+
+/// GPU build == CPU build: the same selection and remainder layout, means/scores/row terms
+/// within f32 tolerance.
+fn assert_same_build(what: &str, gpu: &mra::Mra, cpu: &mra::Mra) {
+    let (g, c) = (&gpu.pattern, &cpu.pattern);
+    assert_eq!(gpu.mode, cpu.mode, "{what}: mode");
+    assert_eq!((g.slices(), g.q_blocks()), (c.slices(), c.q_blocks()), "{what}: pattern geometry");
+    for slice in 0..c.slices() as usize {
+        for qb in 0..c.q_blocks() as usize {
+            let got: Vec<u32> = g.row_blocks(slice, qb).map(|b| g.col_idx()[b]).collect();
+            let want: Vec<u32> = c.row_blocks(slice, qb).map(|b| c.col_idx()[b]).collect();
+            assert_eq!(got, want, "{what}: selected blocks of slice {slice} row {qb}: got (left) vs expected (right)");
+        }
+    }
+    assert_eq!(g, c, "{what}: whole pattern");
+    let (gr, cr) = (&gpu.remainder, &cpu.remainder);
+    assert_eq!((gr.block, gr.shape, gr.q_blocks, gr.k_blocks, gr.scale), (cr.block, cr.shape, cr.q_blocks, cr.k_blocks, cr.scale), "{what}: remainder header");
+    assert_eq!(gr.counts, cr.counts, "{what}: counts");
+    for (name, got, want) in [("rest_ptr", &gr.rest_ptr, &cr.rest_ptr), ("rest_col", &gr.rest_col, &cr.rest_col)] {
+        assert_eq!(got.len(), want.len(), "{what}: {name} length");
+        if let Some(i) = got.iter().zip(want.iter()).position(|(a, b)| a != b) {
+            panic!("{what}: {name}[{i}]: got {}, expected {}", got[i], want[i]);
+        }
+    }
+    let tol = (1e-4, 1e-5);
+    assert_close(&format!("{what}: q_means"), &gr.q_means, &cr.q_means, tol);
+    assert_close(&format!("{what}: k_means"), &gr.k_means, &cr.k_means, tol);
+    assert_close(&format!("{what}: v_means"), &gr.v_means, &cr.v_means, tol);
+    assert_close(&format!("{what}: rest_logit"), &gr.rest_logit, &cr.rest_logit, tol);
+    assert!(cr.precomputed_row_terms().is_none(), "{what}: the CPU build precomputes nothing");
+    if cr.has_values() {
+        let rows = gr.precomputed_row_terms().unwrap_or_else(|| panic!("{what}: the GPU build carries no row terms"));
+        assert_close(&format!("{what}: row terms"), rows, &cr.row_terms_cpu().unwrap(), tol);
+        assert_eq!(gr.row_terms().unwrap(), rows, "{what}: row_terms() returns the GPU terms");
+    } else {
+        assert!(gr.precomputed_row_terms().is_none() && matches!(gr.row_terms(), Err(Error::Shape(_))), "{what}: no V, no row terms");
+    }
+}
+
+#[test]
+fn gpu_build_matches_cpu_build_across_blocks_ragged_gqa_batch_modes() {
+    let Some(engine) = engine() else { return };
+    let cases = [
+        (16u32, AttentionShape::new(2, 4, 100, 16).with_kv_heads(2).with_seq_kv(83), 3u32, (1u32, true)),
+        (32, AttentionShape::new(1, 2, 150, 24).with_seq_kv(230), 2, (1, true)),
+        (64, AttentionShape::new(2, 2, 200, 32).with_kv_heads(1), 2, (2, false)),
+        (16, AttentionShape::new(1, 3, 70, 40).with_kv_heads(1).with_seq_kv(50), 2, (0, false)),
+        (32, AttentionShape::new(2, 4, 300, 16).with_kv_heads(2).with_seq_kv(257), 3, (1, true)),
+        // 19 × 18 = 342 blocks per slice: the selection's scan spans two 256-block tiles.
+        (16, AttentionShape::new(1, 2, 300, 16).with_seq_kv(280), 6, (1, true)),
+    ];
+    for (ci, (b, shape, bpr, (band, first))) in cases.into_iter().enumerate() {
+        let (q, k, v) = block_structured(&shape, b as usize, 200 + ci as u64 * 5);
+        for mode in [MraMode::Full, MraMode::SparseOnly] {
+            let cfg = MraConfig::new(b, bpr).with_mode(mode).with_priors(band, first);
+            let what = format!("case {ci} b={b} {mode:?}");
+            let cpu = cfg.build(&q.view(), &k.view(), Some(&v.view()), &shape).unwrap();
+            assert_boundary_separated(&what, &cfg, &cpu);
+            let gpu = cfg.build_with_engine(engine, &q.view(), &k.view(), Some(&v.view()), &shape).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_same_build(&what, &gpu, &cpu);
+            // Deterministic: a second build is bitwise equal, row terms included.
+            let again = cfg.build_with_engine(engine, &q.view(), &k.view(), Some(&v.view()), &shape).unwrap();
+            assert!(again == gpu && again.remainder.precomputed_row_terms() == gpu.remainder.precomputed_row_terms(), "{what}: repeated GPU build differs");
+        }
+        // Without V: the same selection, no V̂ and no row terms.
+        let cfg = MraConfig::new(b, bpr).with_mode(MraMode::SparseOnly).with_priors(band, first);
+        let cpu = cfg.build(&q.view(), &k.view(), None, &shape).unwrap();
+        let gpu = cfg.build_with_engine(engine, &q.view(), &k.view(), None, &shape).unwrap();
+        assert_same_build(&format!("case {ci} without V"), &gpu, &cpu);
+    }
+}
+
+#[test]
+fn gpu_build_breaks_ties_to_the_lowest_index_like_the_cpu() {
+    let Some(engine) = engine() else { return };
+    // Constant K: every L_IJ of a row equals r_I, so every candidate key is exactly 0 and the
+    // budget takes the lowest off-diagonal flat indices I·kn + J. 320 tokens: 400 blocks per
+    // slice, so the tie scan runs over two 256-block tiles.
+    for (seq, bpr) in [(128usize, 3u32), (320, 16)] {
+        let shape = AttentionShape::new(1, 2, seq, 16).with_kv_heads(1);
+        let (q, _, v) = qkv(&shape, 300);
+        let k = Array4::from_elem((1, 1, seq, 16), 0.5f32);
+        let cfg = MraConfig::new(16, bpr).with_priors(1, false);
+        let cpu = cfg.build(&q.view(), &k.view(), Some(&v.view()), &shape).unwrap();
+        let gpu = cfg.build_with_engine(engine, &q.view(), &k.view(), Some(&v.view()), &shape).unwrap();
+        assert_same_build(&format!("constant K, seq {seq}"), &gpu, &cpu);
+        let n = seq / 16;
+        let mut left = bpr as usize * n - n; // budget minus the diagonal priors
+        let mut want = vec![Vec::new(); n];
+        for (i, row) in want.iter_mut().enumerate() {
+            for j in 0..n as u32 {
+                if i == j as usize {
+                    row.push(j);
+                } else if left > 0 {
+                    row.push(j);
+                    left -= 1;
+                }
+            }
+        }
+        for slice in 0..2 {
+            for (qb, want) in want.iter().enumerate() {
+                let got: Vec<u32> = gpu.pattern.row_blocks(slice, qb).map(|b| gpu.pattern.col_idx()[b]).collect();
+                assert_eq!(&got, want, "seq {seq} slice {slice} row {qb}: got (left) vs expected (right)");
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_build_with_a_budget_covering_everything_leaves_no_remainder() {
+    let Some(engine) = engine() else { return };
+    let shape = AttentionShape::new(2, 2, 90, 8).with_seq_kv(70);
+    let (q, k, v) = qkv(&shape, 310);
+    let cfg = MraConfig::new(16, 100);
+    let cpu = cfg.build(&q.view(), &k.view(), Some(&v.view()), &shape).unwrap();
+    let gpu = cfg.build_with_engine(engine, &q.view(), &k.view(), Some(&v.view()), &shape).unwrap();
+    assert!(gpu.remainder.is_empty(), "{} blocks left", gpu.remainder.len());
+    assert_same_build("full budget", &gpu, &cpu);
+    let rows = gpu.remainder.precomputed_row_terms().unwrap();
+    for (row, r) in rows.chunks(gpu.remainder.row_stride()).enumerate() {
+        assert!(r[0] == mra::NEG_BIG && r[1..].iter().all(|&x| x == 0.0), "row {row}: got {r:?}, expected the empty-row sentinel");
+    }
+}
+
+#[test]
+fn gpu_built_mra_attention_matches_the_reference() {
+    let Some(engine) = engine() else { return };
+    let shape = AttentionShape::new(2, 4, 100, 16).with_kv_heads(2).with_seq_kv(83);
+    let (q, k, v) = block_structured(&shape, 16, 320);
+    for mode in [MraMode::Full, MraMode::SparseOnly] {
+        let m = MraConfig::new(16, 2).with_mode(mode).build_with_engine(engine, &q.view(), &k.view(), Some(&v.view()), &shape).unwrap();
+        let want = mra::reference::attention(&q, &k, &v, &m, Normalizer::Softmax, None).unwrap();
+        for path in [ExecPath::Fused, ExecPath::ThreeKernel] {
+            let opts = AttentionOptions { path, ..AttentionOptions::new(Normalizer::Softmax) };
+            let got = engine.attention_mra(&q, &k, &v, &m, &opts).unwrap_or_else(|e| panic!("{mode:?} {path:?}: {e}")).o;
+            assert_close(&format!("gpu-built {mode:?} {path:?}"), got.as_slice().unwrap(), want.as_slice().unwrap(), (1e-4, 2e-5));
+        }
+    }
+}
+
+#[test]
+fn gpu_build_chunks_under_lowered_plan_limits() {
+    if engine().is_none() {
+        return;
+    }
+    let mut small = sparse_attn::Engine::new().unwrap();
+    small.set_autotune(false);
+    let limits = small.plan_limits();
+    // One slice of Q is 100·16·4 = 6400 bytes: 8 KiB bindings and 4×4 grids force one or two
+    // slices per chunk (GQA: chunks start inside a kv head's group).
+    small.set_plan_limits(sparse_attn::gpu::plan::PlanLimits { max_binding_bytes: 8 * 1024, max_workgroups_per_dim: 4, ..limits });
+    let shape = AttentionShape::new(2, 4, 100, 16).with_kv_heads(2).with_seq_kv(83);
+    let (q, k, v) = block_structured(&shape, 16, 330);
+    for mode in [MraMode::Full, MraMode::SparseOnly] {
+        let cfg = MraConfig::new(16, 3).with_mode(mode);
+        let cpu = cfg.build(&q.view(), &k.view(), Some(&v.view()), &shape).unwrap();
+        assert_boundary_separated("chunked", &cfg, &cpu);
+        let gpu = cfg.build_with_engine(&small, &q.view(), &k.view(), Some(&v.view()), &shape).unwrap_or_else(|e| panic!("chunked {mode:?}: {e}"));
+        assert_same_build(&format!("chunked {mode:?}"), &gpu, &cpu);
+    }
+    // A binding too small for one slice is a typed Limit error.
+    small.set_plan_limits(sparse_attn::gpu::plan::PlanLimits { max_binding_bytes: 4096, ..limits });
+    let err = MraConfig::new(16, 3).build_with_engine(&small, &q.view(), &k.view(), Some(&v.view()), &shape).unwrap_err();
+    assert!(matches!(err, Error::Limit { .. }), "{err}");
+}
+
+#[test]
+fn gpu_build_rejects_bad_inputs_like_the_cpu_build() {
+    let Some(engine) = engine() else { return };
+    let shape = AttentionShape::new(1, 2, 64, 8);
+    let (q, k, v) = qkv(&shape, 340);
+    let cfg = MraConfig::new(16, 2);
+    let gpu = |cfg: MraConfig, shape: &AttentionShape, v: Option<&Array4<f32>>| {
+        let v = v.map(|v| v.view());
+        cfg.build_with_engine(engine, &q.view(), &k.view(), v.as_ref(), shape).map(|_| ())
+    };
+    for (what, err) in [
+        ("seq_kv mismatch", gpu(cfg, &shape.with_seq_kv(65), Some(&v))),
+        ("V shape", gpu(cfg, &shape, Some(&v.slice(ndarray::s![.., .., ..32, ..]).to_owned()))),
+        ("NaN scale", gpu(cfg.with_scale(f32::NAN), &shape, Some(&v))),
+    ] {
+        assert!(matches!(err, Err(Error::Shape(_))), "{what}: {err:?}");
+    }
+    assert!(matches!(gpu(MraConfig::new(0, 2), &shape, Some(&v)), Err(Error::ZeroSize("block"))));
+    assert!(matches!(gpu(cfg, &AttentionShape::new(1, 2, 0, 8), Some(&v)), Err(Error::ZeroSize(_) | Error::Shape(_))));
+    // CPU and GPU agree on each of these.
+    let cpu = cfg.with_scale(f32::INFINITY).build(&q.view(), &k.view(), Some(&v.view()), &shape);
+    assert!(matches!(cpu, Err(Error::Shape(_))));
+}

@@ -7,6 +7,8 @@ use wgpu::naga;
 fn every_shader_parses_and_validates() {
     let sources = all_shader_sources();
     assert!(sources.len() >= 8, "expected every kernel in both dtypes, got {}", sources.len());
+    // Standalone kernels are listed too (MRA's low-resolution stage).
+    assert!(sources.iter().any(|(n, _)| n == "mra_lowres"), "mra_lowres is missing from all_shader_sources");
     for (name, src) in sources {
         let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{name}: parse error:\n{}", e.emit_to_string(&src)));
         naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())

@@ -148,6 +148,8 @@ pub struct Engine {
     kernels: KernelCache,
     tiles: TileCache,
     autotune: bool,
+    /// MRA's low-resolution pipelines, compiled on first use.
+    mra_lowres: std::sync::OnceLock<crate::patterns::mra::gpu::GpuMraLowRes>,
 }
 
 /// Env switch: `SPARSE_ATTN_AUTOTUNE=0` keeps the default fused tile instead of timing candidates.
@@ -192,6 +194,7 @@ impl Engine {
             kernels: KernelCache::default(),
             tiles: TileCache::default(),
             autotune,
+            mra_lowres: std::sync::OnceLock::new(),
         })
     }
 
@@ -220,6 +223,15 @@ impl Engine {
             binding_alignment: limits.binding_alignment.max(dev.binding_alignment),
             max_buffer_bytes: limits.max_buffer_bytes.min(dev.max_buffer_bytes),
         };
+    }
+
+    /// MRA's low-resolution pipelines on this engine, compiled on the first call.
+    pub fn mra_lowres(&self) -> Result<&crate::patterns::mra::gpu::GpuMraLowRes> {
+        if let Some(g) = self.mra_lowres.get() {
+            return Ok(g);
+        }
+        let compiled = crate::patterns::mra::gpu::GpuMraLowRes::new(self)?;
+        Ok(self.mra_lowres.get_or_init(|| compiled))
     }
 
     /// Number of compiled pipelines (for tests of the cache).
@@ -677,7 +689,19 @@ impl Engine {
         if (scale - rem.scale).abs() > 1e-6 * rem.scale.abs().max(1.0) {
             return Err(Error::Shape(format!("the call's scale {scale} differs from the MRA remainder's {}", rem.scale)));
         }
-        let rows = rem.row_terms()?;
+        // Row terms folded on the GPU by `MraConfig::build_with_engine`, else on the CPU now.
+        let folded;
+        let rows: &[f32] = match rem.precomputed_row_terms() {
+            Some(rows) => rows,
+            None => {
+                folded = rem.row_terms_cpu()?;
+                &folded
+            }
+        };
+        let want_len = shape.slices() * rem.q_blocks as usize * rem.row_stride();
+        if rows.len() != want_len {
+            return Err(Error::Shape(format!("the MRA remainder has {} row-term floats, its shape needs {want_len}", rows.len())));
+        }
         let weights_bytes = (shape.slices() as u64 * rem.q_blocks as u64 * rem.block as u64 * 4).max(4);
         let rows_bytes = (rows.len() as u64 * 4).max(4);
         for (what, bytes) in [("max_storage_buffer_binding_size (MRA remainder rows)", rows_bytes), ("max_storage_buffer_binding_size (MRA remainder weights)", weights_bytes)] {
@@ -685,13 +709,10 @@ impl Engine {
                 return Err(Error::Limit { limit: what, required: bytes, available: self.plan_limits.max_binding_bytes });
             }
         }
-        let mut contents: Vec<f32> = rows;
-        if contents.is_empty() {
-            contents.push(0.0);
-        }
+        let contents: &[f32] = if rows.is_empty() { &[0.0] } else { rows };
         let rows = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("sparse-attn mra rows"),
-            contents: bytemuck::cast_slice(&contents),
+            contents: bytemuck::cast_slice(contents),
             usage: wgpu::BufferUsages::STORAGE,
         });
         let weights = self.buffer("sparse-attn mra weights", weights_bytes, wgpu::BufferUsages::STORAGE);

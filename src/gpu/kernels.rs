@@ -335,5 +335,7 @@ pub fn all_shader_sources() -> Vec<(String, String)> {
             }
         }
     }
+    // Standalone kernels outside the KernelKey cache.
+    out.push(("mra_lowres".to_string(), crate::patterns::mra::gpu::SHADER.to_string()));
     out
 }

@@ -96,8 +96,13 @@ pub fn evaluate(case: &LayerCase, method: &Method, block: u32, models: &Models, 
     }
     if let Method::Mra { .. } = method {
         let input = BuildInput { q: &case.q, k: &case.k, v: Some(&case.v), shape: case.shape, block, layer_index: case.layer_index, text: &case.text, models };
+        // The low-resolution stage runs on the GPU when the runner has one.
+        let engine = match runner {
+            Runner::Gpu { engine, .. } => Some(*engine),
+            Runner::Cpu { .. } => None,
+        };
         let t = Instant::now();
-        let mra = method.build_mra(&input).expect("mra").map_err(|e| BenchError::from(e).context(format!("building {}", method.label())))?;
+        let mra = method.build_mra(&input, engine).expect("mra").map_err(|e| BenchError::from(e).context(format!("building {}", method.label())))?;
         let build_ms = ms_since(t);
         return evaluate_built(case, &mra.pattern, Some(&mra), build_ms, runner, extras).map_err(|e| e.context(method.label()));
     }

@@ -618,19 +618,23 @@ impl Method {
         }
     }
 
-    /// The MRA pattern and its coarse remainder (`None` for other methods). Block means and the
-    /// selection run on the CPU; V̂ is computed when `input.v` is given (MRA-2 needs it).
-    pub fn build_mra(&self, input: &BuildInput<'_>) -> Option<sparse_attn::Result<Mra>> {
+    /// The MRA pattern and its coarse remainder (`None` for other methods). The low-resolution
+    /// stage (block means, scores, selection, row terms) runs on `engine`'s GPU when one is
+    /// given, else on the CPU; V̂ is computed when `input.v` is given (MRA-2 needs it).
+    pub fn build_mra(&self, input: &BuildInput<'_>, engine: Option<&sparse_attn::Engine>) -> Option<sparse_attn::Result<Mra>> {
         let Method::Mra { blocks_per_row, mode } = *self else { return None };
         let config = MraConfig::new(input.block, blocks_per_row).with_mode(mode);
         let v = input.v.map(|v| v.view());
-        Some(config.build(&input.q.view(), &input.k.view(), v.as_ref(), &input.shape))
+        Some(match engine {
+            Some(engine) => config.build_with_engine(engine, &input.q.view(), &input.k.view(), v.as_ref(), &input.shape),
+            None => config.build(&input.q.view(), &input.k.view(), v.as_ref(), &input.shape),
+        })
     }
 
     pub fn build(&self, input: &BuildInput<'_>) -> sparse_attn::Result<BlockPattern> {
         let (b, shape) = (input.block, &input.shape);
         match *self {
-            Method::Mra { .. } => self.build_mra(input).expect("mra").map(|m| m.pattern),
+            Method::Mra { .. } => self.build_mra(input, None).expect("mra").map(|m| m.pattern),
             Method::Dense => Dense::new().with_blocks(b, b).build(shape),
             Method::Window { width } => Window::new(width).with_blocks(b, b).build(shape),
             Method::Global { first, last } => GlobalTokens::new(first, last).with_blocks(b, b).build(shape),

@@ -185,7 +185,7 @@ pub fn run(g: &Globals, a: &QualityArgs) -> BResult<()> {
         report["notes"]["lowrank"] = json!(LOWRANK_NOTE);
     }
     if matches!(method, methods::Method::Mra { .. }) {
-        report["notes"]["mra"] = json!("mra: budget blocks_per_row x q_blocks blocks per slice (priors included) chosen from low-resolution block-mean scores; variant full = MRA-2 (coarse remainder merged into the softmax, so output_error includes it; max_abs_error_vs_reference is against the MRA-2 reference), sparse = MRA-2-s; recall and sparsity are of the selected blocks; build_ms = CPU block means of Q/K/V + selection");
+        report["notes"]["mra"] = json!("mra: budget blocks_per_row x q_blocks blocks per slice (priors included) chosen from low-resolution block-mean scores; variant full = MRA-2 (coarse remainder merged into the softmax, so output_error includes it; max_abs_error_vs_reference is against the MRA-2 reference), sparse = MRA-2-s; recall and sparsity are of the selected blocks; build_ms = block means of Q/K/V + low-resolution scores + selection (+ row terms), on the GPU when the run has an adapter (read-back included), else on the CPU");
     }
     if a.dump_output {
         let o_path = out.join("output.safetensors");

@@ -18,6 +18,7 @@
 //! Memory per slice is `O((n/b)² + nnz)`: the low-resolution scores of the non-selected blocks
 //! are kept in a CSR-like complement of the pattern ([`MraRemainder`]); nothing `n × n` is formed.
 
+pub mod gpu;
 pub mod reference;
 
 use crate::error::{Error, Result};
@@ -61,7 +62,12 @@ impl Default for MraConfig {
 
 /// The coarse remainder of an MRA pattern: block means, key-block counts and the
 /// low-resolution scores of every non-selected block, per slice.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// A remainder built on the GPU ([`MraConfig::build_with_engine`]) also carries its row terms
+/// (see [`MraRemainder::row_terms`]), folded on the GPU, so attention does not fold them again on
+/// the CPU. They are a cache derived from the other fields: `==` ignores them, and
+/// [`MraRemainder::clear_precomputed_row_terms`] drops them after editing the public fields.
+#[derive(Clone, Debug)]
 pub struct MraRemainder {
     pub block: u32,
     pub shape: AttentionShape,
@@ -82,6 +88,26 @@ pub struct MraRemainder {
     pub rest_col: Vec<u32>,
     /// `L_IJ` of each non-selected block (aligned with `rest_col`).
     pub rest_logit: Vec<f32>,
+    /// Row terms folded on the GPU (`[slices·q_blocks][head_dim + 2]`), when built there.
+    precomputed_rows: Option<Vec<f32>>,
+}
+
+impl PartialEq for MraRemainder {
+    /// Compares everything but the precomputed row terms (a cache of the other fields).
+    fn eq(&self, o: &Self) -> bool {
+        self.block == o.block
+            && self.shape == o.shape
+            && self.q_blocks == o.q_blocks
+            && self.k_blocks == o.k_blocks
+            && self.scale == o.scale
+            && self.q_means == o.q_means
+            && self.k_means == o.k_means
+            && self.v_means == o.v_means
+            && self.counts == o.counts
+            && self.rest_ptr == o.rest_ptr
+            && self.rest_col == o.rest_col
+            && self.rest_logit == o.rest_logit
+    }
 }
 
 /// A built MRA pattern: the exact part and its coarse remainder.
@@ -129,8 +155,28 @@ impl MraRemainder {
     /// `slice·q_blocks + I`, `[r, S, N_0 … N_{d−1}]` with `r = max_{J∉sel} L_IJ` (or the
     /// `-3e38` sentinel when nothing is left), `S = Σ c_J·exp(L_IJ − r)` and
     /// `N = Σ c_J·exp(L_IJ − r)·V̂_J`. Merging `(r, S, N)` into an online softmax equals merging
-    /// every `(L_IJ, c_J, V̂_J)` one by one. Computed in f64.
+    /// every `(L_IJ, c_J, V̂_J)` one by one. The GPU-folded terms when the remainder was built
+    /// on the GPU (f32), else [`MraRemainder::row_terms_cpu`].
     pub fn row_terms(&self) -> Result<Vec<f32>> {
+        match self.precomputed_row_terms() {
+            Some(rows) => Ok(rows.to_vec()),
+            None => self.row_terms_cpu(),
+        }
+    }
+
+    /// The row terms folded on the GPU by [`MraConfig::build_with_engine`], if any.
+    pub fn precomputed_row_terms(&self) -> Option<&[f32]> {
+        self.precomputed_rows.as_deref().filter(|_| self.has_values())
+    }
+
+    /// Drops the GPU-folded row terms (call after editing the public fields).
+    pub fn clear_precomputed_row_terms(&mut self) {
+        self.precomputed_rows = None;
+    }
+
+    /// [`MraRemainder::row_terms`] folded on the CPU in f64 (the oracle), ignoring any
+    /// precomputed terms.
+    pub fn row_terms_cpu(&self) -> Result<Vec<f32>> {
         if !self.has_values() {
             return Err(Error::Shape("the MRA remainder was built without V; MRA-2 needs V̂".into()));
         }
@@ -211,15 +257,8 @@ impl MraConfig {
         self
     }
 
-    /// Builds the pattern (one per slice) and its remainder on the CPU. `v` is needed for the
-    /// MRA-2 remainder (`V̂`); without it only MRA-2-s can run.
-    pub fn build(
-        &self,
-        q: &ArrayView4<f32>,
-        k: &ArrayView4<f32>,
-        v: Option<&ArrayView4<f32>>,
-        shape: &AttentionShape,
-    ) -> Result<Mra> {
+    /// Checks the inputs of a build (shapes, block, scale); shared by the CPU and GPU builders.
+    fn setup(&self, q: &ArrayView4<f32>, k: &ArrayView4<f32>, v: Option<&ArrayView4<f32>>, shape: &AttentionShape) -> Result<Setup> {
         shape.validate()?;
         let want_q = [shape.batch, shape.heads, shape.seq_q, shape.head_dim];
         let want_kv = [shape.batch, shape.kv_heads, shape.seq_kv, shape.head_dim];
@@ -242,9 +281,6 @@ impl MraConfig {
             return Err(Error::Shape(format!("scale must be finite, got {scale}")));
         }
         let b = self.block as usize;
-        let d = shape.head_dim;
-        let qn = shape.seq_q.div_ceil(b);
-        let kn = shape.seq_kv.div_ceil(b);
         let geometry = PatternGeometry {
             block_q: self.block,
             block_k: self.block,
@@ -252,6 +288,30 @@ impl MraConfig {
             seq_kv: u32::try_from(shape.seq_kv).map_err(|_| Error::Shape("seq_kv too large".into()))?,
             slices: u32::try_from(shape.slices()).map_err(|_| Error::Shape("too many slices".into()))?,
         };
+        let (qn, kn) = (shape.seq_q.div_ceil(b), shape.seq_kv.div_ceil(b));
+        let counts = (0..kn).map(|j| (((j + 1) * b).min(shape.seq_kv) - j * b) as u32).collect();
+        Ok(Setup { scale, geometry, qn, kn, counts, budget: (self.blocks_per_row as usize).saturating_mul(qn) })
+    }
+
+    /// Whether block `(i, j)` is a prior (always selected).
+    fn is_prior(&self, i: usize, j: usize) -> bool {
+        let band = (i as i64 - j as i64).unsigned_abs() < self.diagonal_band as u64;
+        band || (self.first_block_prior && (i == 0 || j == 0))
+    }
+
+    /// Builds the pattern (one per slice) and its remainder on the CPU. `v` is needed for the
+    /// MRA-2 remainder (`V̂`); without it only MRA-2-s can run. The naive oracle of
+    /// [`MraConfig::build_with_engine`].
+    pub fn build(
+        &self,
+        q: &ArrayView4<f32>,
+        k: &ArrayView4<f32>,
+        v: Option<&ArrayView4<f32>>,
+        shape: &AttentionShape,
+    ) -> Result<Mra> {
+        let Setup { scale, geometry, qn, kn, counts, budget } = self.setup(q, k, v, shape)?;
+        let b = self.block as usize;
+        let d = shape.head_dim;
         // Block means.
         let mut q_means = Vec::with_capacity(shape.slices() * qn * d);
         for bi in 0..shape.batch {
@@ -269,14 +329,11 @@ impl MraConfig {
                 }
             }
         }
-        let counts: Vec<u32> = (0..kn).map(|j| (((j + 1) * b).min(shape.seq_kv) - j * b) as u32).collect();
-
         let mut acc = PatternAccumulator::new(geometry)?;
         let mut rest_ptr = Vec::with_capacity(shape.slices() * qn + 1);
         rest_ptr.push(0u32);
         let mut rest_col = Vec::new();
         let mut rest_logit = Vec::new();
-        let budget = (self.blocks_per_row as usize).saturating_mul(qn);
         let mut logits = vec![0f32; qn * kn];
         let mut selected = vec![false; qn * kn];
         for slice in 0..shape.slices() {
@@ -294,9 +351,7 @@ impl MraConfig {
             let mut taken = 0usize;
             for i in 0..qn {
                 for j in 0..kn {
-                    let band = (i as i64 - j as i64).unsigned_abs() < self.diagonal_band as u64;
-                    let first = self.first_block_prior && (i == 0 || j == 0);
-                    if band || first {
+                    if self.is_prior(i, j) {
                         selected[i * kn + j] = true;
                         taken += 1;
                     }
@@ -349,8 +404,36 @@ impl MraConfig {
                 rest_ptr,
                 rest_col,
                 rest_logit,
+                precomputed_rows: None,
             },
             mode: self.mode,
         })
     }
+
+    /// [`MraConfig::build`] with the low-resolution stage (block means, scores, selection and
+    /// the remainder's row terms) on `engine`'s GPU; the same [`Mra`], with the row terms folded
+    /// on the GPU so attention uploads them as they are. The selection follows the CPU rule
+    /// exactly (priors, then the largest `L_IJ − r_I`, ties to the lower index); means and
+    /// scores are accumulated in f32. Work past one binding or one grid is split into chunks
+    /// of slices. The pipelines are compiled once per engine.
+    pub fn build_with_engine(
+        &self,
+        engine: &crate::Engine,
+        q: &ArrayView4<f32>,
+        k: &ArrayView4<f32>,
+        v: Option<&ArrayView4<f32>>,
+        shape: &AttentionShape,
+    ) -> Result<Mra> {
+        engine.mra_lowres()?.build(engine, self, q, k, v, shape)
+    }
+}
+
+/// What a build needs after validation.
+struct Setup {
+    scale: f32,
+    geometry: PatternGeometry,
+    qn: usize,
+    kn: usize,
+    counts: Vec<u32>,
+    budget: usize,
 }
