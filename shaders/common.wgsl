@@ -37,7 +37,7 @@ struct Params {
     exponent: f32,
     tolerance: f32,
     max_iterations: u32,
-    pad0: u32,
+    key_splits: u32,
     pad1: u32,
     pad2: u32,
 }
@@ -58,35 +58,6 @@ fn slice_of_row(row: u32) -> u32 {
 fn kv_slice_of(slice: u32) -> u32 {
     let group = params.heads / params.kv_heads;
     return (slice / params.heads) * params.kv_heads + (slice % params.heads) / group;
-}
-
-// First and one-past-last stored block (pattern-local index) of virtual row `row`.
-fn row_block_range(row: u32) -> vec2<u32> {
-    let slice = slice_of_row(row);
-    let qb = row % params.q_blocks;
-    let prow = select(slice * params.q_blocks + qb, qb, params.shared_pattern == 1u);
-    return vec2<u32>(pat[params.off_row_ptr + prow], pat[params.off_row_ptr + prow + 1u]);
-}
-
-// Global score-tile index of pattern-local block `b` used by `slice`.
-fn tile_of(slice: u32, b: u32) -> u32 {
-    return select(b, slice * params.nnz_per_slice + b, params.shared_pattern == 1u);
-}
-
-// Whether element (r, c) of stored block `b` (query block qb) is an allowed pair.
-fn allowed(b: u32, qb: u32, r: u32, c: u32) -> bool {
-    let i = qb * BQ + r;
-    let j = pat[params.off_col_idx + b] * BK + c;
-    if (i >= params.seq_q || j >= params.seq_kv) {
-        return false;
-    }
-    let m = pat[params.off_mask_of + b];
-    if (m == FULL_BLOCK) {
-        return true;
-    }
-    let words_per_row = (BK + 31u) / 32u;
-    let word = pat[params.off_masks + m + r * words_per_row + c / 32u];
-    return ((word >> (c % 32u)) & 1u) == 1u;
 }
 
 // x^e for the entmax exponent e = 1/(α-1), x > 0; exact fast paths for sparsemax (e = 1) and

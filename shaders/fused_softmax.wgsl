@@ -28,10 +28,17 @@ var<workgroup> red: array<f32, TQ * TX>;
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let w = linear_workgroup(wid, nwg);
-    if (w >= params.row_count * (BQ / TQ)) {
+    let splits = max(params.key_splits, 1u);
+    if (w >= params.row_count * (BQ / TQ) * splits) {
         return;
     }
-    let t = tile_of_workgroup(w);
+    // Split-K: split `split` of `splits` walks its share of the row's stored blocks and leaves
+    // (m, l, unnormalised O) for merge_splits.wgsl.
+    var t = tile_of_workgroup(w / splits);
+    let split = w % splits;
+    let n_blocks = t.last - t.first;
+    t.last = t.first + n_blocks * (split + 1u) / splits;
+    t.first = t.first + n_blocks * split / splits;
     let ty = lid / TX;
     let tx = lid % TX;
     for (var idx = lid; idx < TQ * DP4; idx += WG) {
@@ -138,7 +145,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     // MRA: fold the query block row's coarse remainder (r, S, N) into the same running max,
     // sum (lane 0 takes S) and accumulators (mra_none.wgsl makes this a no-op).
     let vrow = t.slice * params.q_blocks + t.qb;
-    let rem = mra_row(vrow);
+    var rem = mra_row(vrow);
+    if (split != 0u) {
+        rem.y = 0.0; // the remainder joins the softmax once, through split 0
+    }
     if (rem.y > 0.0) {
         for (var r = 0u; r < RQ; r++) { // @unroll
             let m_new = max(m[r], rem.x);
@@ -166,7 +176,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         let inv = select(0.0, 1.0 / total, total > 0.0);
         let i = t.qb * BQ + t.row0 + row;
-        if (i < params.seq_q) {
+        if (splits > 1u) {
+            // Partial of (query row, split): [m, l, O_0 … O_{d−1}] (O not yet divided by l).
+            let at = (((vrow - params.row_base) * BQ + t.row0 + row) * splits + split) * (params.head_dim + 2u);
+            if (tx == 0u && at + 1u < arrayLength(&partial)) {
+                partial[at] = m[r];
+                partial[at + 1u] = total;
+            }
+            for (var c = 0u; c < NC; c++) { // @unroll
+                let c0 = (tx + c * TX) * 4u;
+                for (var e = 0u; e < 4u; e++) { // @unroll
+                    if (c0 + e < params.head_dim && at + 2u + c0 + e < arrayLength(&partial)) {
+                        partial[at + 2u + c0 + e] = acc[r * NC + c][e];
+                    }
+                }
+            }
+        } else if (i < params.seq_q) {
             let base = (t.slice * params.seq_q + i) * params.head_dim - params.o_base;
             for (var c = 0u; c < NC; c++) { // @unroll
                 let c0 = (tx + c * TX) * 4u;

@@ -1,11 +1,13 @@
 //! Fused-path specifics: every candidate tile is correct (the tuner may pick any), the entmax
-//! candidate overflow fallback, tuning and its caches, and the real-data fixture.
+//! candidate overflow fallback, tuning and its caches, the real-data fixture, and split-K.
 
 mod common;
 
 use common::{assert_close, engine, random4, tolerance};
 use sparse_attn::data::{fixture_path, AttentionData};
-use sparse_attn::patterns::{Dense, RandomBlocks, Window};
+use sparse_attn::gpu::plan::PlanLimits;
+use sparse_attn::patterns::mra::MraConfig;
+use sparse_attn::patterns::{Causal, Dense, RandomBlocks, Window};
 use sparse_attn::{reference, AttentionOptions, AttentionShape, DType, Engine, ExecPath, Normalizer};
 
 #[test]
@@ -134,4 +136,52 @@ fn real_fixture_entmax_support_matches_reference_exactly_away_from_tau() {
         }
     }
     eprintln!("support compared on {compared} entries; {near_tau} differ within 1e-6 of tau");
+}
+
+#[test]
+fn key_splits_match_reference_including_empty_rows_gqa_and_mra() {
+    let Some(engine) = engine() else { return };
+    // Batch 2, GQA 4→2, ragged lengths, a partial random pattern with empty query-block rows:
+    // splits past the row length leave empty splits, which the merge must drop.
+    let shape = AttentionShape::new(2, 4, 75, 32).with_kv_heads(2).with_seq_kv(200);
+    let q = random4((2, 4, 75, 32), 21, 2.0);
+    let k = random4((2, 2, 200, 32), 22, 2.0);
+    let v = random4((2, 2, 200, 32), 23, 1.0);
+    let pattern = RandomBlocks::new(0.6, 9).with_partial(0.5).with_blocks(16, 16).build(&shape).unwrap();
+    let want = reference::attention(&q, &k, &v, &pattern, Normalizer::Softmax).unwrap();
+    for splits in [1u32, 2, 3, 7, 32] {
+        let opts = AttentionOptions { path: ExecPath::Fused, key_splits: Some(splits), ..AttentionOptions::new(Normalizer::Softmax) };
+        assert_eq!(engine.plan(&shape, &pattern, &opts).unwrap().key_splits, splits);
+        let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap();
+        assert_close(&format!("{splits} key splits"), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+    }
+    // MRA-2: the coarse remainder joins through split 0 only.
+    let mra = MraConfig::new(16, 3).build(&q.view(), &k.view(), Some(&v.view()), &shape).unwrap();
+    let want = sparse_attn::patterns::mra::reference::attention(&q, &k, &v, &mra, Normalizer::Softmax, None).unwrap();
+    let opts = AttentionOptions { path: ExecPath::Fused, key_splits: Some(4), ..AttentionOptions::new(Normalizer::Softmax) };
+    let got = engine.attention_mra(&q, &k, &v, &mra, &opts).unwrap();
+    assert_close("MRA-2 with 4 key splits", got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+}
+
+#[test]
+fn key_splits_with_chunked_bindings_match_reference() {
+    if engine().is_none() {
+        return;
+    }
+    // Partials of 3 splits × (32 + 2) floats per query row: 32 KiB bindings force several chunks.
+    let mut engine = Engine::new().expect("engine");
+    engine.set_autotune(false);
+    engine.set_plan_limits(PlanLimits { max_binding_bytes: 32 << 10, ..engine.plan_limits() });
+    let shape = AttentionShape::new(1, 3, 200, 32);
+    let q = random4((1, 3, 200, 32), 31, 2.0);
+    let k = random4((1, 3, 200, 32), 32, 2.0);
+    let v = random4((1, 3, 200, 32), 33, 1.0);
+    let pattern = Causal::new().with_blocks(32, 32).build(&shape).unwrap();
+    let opts = AttentionOptions { path: ExecPath::Fused, key_splits: Some(3), ..AttentionOptions::new(Normalizer::Softmax) };
+    let plan = engine.plan(&shape, &pattern, &opts).unwrap();
+    assert!(plan.chunks.len() > 1, "expected several chunks, got {}", plan.chunks.len());
+    assert!(plan.partial_bytes <= 32 << 10, "partials {} exceed the binding", plan.partial_bytes);
+    let want = reference::attention(&q, &k, &v, &pattern, Normalizer::Softmax).unwrap();
+    let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap();
+    assert_close("chunked key splits", got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
 }

@@ -32,6 +32,9 @@ pub struct AttentionOptions {
     pub path: ExecPath,
     /// Forces a fused tile (must fit the adapter); `None` uses the tuned or default tile.
     pub fused_tile: Option<FusedTile>,
+    /// Fused softmax split-K: `None` splits rows along keys when there are too few query tiles
+    /// to fill the GPU ([`plan::auto_key_splits`]); `Some(n)` forces `n` splits (1 = never).
+    pub key_splits: Option<u32>,
 }
 
 impl Default for AttentionOptions {
@@ -46,6 +49,7 @@ impl Default for AttentionOptions {
             max_iterations: 50,
             path: ExecPath::Auto,
             fused_tile: None,
+            key_splits: None,
         }
     }
 }
@@ -114,11 +118,13 @@ pub struct GpuPattern {
     pub layout: plan::PackedPatternLayout,
 }
 
-/// Scratch for the three-kernel path: score tiles of the largest chunk, and row stats.
+/// Scratch: score tiles of the largest chunk and row stats (three-kernel path), and the
+/// key-split partials of the fused softmax (split-K).
 #[derive(Debug)]
 pub struct Workspace {
     pub scores: wgpu::Buffer,
     pub stats: wgpu::Buffer,
+    pub partials: wgpu::Buffer,
 }
 
 /// The caller's tensors for [`Engine::encode`], in the plan's dtype, row-major as in DESIGN.md,
@@ -293,6 +299,7 @@ impl Engine {
             tolerance: opts.tolerance,
             max_iterations: opts.max_iterations,
             fused,
+            key_splits: opts.key_splits,
         })
     }
 
@@ -395,6 +402,12 @@ impl Engine {
                 usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
                 mapped_at_creation: false,
             }),
+            partials: self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("sparse-attn key-split partials"),
+                size: plan.partial_bytes.max(16),
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }),
         }
     }
 
@@ -422,13 +435,16 @@ impl Engine {
     /// Kernels a plan runs, in order (`mra`: the variants that merge an MRA remainder).
     fn kinds(plan: &Plan, mra: bool) -> Vec<KernelKind> {
         let softmax = plan.normalizer == Normalizer::Softmax;
+        let split = plan.key_splits > 1;
         if mra && softmax {
             return match plan.path {
+                ExecPath::Fused if split => vec![KernelKind::FusedSoftmaxMra, KernelKind::MergeSplits],
                 ExecPath::Fused => vec![KernelKind::FusedSoftmaxMra],
                 _ => vec![KernelKind::Sddmm, KernelKind::NormalizeSoftmaxMra, KernelKind::SpmmMra],
             };
         }
         match (plan.path, softmax) {
+            (ExecPath::Fused, true) if split => vec![KernelKind::FusedSoftmax, KernelKind::MergeSplits],
             (ExecPath::Fused, true) => vec![KernelKind::FusedSoftmax],
             (ExecPath::Fused, false) => vec![KernelKind::FusedEntmax],
             (_, true) => vec![KernelKind::Sddmm, KernelKind::NormalizeSoftmax, KernelKind::Spmm],
@@ -475,14 +491,14 @@ impl Engine {
                 return Err(Error::Shape(format!("buffer `{name}` has {} bytes, the plan needs {need}", buf.size())));
             }
         }
-        if workspace.scores.size() < plan.scratch_bytes {
+        if workspace.scores.size() < plan.scratch_bytes || workspace.partials.size() < plan.partial_bytes {
             return Err(Error::Shape("workspace was created for a smaller plan".into()));
         }
         if plan.path == ExecPath::Fused {
             if probabilities.is_some() {
                 return Err(Error::Unsupported("the fused path has no probabilities to copy".into()));
             }
-            return self.encode_fused(encoder, plan, buffers, pattern, timer, mra);
+            return self.encode_fused(encoder, plan, buffers, pattern, workspace, timer, mra);
         }
         let tile_bytes = (plan.block_q * plan.block_k) as u64 * 4;
         let kinds = Self::kinds(plan, mra.is_some());
@@ -564,10 +580,16 @@ impl Engine {
         plan: &Plan,
         buffers: AttentionBuffers<'_>,
         pattern: &GpuPattern,
+        workspace: &Workspace,
         mut timer: Option<&mut super::timing::PassTimer>,
         mra: Option<&MraBuffers>,
     ) -> Result<()> {
-        let kernel = self.kernel(Self::kinds(plan, mra.is_some())[0], plan)?;
+        let kinds = Self::kinds(plan, mra.is_some());
+        let kernel = self.kernel(kinds[0], plan)?;
+        let merge = match kinds.get(1) {
+            Some(&kind) => Some(self.kernel(kind, plan)?),
+            None => None,
+        };
         for (ci, chunk) in plan.chunks.iter().enumerate() {
             if chunk.fused.is_empty() {
                 continue;
@@ -588,6 +610,9 @@ impl Engine {
             if let Some(m) = mra {
                 resources.push(m.rows.as_entire_binding());
             }
+            if kernel.key.kind != KernelKind::FusedEntmax {
+                resources.push(workspace.partials.as_entire_binding());
+            }
             let entries: Vec<wgpu::BindGroupEntry> =
                 resources.into_iter().enumerate().map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource }).collect();
             let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -600,6 +625,23 @@ impl Engine {
             pass.set_pipeline(&kernel.pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(chunk.fused.x, chunk.fused.y, 1);
+            drop(pass);
+            // Split-K: combine the chunk's splits into O (the partials are reused by the next chunk).
+            if let (Some(merge), false) = (&merge, chunk.merge.is_empty()) {
+                let resources = [uniform.as_entire_binding(), workspace.partials.as_entire_binding(), bind(buffers.o, chunk.o)];
+                let entries: Vec<wgpu::BindGroupEntry> =
+                    resources.into_iter().enumerate().map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource }).collect();
+                let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(&format!("sparse-attn merge_splits chunk {ci}")),
+                    layout: &merge.layout,
+                    entries: &entries,
+                });
+                let timestamp_writes = timer.as_deref_mut().and_then(|t| t.pass_writes(merge.key.kind.name()));
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("merge_splits"), timestamp_writes });
+                pass.set_pipeline(&merge.pipeline);
+                pass.set_bind_group(0, &bind_group, &[]);
+                pass.dispatch_workgroups(chunk.merge.x, chunk.merge.y, 1);
+            }
         }
         Ok(())
     }

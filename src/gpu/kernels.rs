@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
+const COMMON_PATTERN: &str = include_str!("../../shaders/common_pattern.wgsl");
 const NORMALIZE_COMMON: &str = include_str!("../../shaders/normalize_common.wgsl");
 const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
@@ -35,6 +36,8 @@ pub enum KernelKind {
     NormalizeSoftmaxMra,
     /// SpMM that adds each row's weighted MRA remainder.
     SpmmMra,
+    /// Combines the fused softmax's key splits (split-K) into O.
+    MergeSplits,
 }
 
 /// How a binding is used.
@@ -46,7 +49,7 @@ pub enum Access {
 }
 
 impl KernelKind {
-    pub const ALL: [KernelKind; 10] = [
+    pub const ALL: [KernelKind; 11] = [
         KernelKind::Sddmm,
         KernelKind::NormalizeSoftmax,
         KernelKind::NormalizeEntmax,
@@ -57,6 +60,7 @@ impl KernelKind {
         KernelKind::FusedSoftmaxMra,
         KernelKind::NormalizeSoftmaxMra,
         KernelKind::SpmmMra,
+        KernelKind::MergeSplits,
     ];
 
     pub fn is_fused(self) -> bool {
@@ -90,6 +94,7 @@ impl KernelKind {
             KernelKind::FusedSoftmaxMra => "fused_softmax_mra",
             KernelKind::NormalizeSoftmaxMra => "normalize_softmax_mra",
             KernelKind::SpmmMra => "spmm_mra",
+            KernelKind::MergeSplits => "merge_splits",
         }
     }
 
@@ -105,6 +110,7 @@ impl KernelKind {
             KernelKind::FusedSoftmax => include_str!("../../shaders/fused_softmax.wgsl"),
             KernelKind::FusedEntmax => include_str!("../../shaders/fused_entmax.wgsl"),
             KernelKind::Project => include_str!("../../shaders/project.wgsl"),
+            KernelKind::MergeSplits => include_str!("../../shaders/merge_splits.wgsl"),
         }
     }
 
@@ -119,15 +125,19 @@ impl KernelKind {
             // params, v, pattern, scores, o
             KernelKind::Spmm => &[Uniform, Read, Read, Read, ReadWrite],
             // params, q, k, v, pattern, o
-            KernelKind::FusedSoftmax | KernelKind::FusedEntmax => &[Uniform, Read, Read, Read, Read, ReadWrite],
+            KernelKind::FusedEntmax => &[Uniform, Read, Read, Read, Read, ReadWrite],
+            // params, q, k, v, pattern, o, key-split partials
+            KernelKind::FusedSoftmax => &[Uniform, Read, Read, Read, Read, ReadWrite, ReadWrite],
             // params, x, w, b, y
             KernelKind::Project => &[Uniform, Read, Read, Read, ReadWrite],
-            // fused softmax's, then the MRA remainder rows
-            KernelKind::FusedSoftmaxMra => &[Uniform, Read, Read, Read, Read, ReadWrite, Read],
+            // fused softmax's first six, the MRA remainder rows, then the key-split partials
+            KernelKind::FusedSoftmaxMra => &[Uniform, Read, Read, Read, Read, ReadWrite, Read, ReadWrite],
             // normaliser's, then the remainder rows and the per-row remainder weights
             KernelKind::NormalizeSoftmaxMra => &[Uniform, Read, ReadWrite, ReadWrite, Read, ReadWrite],
             // SpMM's, then the remainder rows and the per-row remainder weights
             KernelKind::SpmmMra => &[Uniform, Read, Read, Read, ReadWrite, Read, Read],
+            // params, key-split partials, o
+            KernelKind::MergeSplits => &[Uniform, Read, ReadWrite],
         }
     }
 }
@@ -176,6 +186,9 @@ pub fn shader_source(key: &KernelKey) -> String {
         ));
     }
     s.push_str(COMMON);
+    if key.kind != KernelKind::MergeSplits {
+        s.push_str(COMMON_PATTERN);
+    }
     if normalize {
         s.push_str(if key.subgroups { REDUCE_SUBGROUP } else { REDUCE_WORKGROUP });
         s.push_str(NORMALIZE_COMMON);
@@ -201,6 +214,10 @@ pub fn shader_source(key: &KernelKey) -> String {
         }
         None if matches!(key.kind, KernelKind::FusedSoftmax | KernelKind::NormalizeSoftmax | KernelKind::Spmm) => s.push_str(MRA_NONE),
         None => {}
+    }
+    if matches!(key.kind, KernelKind::FusedSoftmax | KernelKind::FusedSoftmaxMra) {
+        let binding = key.kind.bindings().len() - 1;
+        s.push_str(&format!("@group(0) @binding({binding}) var<storage, read_write> partial: array<f32>;\n"));
     }
     match (key.kind, key.fused) {
         (KernelKind::FusedSoftmax | KernelKind::FusedSoftmaxMra, Some(t)) => {

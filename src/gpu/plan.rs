@@ -125,7 +125,9 @@ pub struct Params {
     pub exponent: f32,
     pub tolerance: f32,
     pub max_iterations: u32,
-    pub pad: [u32; 3],
+    /// Fused softmax: key splits per query tile (1 = the tile walks its whole row).
+    pub key_splits: u32,
+    pub pad: [u32; 2],
 }
 
 /// Offsets (in u32 words) of the pattern arrays packed into one storage buffer:
@@ -201,8 +203,10 @@ pub struct Chunk {
     pub sddmm: Grid,
     pub normalize: Grid,
     pub spmm: Grid,
-    /// Workgroups of the fused kernel (TQ query rows each).
+    /// Workgroups of the fused kernel (TQ query rows and one key split each).
     pub fused: Grid,
+    /// Workgroups of the split merge (one per query row; empty without key splits).
+    pub merge: Grid,
     pub params: Params,
 }
 
@@ -223,6 +227,10 @@ pub struct Plan {
     pub chunks: Vec<Chunk>,
     /// Bytes of the largest chunk's score tiles (the scratch buffer's size).
     pub scratch_bytes: u64,
+    /// Fused softmax: key splits per query tile (1 = none).
+    pub key_splits: u32,
+    /// Bytes of the largest chunk's split partials (`key_splits > 1`), else 0.
+    pub partial_bytes: u64,
     /// Total score tiles (for the optional probabilities output).
     pub total_tiles: u64,
     pub layout: PackedPatternLayout,
@@ -239,6 +247,29 @@ pub struct PlanOptions {
     pub max_iterations: u32,
     /// `Some(tile)` plans the fused path with that tile; `None` the three-kernel path.
     pub fused: Option<super::tiles::FusedTile>,
+    /// Fused softmax key splits: `None` chooses ([`auto_key_splits`]), `Some(n)` forces `n`
+    /// (clamped to [1, MAX_KEY_SPLITS]; entmax and the three-kernel path never split).
+    pub key_splits: Option<u32>,
+}
+
+/// Most key splits per query tile.
+pub const MAX_KEY_SPLITS: u32 = 32;
+/// Workgroups the fused softmax should have in flight before rows are split along keys.
+pub const SPLIT_TARGET_WORKGROUPS: u64 = 1024;
+/// Fewest stored blocks a key split walks.
+pub const MIN_BLOCKS_PER_SPLIT: u64 = 8;
+
+/// Key splits for `tiles` fused workgroups whose longest row has `max_row_blocks` blocks:
+/// none while there are enough workgroups to fill a GPU; otherwise enough splits to reach the
+/// target, each at least `MIN_BLOCKS_PER_SPLIT` blocks long (so long rows and few query tiles,
+/// e.g. one head over 16k keys, still spread over the whole device).
+pub fn auto_key_splits(tiles: u64, max_row_blocks: u64) -> u32 {
+    if tiles == 0 || tiles >= SPLIT_TARGET_WORKGROUPS {
+        return 1;
+    }
+    let by_target = SPLIT_TARGET_WORKGROUPS.div_ceil(tiles);
+    let by_length = max_row_blocks / MIN_BLOCKS_PER_SPLIT;
+    by_target.min(by_length).clamp(1, MAX_KEY_SPLITS as u64) as u32
 }
 
 /// Largest head_dim the kernels accept (SpMM splits columns, SDDMM loops over head_dim).
@@ -300,6 +331,23 @@ pub fn plan(
     let (seq_q, seq_kv) = (shape.seq_q as u64, shape.seq_kv as u64);
     let kv_slice = |s: u32| shape.kv_slice(s as usize) as u64;
     let fused_per_row = opts.fused.map_or(1, |t| (bq / t.tq) as u64);
+    let key_splits = if opts.fused.is_some() && opts.normalizer == Normalizer::Softmax {
+        match opts.key_splits {
+            Some(n) => n.clamp(1, MAX_KEY_SPLITS),
+            None => {
+                let max_row_blocks = (0..pattern.slices() as usize)
+                    .flat_map(|s| (0..q_blocks as usize).map(move |qb| (s, qb)))
+                    .map(|(s, qb)| pattern.row_blocks(s, qb).len() as u64)
+                    .max()
+                    .unwrap_or(0);
+                auto_key_splits(rows_total * fused_per_row, max_row_blocks)
+            }
+        }
+    } else {
+        1
+    };
+    // Split partials per query row and split: m, l and head_dim accumulators (f32).
+    let partial_row_bytes = if key_splits > 1 { key_splits as u64 * (d + 2) * 4 } else { 0 };
 
     let row_info = |r: u64| {
         let s = (r / q_blocks as u64) as u32;
@@ -341,20 +389,24 @@ pub fn plan(
             Grid::for_count(a.tile1 - a.tile0, limits.max_workgroups_per_dim),
             Grid::for_count(rows * bq as u64, limits.max_workgroups_per_dim),
             Grid::for_count(rows * d_chunks as u64, limits.max_workgroups_per_dim),
-            Grid::for_count(rows * fused_per_row, limits.max_workgroups_per_dim),
+            Grid::for_count(rows * fused_per_row * key_splits as u64, limits.max_workgroups_per_dim),
+            Grid::for_count(if key_splits > 1 { rows * bq as u64 } else { 0 }, limits.max_workgroups_per_dim),
         );
-        (q, kv, stats, scores, grids)
+        let partial = rows * bq as u64 * partial_row_bytes;
+        (q, kv, stats, scores.max(partial), grids)
     };
     let fused = opts.fused;
     // The fused path has no scores or stats buffers.
     let fits = |q: &Window, kv: &Window, stats: &Window, scores: u64| {
-        let extra = if fused.is_some() { 0 } else { stats.size.max(scores) };
+        // `scores` is the chunk's score tiles (three-kernel) or split partials (fused).
+        let extra = if fused.is_some() { if key_splits > 1 { scores } else { 0 } } else { stats.size.max(scores) };
         [q.size, kv.size, extra].into_iter().all(|b| b <= limits.max_binding_bytes)
     };
 
 
     let mut chunks = Vec::new();
     let mut scratch_bytes = tile_bytes;
+    let mut partial_bytes = 0u64;
     let mut r = 0u64;
     while r < rows_total {
         let (s0, qb0, t0, t1, cols) = row_info(r);
@@ -362,8 +414,8 @@ pub fn plan(
         if let Some((a, b)) = cols {
             (acc.cmin, acc.cmax) = (a, b);
         }
-        let (q, kv, stats, scores, (g1, g2, g3, g4)) = windows(&acc, r);
-        if !fits(&q, &kv, &stats, scores) || g1.is_none() || g2.is_none() || g3.is_none() || g4.is_none() {
+        let (q, kv, stats, scores, (g1, g2, g3, g4, g5)) = windows(&acc, r);
+        if !fits(&q, &kv, &stats, scores) || g1.is_none() || g2.is_none() || g3.is_none() || g4.is_none() || g5.is_none() {
             let required = [q.size, kv.size, stats.size, scores].into_iter().max().unwrap_or(0);
             return Err(Error::Limit {
                 limit: if fused.is_some() {
@@ -384,17 +436,19 @@ pub fn plan(
                 trial.cmin = trial.cmin.min(a);
                 trial.cmax = trial.cmax.max(b);
             }
-            let (q, kv, stats, scores, (g1, g2, g3, g4)) = windows(&trial, last + 1);
-            if !fits(&q, &kv, &stats, scores) || g1.is_none() || g2.is_none() || g3.is_none() || g4.is_none() {
+            let (q, kv, stats, scores, (g1, g2, g3, g4, g5)) = windows(&trial, last + 1);
+            if !fits(&q, &kv, &stats, scores) || g1.is_none() || g2.is_none() || g3.is_none() || g4.is_none() || g5.is_none() {
                 break;
             }
             acc = trial;
             last += 1;
         }
-        let (q, kv, stats, scores, (g1, g2, g3, g4)) = windows(&acc, last);
+        let (q, kv, stats, scores, (g1, g2, g3, g4, g5)) = windows(&acc, last);
         let o = q;
         if fused.is_none() {
             scratch_bytes = scratch_bytes.max(scores);
+        } else if key_splits > 1 {
+            partial_bytes = partial_bytes.max(scores);
         }
         let params = Params {
             seq_q: seq_q as u32,
@@ -426,7 +480,8 @@ pub fn plan(
             exponent: opts.normalizer.alpha().map_or(1.0, |a| 1.0 / (a - 1.0)) as f32,
             tolerance: opts.tolerance,
             max_iterations: opts.max_iterations,
-            pad: [0; 3],
+            key_splits,
+            pad: [0; 2],
         };
         chunks.push(Chunk {
             rows: acc.r0 as u32..(last + 1) as u32,
@@ -439,12 +494,16 @@ pub fn plan(
             normalize: g2.unwrap_or(Grid { x: 0, y: 0 }),
             spmm: g3.unwrap_or(Grid { x: 0, y: 0 }),
             fused: g4.unwrap_or(Grid { x: 0, y: 0 }),
+            merge: g5.unwrap_or(Grid { x: 0, y: 0 }),
             params,
         });
         r = last + 1;
     }
     if scratch_bytes > limits.max_buffer_bytes {
         return Err(Error::Limit { limit: "max_buffer_size", required: scratch_bytes, available: limits.max_buffer_bytes });
+    }
+    if partial_bytes > limits.max_buffer_bytes {
+        return Err(Error::Limit { limit: "max_buffer_size (key-split partials)", required: partial_bytes, available: limits.max_buffer_bytes });
     }
     Ok(Plan {
         path: if fused.is_some() { ExecPath::Fused } else { ExecPath::ThreeKernel },
@@ -457,7 +516,27 @@ pub fn plan(
         d_chunk,
         chunks,
         scratch_bytes,
+        key_splits,
+        partial_bytes,
         total_tiles,
         layout,
     })
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    #[test]
+    fn auto_key_splits_only_when_tiles_are_few_and_rows_long() {
+        // Enough workgroups: never split.
+        assert_eq!(auto_key_splits(SPLIT_TARGET_WORKGROUPS, 10_000), 1);
+        // Few tiles but short rows: each split must keep MIN_BLOCKS_PER_SPLIT blocks.
+        assert_eq!(auto_key_splits(8, MIN_BLOCKS_PER_SPLIT), 1);
+        assert_eq!(auto_key_splits(8, 3 * MIN_BLOCKS_PER_SPLIT), 3);
+        // Few tiles, long rows: enough splits to reach the target, capped.
+        assert_eq!(auto_key_splits(512, 512), 2);
+        assert_eq!(auto_key_splits(1, 100_000), MAX_KEY_SPLITS);
+        assert_eq!(auto_key_splits(0, 100), 1);
+    }
 }
