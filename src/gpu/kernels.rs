@@ -10,7 +10,7 @@ const NORMALIZE_COMMON: &str = include_str!("../../shaders/normalize_common.wgsl
 const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 const FUSED_COMMON: &str = include_str!("../../shaders/fused_common.wgsl");
-const FUSED_ROWS: &str = include_str!("../../shaders/fused_rows.wgsl");
+const FUSED_TILES: &str = include_str!("../../shaders/fused_tiles.wgsl");
 const FUSED_IO_SCALAR: &str = include_str!("../../shaders/fused_io_scalar.wgsl");
 const FUSED_IO_VEC4: &str = include_str!("../../shaders/fused_io_vec4.wgsl");
 const MRA_NONE: &str = include_str!("../../shaders/mra_none.wgsl");
@@ -181,8 +181,8 @@ pub fn shader_source(key: &KernelKey) -> String {
     ));
     if let Some(t) = key.fused {
         s.push_str(&format!(
-            "const DP: u32 = {}u;\nconst TQ: u32 = {}u;\nconst KC: u32 = {}u;\nconst WG: u32 = {}u;\nconst CAP: u32 = {}u;\nconst RQ: u32 = {}u;\n",
-            t.dp, t.tq, t.kc, t.wg, t.cap, t.rq.max(1)
+            "const DP: u32 = {}u;\nconst TQ: u32 = {}u;\nconst KC: u32 = {}u;\nconst WG: u32 = {}u;\nconst CL: u32 = {}u;\nconst RQ: u32 = {}u;\n",
+            t.dp, t.tq, t.kc, t.wg, t.cap.max(1), t.rq.max(1)
         ));
     }
     s.push_str(COMMON);
@@ -196,9 +196,8 @@ pub fn shader_source(key: &KernelKey) -> String {
     if key.kind.is_fused() {
         s.push_str(if key.vec4 { FUSED_IO_VEC4 } else { FUSED_IO_SCALAR });
         s.push_str(FUSED_COMMON);
-        if let (KernelKind::FusedEntmax, Some(t)) = (key.kind, key.fused) {
-            let tpr = (t.wg / t.tq).max(1);
-            s.push_str(&super::unroll::unroll(FUSED_ROWS, &[("CPT", t.dp.div_ceil(tpr))]));
+        if let Some(t) = key.fused {
+            s.push_str(&super::unroll::unroll(FUSED_TILES, &t.unroll_counts()));
         }
     }
     // MRA remainder hooks: real for the MRA kinds, no-ops for the plain kernels that call them.
@@ -219,17 +218,8 @@ pub fn shader_source(key: &KernelKey) -> String {
         let binding = key.kind.bindings().len() - 1;
         s.push_str(&format!("@group(0) @binding({binding}) var<storage, read_write> partial: array<f32>;\n"));
     }
-    match (key.kind, key.fused) {
-        (KernelKind::FusedSoftmax | KernelKind::FusedSoftmaxMra, Some(t)) => {
-            // Register-tile loop counts, as fused_softmax.wgsl derives them.
-            let lanes = t.lanes();
-            let consts = [("RQ", t.rq.max(1)), ("NK", t.kc / lanes.max(1)), ("NC", (t.dp / 4).div_ceil(lanes.max(1)))];
-            s.push_str(&super::unroll::unroll(key.kind.body(), &consts));
-        }
-        (KernelKind::FusedEntmax, Some(t)) => {
-            let tpr = (t.wg / t.tq).max(1);
-            s.push_str(&super::unroll::unroll(key.kind.body(), &[("CPT", t.dp.div_ceil(tpr))]));
-        }
+    match key.fused {
+        Some(t) if key.kind.is_fused() => s.push_str(&super::unroll::unroll(key.kind.body(), &t.unroll_counts())),
         _ => s.push_str(key.kind.body()),
     }
     s
@@ -340,11 +330,7 @@ pub fn all_shader_sources() -> Vec<(String, String)> {
         }
         for dtype in [DType::F32, DType::F16] {
             for (bq, bk) in [(16, 16), (32, 64), (128, 128)] {
-                let fused = kind.is_fused().then_some(if kind == KernelKind::FusedEntmax {
-                    super::tiles::FusedTile { tq: 16, kc: 16, wg: 128, dp: 64, cap: 64, rq: 0 }
-                } else {
-                    super::tiles::FusedTile { tq: 16, kc: 16, wg: 64, dp: 64, cap: 0, rq: 2 }
-                });
+                let fused = kind.is_fused().then_some(super::tiles::FusedTile { tq: 16, kc: 16, wg: 64, dp: 64, cap: 8, rq: 2 });
                 for (subgroups, vec4) in [(false, false), (true, true)] {
                     let key = KernelKey { kind, dtype, block_q: bq, block_k: bk, d_chunk: 64, fused, subgroups, vec4 };
                     out.push((format!("{} {:?} {bq}x{bk} subgroups={subgroups} vec4={vec4}", kind.name(), dtype), shader_source(&key)));

@@ -60,6 +60,10 @@ pub struct SpeedArgs {
     /// default (on unless SPARSE_ATTN_AUTOTUNE=0)
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub autotune: String,
+    /// Fused softmax split-K: key splits per query tile (1 = never split); default: the
+    /// planner's choice (splits only when query tiles are too few to fill the GPU)
+    #[arg(long, value_name = "N")]
+    pub key_splits: Option<u32>,
     /// Warm-up runs per cell
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -338,7 +342,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
                             reason: String::new(),
                             stage_ms: Default::default(),
                         };
-                        match time_cell(engine, &q, &k, &v, &case.pattern, case.mra.as_ref(), AttentionOptions { normalizer, dtype, path, ..Default::default() }, a.warmup, a.repeats) {
+                        match time_cell(engine, &q, &k, &v, &case.pattern, case.mra.as_ref(), AttentionOptions { normalizer, dtype, path, key_splits: a.key_splits, ..Default::default() }, a.warmup, a.repeats) {
                             Ok(t) => {
                                 row.attention_ms = t.median_ms();
                                 row.wall_ms = median(&t.wall_ms);

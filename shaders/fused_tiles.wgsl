@@ -1,0 +1,131 @@
+// Register-tiled layout shared by the fused kernels. A workgroup's WG threads form
+// TY = TQ/RQ row groups × TX lanes; per chunk of KC keys (K, and V when needed, staged in
+// workgroup memory) thread (ty, tx) scores RQ rows × NK keys (keys tx, tx+TX, …: consecutive
+// lanes read consecutive rows of the padded K tile, so no bank conflicts) and accumulates RQ
+// rows × NC vec4 output columns (tx, tx+TX, …) in registers. Each Q/K value read from
+// workgroup memory feeds RQ or NK multiply-adds. Loops marked `@unroll` are unrolled by the
+// host (src/gpu/unroll.rs) so the register tiles stay in registers.
+
+const TY: u32 = TQ / RQ;
+const TX: u32 = WG / TY;
+const NK: u32 = KC / TX;
+const NC: u32 = (DP4 + TX - 1u) / TX;
+const KS: u32 = DP4 + 1u; // padded row stride (vec4s) of q_tile and k_tile
+const PS: u32 = KC + 1u;  // padded row stride of p_tile
+
+var<workgroup> q_tile: array<vec4<f32>, TQ * KS>;
+var<workgroup> k_tile: array<vec4<f32>, KC * KS>;
+var<workgroup> v_tile: array<vec4<f32>, KC * DP4>;
+var<workgroup> p_tile: array<f32, TQ * PS>;
+var<workgroup> red: array<f32, TQ * TX>;
+
+fn stage_q(t: Tile, lid: u32) {
+    for (var idx = lid; idx < TQ * DP4; idx += WG) {
+        let r = idx / DP4;
+        let i = t.qb * BQ + t.row0 + r;
+        q_tile[r * KS + idx % DP4] = load_q4((t.slice * params.seq_q + i) * params.head_dim, (idx % DP4) * 4u, i < params.seq_q);
+    }
+}
+
+// K (and with `with_v` V) of keys key0 .. key0 + KC of the tile's kv slice.
+fn stage_kv(t: Tile, key0: u32, lid: u32, with_k: bool, with_v: bool) {
+    for (var idx = lid; idx < KC * DP4; idx += WG) {
+        let key = key0 + idx / DP4;
+        let d0 = (idx % DP4) * 4u;
+        let base = (t.kv_row0 + key) * params.head_dim;
+        let ok = key < params.seq_kv;
+        if (with_k) {
+            k_tile[(idx / DP4) * KS + idx % DP4] = load_k4(base, d0, ok);
+        }
+        if (with_v) {
+            v_tile[idx] = load_v4(base, d0, ok);
+        }
+    }
+}
+
+// Scaled scores of the staged chunk (offset kc inside stored block b, first key key0) for
+// this thread's RQ rows × NK keys; disallowed pairs get NEG_BIG. Full blocks skip the mask.
+fn chunk_scores(t: Tile, b: u32, kc: u32, key0: u32, ty: u32, tx: u32) -> array<f32, RQ * NK> {
+    let full = pat[params.off_mask_of + b] == FULL_BLOCK;
+    var s: array<f32, RQ * NK>;
+    for (var d4 = 0u; d4 < DP4; d4++) {
+        var kv: array<vec4<f32>, NK>;
+        for (var j = 0u; j < NK; j++) { // @unroll
+            kv[j] = k_tile[(tx + j * TX) * KS + d4];
+        }
+        for (var r = 0u; r < RQ; r++) { // @unroll
+            let qv = q_tile[(ty * RQ + r) * KS + d4];
+            for (var j = 0u; j < NK; j++) { // @unroll
+                s[r * NK + j] += dot(qv, kv[j]);
+            }
+        }
+    }
+    for (var r = 0u; r < RQ; r++) { // @unroll
+        let rr = t.row0 + ty * RQ + r;
+        let row_ok = t.qb * BQ + rr < params.seq_q;
+        for (var j = 0u; j < NK; j++) { // @unroll
+            let kk = tx + j * TX;
+            var ok = row_ok && key0 + kk < params.seq_kv;
+            if (ok && !full) {
+                ok = allowed(b, t.qb, rr, kc + kk);
+            }
+            s[r * NK + j] = select(NEG_BIG, s[r * NK + j] * params.scale, ok);
+        }
+    }
+    return s;
+}
+
+// O += P·V over the staged chunk: p_tile rows of this thread's row group × v_tile.
+fn accumulate_pv(ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, RQ * NC>>) {
+    for (var kk = 0u; kk < KC; kk++) {
+        var vv: array<vec4<f32>, NC>;
+        for (var c = 0u; c < NC; c++) { // @unroll
+            let col = tx + c * TX;
+            if (col < DP4) {
+                vv[c] = v_tile[kk * DP4 + col];
+            }
+        }
+        for (var r = 0u; r < RQ; r++) { // @unroll
+            let p = p_tile[(ty * RQ + r) * PS + kk];
+            for (var c = 0u; c < NC; c++) { // @unroll
+                (*acc)[r * NC + c] += p * vv[c];
+            }
+        }
+    }
+}
+
+// Sum of each row's per-lane values `x` over its TX lanes, in lane order (the same on every
+// lane of the row). Barriers inside: call from uniform control flow.
+fn row_sums(ty: u32, tx: u32, x: array<f32, RQ>) -> array<f32, RQ> {
+    workgroupBarrier();
+    for (var r = 0u; r < RQ; r++) { // @unroll
+        red[(ty * RQ + r) * TX + tx] = x[r];
+    }
+    workgroupBarrier();
+    var total: array<f32, RQ>;
+    for (var r = 0u; r < RQ; r++) { // @unroll
+        for (var u = 0u; u < TX; u++) {
+            total[r] += red[(ty * RQ + r) * TX + u];
+        }
+    }
+    return total;
+}
+
+// O = acc / total of row ty·RQ + r, columns owned by this lane.
+fn store_rows(t: Tile, ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, RQ * NC>>, total: array<f32, RQ>) {
+    for (var r = 0u; r < RQ; r++) { // @unroll
+        let inv = select(0.0, 1.0 / total[r], total[r] > 0.0);
+        let i = t.qb * BQ + t.row0 + ty * RQ + r;
+        if (i < params.seq_q) {
+            let base = (t.slice * params.seq_q + i) * params.head_dim - params.o_base;
+            for (var c = 0u; c < NC; c++) { // @unroll
+                let c0 = (tx + c * TX) * 4u;
+                for (var e = 0u; e < 4u; e++) { // @unroll
+                    if (c0 + e < params.head_dim) {
+                        o[base + c0 + e] = elem((*acc)[r * NC + c][e] * inv);
+                    }
+                }
+            }
+        }
+    }
+}
