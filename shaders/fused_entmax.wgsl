@@ -1,60 +1,64 @@
-// Fused block-sparse α-entmax attention on the register-tiled layout of fused_tiles.wgsl:
-// two walks over the row's key blocks, no scores buffer.
-// Pass 1 computes each score once and keeps, per (row, lane), the row's count, the CL largest
-// scores in registers (a sorted list) and the largest score it dropped. τ is then found per row
-// over the kept candidates (Halley's method inside a bracket, bisection fallback, rows in
-// lockstep). Because the candidates are a subset, that τ is a lower bound of the true τ, and it
-// is exact when nothing dropped lies above it (z_dropped ≤ τ). Rows where that fails continue
-// from the bound, recomputing their scores block by block on each iteration (exact for any row
-// length). Pass 2 recomputes the scores, forms p = [z − τ]₊^e, stages V only for chunks with
-// some p > 0, accumulates O in f32 and divides by Σp. Sums run in a fixed order:
-// deterministic.
+// Fused block-sparse α-entmax attention, two passes over the row's key blocks, no scores
+// buffer.
+// Pass 1 computes each score once and keeps, per row, its max, its count, and on chip the
+// largest scores: each of a row's TPR threads keeps the top CAP/TPR of its own entries and the
+// largest value it dropped. τ is then found per row over the kept candidates (Halley's method
+// inside a bracket, bisection fallback, rows in lockstep). Because the candidates are a subset,
+// that τ is a lower bound of the true τ, and it is exact when nothing dropped lies above it
+// (z_dropped ≤ τ). Rows where that fails continue from the bound, recomputing their scores
+// block by block on each iteration (exact for any row length).
+// Pass 2 recomputes the scores, forms p = [z - τ]₊^e, skips V for chunks where every p is 0,
+// accumulates O in f32 and divides by Σp. Sums run in a fixed order: deterministic.
 
-var<workgroup> red4: array<vec4<f32>, TQ * TX>;
-var<workgroup> flag_acc: atomic<u32>;
+const CAPL: u32 = CAP / TPR;
+
+var<workgroup> cand: array<f32, TQ * CAP>;
+var<workgroup> part: array<vec4<f32>, WG>;
+var<workgroup> flags: array<u32, WG>;
 var<workgroup> uniform_word: u32;
-
-// z − τ of one score (z = (α−1)(s − m)); ≤ 0 outside the support.
-fn excess(s: f32, m: f32, tau: f32) -> f32 {
-    return select(-1.0, (params.alpha - 1.0) * (s - m) - tau, s > NEG_BIG);
-}
 
 // (Σ x^e, Σ x^(e-1), Σ x^(e-2)) contribution of one score at threshold tau.
 fn moments(s: f32, m: f32, tau: f32) -> vec4<f32> {
-    let x = excess(s, m, tau);
-    if (x <= 0.0) {
+    let x = (params.alpha - 1.0) * (s - m) - tau;
+    if (s <= NEG_BIG || x <= 0.0) {
         return vec4<f32>(0.0);
     }
     let px = pow_e(x);
     return vec4<f32>(px, px / x, px / (x * x), 0.0);
 }
 
-// Whether any thread's `a` is set, as a workgroup-uniform value (barriers inside).
-fn any_flag(lid: u32, a: bool) -> bool {
-    if (a) {
-        atomicOr(&flag_acc, 1u);
-    }
+// Stages K of chunk kc of stored block b (key block kb) and scores it into s_tile; all three
+// passes walk the row this way (V is staged only in pass 2, where needed).
+fn stage_scores(t: Tile, b: u32, kb: u32, kc: u32, lid: u32) {
+    load_k_chunk(t, kb, kc, lid);
     workgroupBarrier();
-    if (lid == 0u) {
-        uniform_word = atomicExchange(&flag_acc, 0u);
-    }
-    return workgroupUniformLoad(&uniform_word) != 0u;
+    _ = score_chunk(t, b, kc, lid);
+    workgroupBarrier();
 }
 
-// Per-row sums of per-lane moments over the row's TX lanes, in lane order.
-fn row_moments(ty: u32, tx: u32, x: array<vec4<f32>, RQ>) -> array<vec4<f32>, RQ> {
-    workgroupBarrier();
-    for (var r = 0u; r < RQ; r++) { // @unroll
-        red4[(ty * RQ + r) * TX + tx] = x[r];
+// Sum of part[] over the row's TPR threads, in lane order.
+fn row_total(row: u32) -> vec4<f32> {
+    var s = vec4<f32>(0.0);
+    for (var j = 0u; j < TPR; j++) {
+        s += part[row * TPR + j];
     }
+    return s;
+}
+
+// Whether any thread's flag is set, as a uniform value.
+fn any_flag(lid: u32, a: bool) -> bool {
+    flags[lid] = select(0u, 1u, a);
     workgroupBarrier();
-    var total: array<vec4<f32>, RQ>;
-    for (var r = 0u; r < RQ; r++) { // @unroll
-        for (var u = 0u; u < TX; u++) {
-            total[r] += red4[(ty * RQ + r) * TX + u];
+    if (lid == 0u) {
+        var acc = 0u;
+        for (var j = 0u; j < WG; j++) {
+            acc |= flags[j];
         }
+        uniform_word = acc;
     }
-    return total;
+    let r = workgroupUniformLoad(&uniform_word);
+    workgroupBarrier();
+    return r != 0u;
 }
 
 struct Search {
@@ -107,187 +111,167 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         return;
     }
     let t = tile_of_workgroup(w);
-    let ty = lid / TX;
-    let tx = lid % TX;
+    let row = lid / TPR;
+    let lane = lid % TPR;
     let am1 = params.alpha - 1.0;
-    stage_q(t, lid);
+    load_q_tile(t, lid);
 
-    // ---- pass 1: scores once; per (row, lane) count, top CL candidates, largest dropped ----
-    var cand: array<f32, RQ * CL>;
-    var dropped: array<f32, RQ>;
-    var count: array<f32, RQ>;
-    for (var r = 0u; r < RQ; r++) { // @unroll
-        dropped[r] = NEG_BIG;
-        for (var i = 0u; i < CL; i++) { // @unroll
-            cand[r * CL + i] = NEG_BIG;
-        }
-    }
+    // ---- pass 1: scores once; max, count, top candidates --------------------------------
+    var m_lane = NEG_BIG;
+    var n_lane = 0.0;
+    var count = 0u;
+    var min_at = 0u;       // slot of the smallest kept candidate once full
+    var dropped = NEG_BIG; // largest score not kept
+    let slot0 = row * CAP + lane * CAPL;
     for (var b = t.first; b < t.last; b++) {
         let kb = pat[params.off_col_idx + b];
         for (var kc = 0u; kc < BK; kc += KC) {
-            let key0 = kb * BK + kc;
-            if (key0 >= params.seq_kv) {
+            if (kb * BK + kc >= params.seq_kv) {
                 break;
             }
-            stage_kv(t, key0, lid, true, false);
-            workgroupBarrier();
-            let s = chunk_scores(t, b, kc, key0, ty, tx);
-            for (var r = 0u; r < RQ; r++) { // @unroll
-                for (var j = 0u; j < NK; j++) { // @unroll
-                    var x = s[r * NK + j];
-                    count[r] += select(0.0, 1.0, x > NEG_BIG);
-                    // Insert into the descending list; x leaves as the value pushed out.
-                    if (x > cand[r * CL + CL - 1u]) {
-                        for (var i = 0u; i < CL; i++) { // @unroll
-                            let keep = max(cand[r * CL + i], x);
-                            x = min(cand[r * CL + i], x);
-                            cand[r * CL + i] = keep;
+            stage_scores(t, b, kb, kc, lid);
+            for (var kk = lane; kk < KC; kk += TPR) {
+                let s = s_tile[row * KC + kk];
+                if (s > NEG_BIG) {
+                    n_lane += 1.0;
+                    m_lane = max(m_lane, s);
+                    var evicted = s;
+                    if (count < CAPL) {
+                        cand[slot0 + count] = s;
+                        count++;
+                        evicted = NEG_BIG;
+                    } else if (s > cand[slot0 + min_at]) {
+                        evicted = cand[slot0 + min_at];
+                        cand[slot0 + min_at] = s;
+                    }
+                    dropped = max(dropped, evicted);
+                    // Re-find the smallest kept candidate only when the kept set changed.
+                    if (count == CAPL && evicted != s) {
+                        for (var c = 0u; c < CAPL; c++) {
+                            if (cand[slot0 + c] < cand[slot0 + min_at]) {
+                                min_at = c;
+                            }
                         }
                     }
-                    dropped[r] = max(dropped[r], x);
                 }
             }
             workgroupBarrier();
         }
     }
-    // Row max (the best candidate of any lane), count and largest dropped score.
-    var mine: array<vec4<f32>, RQ>;
-    for (var r = 0u; r < RQ; r++) { // @unroll
-        mine[r] = vec4<f32>(cand[r * CL], count[r], dropped[r], 0.0);
+    // Row max, count and largest dropped score over the row's lanes.
+    part[lid] = vec4<f32>(m_lane, n_lane, dropped, 0.0);
+    workgroupBarrier();
+    var m = NEG_BIG;
+    var n = 0.0;
+    var row_dropped = NEG_BIG;
+    for (var j = 0u; j < TPR; j++) {
+        let x = part[row * TPR + j];
+        m = max(m, x.x);
+        n += x.y;
+        row_dropped = max(row_dropped, x.z);
     }
     workgroupBarrier();
-    for (var r = 0u; r < RQ; r++) { // @unroll
-        red4[(ty * RQ + r) * TX + tx] = mine[r];
-    }
-    workgroupBarrier();
-    var m: array<f32, RQ>;
-    var n: array<f32, RQ>;
-    var row_dropped: array<f32, RQ>;
-    for (var r = 0u; r < RQ; r++) { // @unroll
-        m[r] = NEG_BIG;
-        row_dropped[r] = NEG_BIG;
-        for (var u = 0u; u < TX; u++) {
-            let x = red4[(ty * RQ + r) * TX + u];
-            m[r] = max(m[r], x.x);
-            n[r] += x.y;
-            row_dropped[r] = max(row_dropped[r], x.z);
-        }
-    }
 
     // ---- τ over the candidates (all rows in lockstep) ------------------------------------
-    var st: array<Search, RQ>;
-    var hi0: array<f32, RQ>;
-    for (var r = 0u; r < RQ; r++) { // @unroll
-        hi0[r] = -exp2(am1 * log2(1.0 / max(n[r], 1.0)));
-        st[r] = Search(-1.0, -1.0, hi0[r], n[r] > 0.0);
-    }
+    let hi0 = -exp2(am1 * log2(1.0 / max(n, 1.0)));
+    var st = Search(-1.0, -1.0, hi0, n > 0.0);
     var iterations = 0u;
     loop {
-        var searching = false;
-        for (var r = 0u; r < RQ; r++) { // @unroll
-            searching = searching || st[r].searching;
-        }
-        if (!any_flag(lid, searching) || iterations >= params.max_iterations) {
+        if (!any_flag(lid, st.searching) || iterations >= params.max_iterations) {
             break;
         }
         iterations++;
-        var sums: array<vec4<f32>, RQ>;
-        for (var r = 0u; r < RQ; r++) { // @unroll
-            if (st[r].searching) {
-                for (var i = 0u; i < CL; i++) { // @unroll
-                    sums[r] += moments(cand[r * CL + i], m[r], st[r].tau);
-                }
+        var sums = vec4<f32>(0.0);
+        if (st.searching) {
+            for (var c = 0u; c < count; c++) {
+                sums += moments(cand[slot0 + c], m, st.tau);
             }
         }
-        let total = row_moments(ty, tx, sums);
-        for (var r = 0u; r < RQ; r++) { // @unroll
-            if (st[r].searching) {
-                st[r] = halley_update(st[r], total[r]);
-            }
+        part[lid] = sums;
+        workgroupBarrier();
+        let total = row_total(row);
+        workgroupBarrier();
+        if (st.searching) {
+            st = halley_update(st, total);
         }
     }
 
     // ---- rows whose dropped scores may reach the support: exact search by recomputing -----
-    var recompute: array<bool, RQ>;
-    for (var r = 0u; r < RQ; r++) { // @unroll
-        recompute[r] = n[r] > 0.0 && row_dropped[r] > NEG_BIG && am1 * (row_dropped[r] - m[r]) - st[r].tau > 0.0;
-        if (recompute[r]) {
-            // The candidate τ is a lower bound of the true τ; the candidates' upper bound is
-            // not one for the whole row, so the bracket's top goes back to the row's own bound.
-            st[r].lo = st[r].tau;
-            st[r].hi = hi0[r];
-            st[r].searching = true;
-        }
+    let recompute = n > 0.0 && row_dropped > NEG_BIG && am1 * (row_dropped - m) - st.tau > 0.0;
+    if (recompute) {
+        // The candidate τ is a lower bound of the true τ; the candidates' upper bound is not
+        // one for the whole row, so the bracket's top goes back to the row's own bound.
+        st.lo = st.tau;
+        st.hi = hi0;
+        st.searching = true;
     }
     iterations = 0u;
     loop {
-        var searching = false;
-        for (var r = 0u; r < RQ; r++) { // @unroll
-            searching = searching || (recompute[r] && st[r].searching);
-        }
-        if (!any_flag(lid, searching) || iterations >= params.max_iterations) {
+        if (!any_flag(lid, recompute && st.searching) || iterations >= params.max_iterations) {
             break;
         }
         iterations++;
-        var sums: array<vec4<f32>, RQ>;
+        var sums = vec4<f32>(0.0);
         for (var b = t.first; b < t.last; b++) {
             let kb = pat[params.off_col_idx + b];
             for (var kc = 0u; kc < BK; kc += KC) {
-                let key0 = kb * BK + kc;
-                if (key0 >= params.seq_kv) {
+                if (kb * BK + kc >= params.seq_kv) {
                     break;
                 }
-                stage_kv(t, key0, lid, true, false);
-                workgroupBarrier();
-                let s = chunk_scores(t, b, kc, key0, ty, tx);
-                for (var r = 0u; r < RQ; r++) { // @unroll
-                    if (recompute[r] && st[r].searching) {
-                        for (var j = 0u; j < NK; j++) { // @unroll
-                            sums[r] += moments(s[r * NK + j], m[r], st[r].tau);
-                        }
+                stage_scores(t, b, kb, kc, lid);
+                if (recompute && st.searching) {
+                    for (var kk = lane; kk < KC; kk += TPR) {
+                        sums += moments(s_tile[row * KC + kk], m, st.tau);
                     }
                 }
                 workgroupBarrier();
             }
         }
-        let total = row_moments(ty, tx, sums);
-        for (var r = 0u; r < RQ; r++) { // @unroll
-            if (recompute[r] && st[r].searching) {
-                st[r] = halley_update(st[r], total[r]);
-            }
+        part[lid] = sums;
+        workgroupBarrier();
+        let total = row_total(row);
+        workgroupBarrier();
+        if (recompute && st.searching) {
+            st = halley_update(st, total);
         }
     }
+    let tau = st.tau;
 
-    // ---- pass 2: p = [z − τ]₊^e, O = Σ p v / Σ p; chunks with no p > 0 skip V ------------
-    var l: array<f32, RQ>;
-    var acc: array<vec4<f32>, RQ * NC>;
+    // ---- pass 2: p = [z - τ]₊^e, O = Σ p v / Σ p; chunks with no p > 0 skip V ----------
+    var l = 0.0;
+    var acc: array<f32, CPT>;
+    for (var j = 0u; j < CPT; j++) { // @unroll
+        acc[j] = 0.0;
+    }
     for (var b = t.first; b < t.last; b++) {
         let kb = pat[params.off_col_idx + b];
         for (var kc = 0u; kc < BK; kc += KC) {
-            let key0 = kb * BK + kc;
-            if (key0 >= params.seq_kv) {
+            if (kb * BK + kc >= params.seq_kv) {
                 break;
             }
-            stage_kv(t, key0, lid, true, false);
-            workgroupBarrier();
-            let s = chunk_scores(t, b, kc, key0, ty, tx);
+            stage_scores(t, b, kb, kc, lid);
+            // Each lane turns its own entries into p in place.
             var any_p = false;
-            for (var r = 0u; r < RQ; r++) { // @unroll
-                for (var j = 0u; j < NK; j++) { // @unroll
-                    let x = excess(s[r * NK + j], m[r], st[r].tau);
-                    let p = select(0.0, pow_e(max(x, 1e-30)), x > 0.0);
-                    any_p = any_p || p > 0.0;
-                    l[r] += p;
-                    p_tile[(ty * RQ + r) * PS + tx + j * TX] = p;
-                }
+            for (var kk = lane; kk < KC; kk += TPR) {
+                let p = moments(s_tile[row * KC + kk], m, tau).x;
+                any_p = any_p || p > 0.0;
+                s_tile[row * KC + kk] = p;
             }
             if (any_flag(lid, any_p)) {
-                stage_kv(t, key0, lid, false, true);
+                load_v_chunk(t, kb, kc, lid);
                 workgroupBarrier();
-                accumulate_pv(ty, tx, &acc);
+                for (var kk = 0u; kk < KC; kk++) {
+                    let p = s_tile[row * KC + kk];
+                    if (p > 0.0) {
+                        l += p;
+                        for (var j = 0u; j < CPT; j++) { // @unroll
+                            acc[j] += p * v_tile[kk * DP + lane + j * TPR];
+                        }
+                    }
+                }
             }
             workgroupBarrier();
         }
     }
-    store_rows(t, ty, tx, &acc, row_sums(ty, tx, l));
+    store_output(t, row, lane, &acc, select(0.0, 1.0 / l, l > 0.0));
 }

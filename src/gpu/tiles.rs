@@ -5,9 +5,9 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// One fused-kernel tile (fused_tiles.wgsl's register-tiled layout): `tq` query rows per
-/// workgroup, `kc` keys staged per step, `wg` threads, `dp` head_dim padded to a multiple of 4,
-/// `rq` query rows per thread, `cap` entmax candidates kept per (row, lane).
+/// One fused-kernel tile: `tq` query rows per workgroup, `kc` keys staged per step, `wg`
+/// threads, `dp` head_dim padded, `cap` entmax candidates kept per row, `rq` query rows per
+/// thread of the register-tiled softmax kernel (0 for the entmax kernel's row-per-lanes layout).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct FusedTile {
     pub tq: u32,
@@ -20,62 +20,60 @@ pub struct FusedTile {
 }
 
 impl FusedTile {
-    /// Lanes per row group (`wg / (tq / rq)`).
+    /// Threads per query row.
+    pub fn tpr(&self) -> u32 {
+        self.wg / self.tq
+    }
+
+    /// Softmax kernel: lanes per row group (`wg / (tq / rq)`).
     pub fn lanes(&self) -> u32 {
         self.wg / (self.tq / self.rq.max(1)).max(1)
     }
 
-    /// Keys per thread per chunk (NK) and vec4 output columns per thread (NC).
-    fn per_thread(&self) -> (u32, u32) {
-        let lanes = self.lanes().max(1);
-        (self.kc / lanes, (self.dp / 4).div_ceil(lanes))
-    }
-
-    /// Trip counts of the kernels' `@unroll` loops (src/gpu/unroll.rs).
+    /// Trip counts of the kernels' `@unroll` loops (src/gpu/unroll.rs): the softmax kernel's
+    /// register tiles (RQ, NK, NC) and the entmax kernel's columns per thread (CPT).
     pub fn unroll_counts(&self) -> [(&'static str, u32); 4] {
-        let (nk, nc) = self.per_thread();
-        [("RQ", self.rq.max(1)), ("NK", nk), ("NC", nc), ("CL", self.cap.max(1))]
+        let lanes = self.lanes().max(1);
+        [("RQ", self.rq.max(1)), ("NK", self.kc / lanes), ("NC", (self.dp / 4).div_ceil(lanes)), ("CPT", self.dp.div_ceil(self.tpr().max(1)))]
     }
 
-    /// Workgroup memory in bytes (mirrors the arrays in shaders/fused_tiles.wgsl and, for
-    /// entmax, shaders/fused_entmax.wgsl).
+    /// Workgroup memory in bytes (mirrors the arrays in shaders/fused_*.wgsl).
     pub fn workgroup_bytes(&self, entmax: bool) -> u32 {
-        let dp4 = self.dp / 4;
-        // Padded Q and K tiles, V tile, padded p tile, row reductions.
-        let tiles = 16 * (self.tq * (dp4 + 1) + self.kc * (dp4 + 1) + self.kc * dp4) + 4 * (self.tq * (self.kc + 1) + self.tq * self.lanes());
-        if entmax {
-            tiles + 16 * self.tq * self.lanes() + 8
-        } else {
-            tiles
+        if !entmax {
+            // fused_tiles.wgsl: padded Q and K tiles, V tile, padded p tile, row reductions.
+            let dp4 = self.dp / 4;
+            return 16 * (self.tq * (dp4 + 1) + self.kc * (dp4 + 1) + self.kc * dp4) + 4 * (self.tq * (self.kc + 1) + self.tq * self.lanes());
         }
-    }
-
-    /// f32 registers of the per-thread tiles (accumulators, scores, entmax candidates).
-    fn registers(&self, entmax: bool) -> u32 {
-        let (nk, nc) = self.per_thread();
-        let rq = self.rq.max(1);
-        rq * nc * 4 + rq * nk + if entmax { rq * self.cap } else { 0 }
+        let common = 4 * (self.tq * self.dp + 2 * self.kc * self.dp + self.tq * self.kc);
+        if entmax {
+            common + 4 * self.tq * self.cap + 16 * self.wg + 4 * self.wg + 4
+        } else {
+            common + 4 * self.wg
+        }
     }
 }
 
-/// Entmax candidates kept per (row, lane) in registers; a row keeps `lanes · 8` of its largest
+/// Entmax candidates kept on chip per thread: a row keeps `16 · threads-per-row` of its largest
 /// scores (rows whose support does not fit recompute their scores instead).
-pub const ENTMAX_CANDIDATES_PER_LANE: u32 = 8;
+pub const ENTMAX_CANDIDATES_PER_THREAD: u32 = 16;
 /// Largest head_dim a fused tile supports.
 pub const MAX_FUSED_HEAD_DIM: u32 = 256;
 
-/// The candidate set, best guess first: (threads, query rows, rows per thread, keys per step).
-/// Larger register tiles feed more multiply-adds per workgroup-memory read; the last ones fit
-/// block 16, large head_dim and small workgroup memory.
-const CANDIDATES: [(u32, u32, u32, u32); 9] =
+/// The entmax kernel's candidate set, best guess first: (threads, query rows, keys per step).
+/// The last one is the fallback for small workgroup memory and large head_dim.
+const CANDIDATES: [(u32, u32, u32); 6] = [(128, 32, 32), (128, 16, 32), (128, 16, 16), (256, 32, 16), (128, 8, 16), (64, 4, 8)];
+
+/// The softmax kernel's candidate set, best guess first: (threads, query rows, rows per thread,
+/// keys per step). Larger register tiles feed more multiply-adds per workgroup-memory read;
+/// the last ones fit block 16, large head_dim and small workgroup memory.
+const SOFTMAX_CANDIDATES: [(u32, u32, u32, u32); 9] =
     [(128, 32, 4, 32), (128, 16, 2, 32), (128, 64, 8, 64), (256, 64, 4, 64), (64, 32, 4, 32), (256, 32, 2, 32), (64, 16, 2, 16), (64, 8, 2, 16), (32, 8, 2, 8)];
 
-/// Most f32 registers a tile may hold per thread.
-const REGISTER_BUDGET: u32 = 96;
+/// Most f32 registers a softmax tile may hold per thread (accumulators plus scores).
+const SOFTMAX_REGISTER_BUDGET: u32 = 96;
 
-/// Tiles that fit this adapter for (block_q, block_k, head_dim), best guess first.
-pub fn candidates(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, limits: &wgpu::Limits) -> Vec<FusedTile> {
-    CANDIDATES
+fn softmax_candidates(block_q: u32, block_k: u32, head_dim: u32, limits: &wgpu::Limits) -> Vec<FusedTile> {
+    SOFTMAX_CANDIDATES
         .iter()
         .filter_map(|&(wg, tq, rq, kc)| {
             if wg > limits.max_compute_invocations_per_workgroup || wg > limits.max_compute_workgroup_size_x {
@@ -84,11 +82,42 @@ pub fn candidates(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, limit
             if tq > block_q || kc > block_k || tq % rq != 0 || wg % (tq / rq) != 0 {
                 return None;
             }
-            let cap = if entmax { ENTMAX_CANDIDATES_PER_LANE } else { 0 };
-            let tile = FusedTile { tq, kc, wg, dp: head_dim.next_multiple_of(4), cap, rq };
-            if kc % tile.lanes() != 0 || tile.registers(entmax) > REGISTER_BUDGET {
+            let dp = head_dim.next_multiple_of(4);
+            let tile = FusedTile { tq, kc, wg, dp, cap: 0, rq };
+            let lanes = tile.lanes();
+            if kc % lanes != 0 {
                 return None;
             }
+            let registers = rq * (dp / 4).div_ceil(lanes) * 4 + rq * (kc / lanes);
+            if registers > SOFTMAX_REGISTER_BUDGET {
+                return None;
+            }
+            (tile.workgroup_bytes(false) <= limits.max_compute_workgroup_storage_size).then_some(tile)
+        })
+        .collect()
+}
+
+/// Tiles that fit this adapter for (block_q, block_k, head_dim), best guess first.
+pub fn candidates(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, limits: &wgpu::Limits) -> Vec<FusedTile> {
+    if !entmax {
+        return softmax_candidates(block_q, block_k, head_dim, limits);
+    }
+    CANDIDATES
+        .iter()
+        .filter_map(|&(wg, tq, kc)| {
+            if wg > limits.max_compute_invocations_per_workgroup || wg > limits.max_compute_workgroup_size_x {
+                return None;
+            }
+            if tq > block_q || kc > block_k {
+                return None;
+            }
+            let tpr = wg / tq;
+            let dp = head_dim.next_multiple_of(tpr.max(4));
+            // Keep per-thread accumulators within a register budget.
+            if dp / tpr > 32 {
+                return None;
+            }
+            let tile = FusedTile { tq, kc, wg, dp, cap: ENTMAX_CANDIDATES_PER_THREAD * tpr, rq: 0 };
             (tile.workgroup_bytes(entmax) <= limits.max_compute_workgroup_storage_size).then_some(tile)
         })
         .collect()
@@ -100,11 +129,15 @@ pub fn default_tile(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, lim
         return Err(Error::Unsupported(format!("fused kernels support head_dim <= {MAX_FUSED_HEAD_DIM}, got {head_dim}")));
     }
     candidates(block_q, block_k, head_dim, entmax, limits).into_iter().next().ok_or_else(|| {
-        let smallest = FusedTile { tq: 8, kc: 8, wg: 32, dp: head_dim.next_multiple_of(4), cap: if entmax { ENTMAX_CANDIDATES_PER_LANE } else { 0 }, rq: 2 };
         Error::Unsupported(format!(
             "no fused tile for head_dim {head_dim} fits max_compute_workgroup_storage_size = {} bytes (smallest needs {})",
             limits.max_compute_workgroup_storage_size,
-            smallest.workgroup_bytes(entmax)
+            if entmax {
+                FusedTile { tq: 4, kc: 8, wg: 64, dp: head_dim.next_multiple_of(16), cap: ENTMAX_CANDIDATES_PER_THREAD * 16, rq: 0 }
+            } else {
+                FusedTile { tq: 8, kc: 8, wg: 32, dp: head_dim.next_multiple_of(4), cap: 0, rq: 2 }
+            }
+            .workgroup_bytes(entmax)
         ))
     })
 }
