@@ -574,6 +574,7 @@ impl Engine {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn encode_fused(
         &self,
         encoder: &mut wgpu::CommandEncoder,
