@@ -137,6 +137,19 @@ pub struct AttentionBuffers<'a> {
     pub o: &'a wgpu::Buffer,
 }
 
+/// One compute pass running `kernel` over `grid` (timed when `timer` has room); nothing for
+/// an empty grid.
+fn dispatch(encoder: &mut wgpu::CommandEncoder, timer: Option<&mut super::timing::PassTimer>, kernel: &Kernel, bind_group: &wgpu::BindGroup, grid: plan::Grid) {
+    if grid.is_empty() {
+        return;
+    }
+    let timestamp_writes = timer.and_then(|t| t.pass_writes(kernel.key.kind.name()));
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(kernel.key.kind.name()), timestamp_writes });
+    pass.set_pipeline(&kernel.pipeline);
+    pass.set_bind_group(0, bind_group, &[]);
+    pass.dispatch_workgroups(grid.x, grid.y, 1);
+}
+
 /// Binds `w` of `buf`, clipped to the buffer's end.
 fn bind(buf: &wgpu::Buffer, w: Window) -> wgpu::BindingResource<'_> {
     let size = w.size.min(buf.size().saturating_sub(w.offset));
@@ -506,22 +519,10 @@ impl Engine {
         let normalize = self.kernel(kinds[1], plan)?;
         let spmm = self.kernel(kinds[2], plan)?;
         for (ci, chunk) in plan.chunks.iter().enumerate() {
-            let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("sparse-attn params"),
-                contents: bytemuck::bytes_of(&chunk.params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
+            let uniform = self.params_buffer(&chunk.params);
             let scores_size = ((chunk.tiles.end - chunk.tiles.start) as u64 * tile_bytes).max(tile_bytes);
             let scores = Window { offset: 0, size: scores_size, base: chunk.params.scores_base };
-            let group = |k: &Kernel, resources: Vec<wgpu::BindingResource>| {
-                let entries: Vec<wgpu::BindGroupEntry> =
-                    resources.into_iter().enumerate().map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource }).collect();
-                self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some(&format!("sparse-attn {} chunk {ci}", k.key.kind.name())),
-                    layout: &k.layout,
-                    entries: &entries,
-                })
-            };
+            let group = |k: &Kernel, resources: Vec<wgpu::BindingResource>| self.bind_group(k, ci, resources);
             let params = uniform.as_entire_binding();
             let pat = pattern.buffer.as_entire_binding();
             let passes = [
@@ -554,13 +555,7 @@ impl Engine {
                 ),
             ];
             for (stage, (kernel, bind_group, grid)) in passes.iter().enumerate() {
-                if !grid.is_empty() {
-                    let timestamp_writes = timer.as_deref_mut().and_then(|t| t.pass_writes(kernel.key.kind.name()));
-                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(kernel.key.kind.name()), timestamp_writes });
-                    pass.set_pipeline(&kernel.pipeline);
-                    pass.set_bind_group(0, bind_group, &[]);
-                    pass.dispatch_workgroups(grid.x, grid.y, 1);
-                }
+                dispatch(encoder, timer.as_deref_mut(), kernel, bind_group, *grid);
                 if stage == 1 {
                     if let Some(dst) = probabilities {
                         let n = (chunk.tiles.end - chunk.tiles.start) as u64 * tile_bytes;
@@ -595,11 +590,7 @@ impl Engine {
             if chunk.fused.is_empty() {
                 continue;
             }
-            let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("sparse-attn params"),
-                contents: bytemuck::bytes_of(&chunk.params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
+            let uniform = self.params_buffer(&chunk.params);
             let mut resources = vec![
                 uniform.as_entire_binding(),
                 bind(buffers.q, chunk.q),
@@ -614,37 +605,35 @@ impl Engine {
             if kernel.key.kind != KernelKind::FusedEntmax {
                 resources.push(workspace.partials.as_entire_binding());
             }
-            let entries: Vec<wgpu::BindGroupEntry> =
-                resources.into_iter().enumerate().map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource }).collect();
-            let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(&format!("sparse-attn {} chunk {ci}", kernel.key.kind.name())),
-                layout: &kernel.layout,
-                entries: &entries,
-            });
-            let timestamp_writes = timer.as_deref_mut().and_then(|t| t.pass_writes(kernel.key.kind.name()));
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(kernel.key.kind.name()), timestamp_writes });
-            pass.set_pipeline(&kernel.pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(chunk.fused.x, chunk.fused.y, 1);
-            drop(pass);
+            let bind_group = self.bind_group(&kernel, ci, resources);
+            dispatch(encoder, timer.as_deref_mut(), &kernel, &bind_group, chunk.fused);
             // Split-K: combine the chunk's splits into O (the partials are reused by the next chunk).
             if let (Some(merge), false) = (&merge, chunk.merge.is_empty()) {
-                let resources = [uniform.as_entire_binding(), workspace.partials.as_entire_binding(), bind(buffers.o, chunk.o)];
-                let entries: Vec<wgpu::BindGroupEntry> =
-                    resources.into_iter().enumerate().map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource }).collect();
-                let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some(&format!("sparse-attn merge_splits chunk {ci}")),
-                    layout: &merge.layout,
-                    entries: &entries,
-                });
-                let timestamp_writes = timer.as_deref_mut().and_then(|t| t.pass_writes(merge.key.kind.name()));
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("merge_splits"), timestamp_writes });
-                pass.set_pipeline(&merge.pipeline);
-                pass.set_bind_group(0, &bind_group, &[]);
-                pass.dispatch_workgroups(chunk.merge.x, chunk.merge.y, 1);
+                let bind_group = self.bind_group(merge, ci, vec![uniform.as_entire_binding(), workspace.partials.as_entire_binding(), bind(buffers.o, chunk.o)]);
+                dispatch(encoder, timer.as_deref_mut(), merge, &bind_group, chunk.merge);
             }
         }
         Ok(())
+    }
+
+    /// The uniform buffer of one chunk's `Params`.
+    fn params_buffer(&self, params: &plan::Params) -> wgpu::Buffer {
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("sparse-attn params"),
+            contents: bytemuck::bytes_of(params),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+    }
+
+    /// A bind group on `kernel`'s layout for chunk `ci`: binding `i` is `resources[i]`.
+    fn bind_group(&self, kernel: &Kernel, ci: usize, resources: Vec<wgpu::BindingResource<'_>>) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> =
+            resources.into_iter().enumerate().map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource }).collect();
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&format!("sparse-attn {} chunk {ci}", kernel.key.kind.name())),
+            layout: &kernel.layout,
+            entries: &entries,
+        })
     }
 
     fn upload(&self, label: &str, a: &ArrayView4<f32>, dtype: DType, usage: wgpu::BufferUsages) -> wgpu::Buffer {

@@ -250,12 +250,20 @@ impl KernelCache {
         if let Some(k) = map.get(&key) {
             return Ok(k.clone());
         }
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let kernel = compile(device, key);
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(crate::Error::Gpu(format!("compiling {} {key:?}: {e}", key.kind.name())));
-        }
-        let kernel = Arc::new(kernel);
+        let label = format!(
+            "sparse-attn {} {:?} {}x{} dch{} {:?} sg{} v4{}",
+            key.kind.name(),
+            key.dtype,
+            key.block_q,
+            key.block_k,
+            key.d_chunk,
+            key.fused,
+            key.subgroups,
+            key.vec4
+        );
+        let (layout, mut pipelines) = compile_module(device, &label, &shader_source(&key), key.kind.bindings(), &["main"])?;
+        let pipeline = pipelines.pop().ok_or_else(|| crate::Error::Gpu(format!("compiling {label}: no pipeline")))?;
+        let kernel = Arc::new(Kernel { key, layout, pipeline });
         map.insert(key, kernel.clone());
         Ok(kernel)
     }
@@ -269,21 +277,19 @@ impl KernelCache {
     }
 }
 
-fn compile(device: &wgpu::Device, key: KernelKey) -> Kernel {
-    let label = format!(
-        "sparse-attn {} {:?} {}x{} dch{} {:?} sg{} v4{}",
-        key.kind.name(),
-        key.dtype,
-        key.block_q,
-        key.block_k,
-        key.d_chunk,
-        key.fused,
-        key.subgroups,
-        key.vec4
-    );
-    let entries: Vec<wgpu::BindGroupLayoutEntry> = key
-        .kind
-        .bindings()
+/// Compiles one WGSL module against an explicit bind-group layout (binding `i` used as
+/// `bindings[i]`): one pipeline per entry point, in order, all sharing the layout. A shader or
+/// pipeline the driver rejects is an `Error::Gpu` naming `label` (not wgpu's default panic).
+/// The engine's kernels and the standalone GPU stages (low-rank, pooling, MRA low resolution)
+/// all compile through here.
+pub(crate) fn compile_module(
+    device: &wgpu::Device,
+    label: &str,
+    source: &str,
+    bindings: &[Access],
+    entry_points: &[&str],
+) -> crate::Result<(wgpu::BindGroupLayout, Vec<wgpu::ComputePipeline>)> {
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
         .iter()
         .enumerate()
         .map(|(i, access)| wgpu::BindGroupLayoutEntry {
@@ -301,25 +307,31 @@ fn compile(device: &wgpu::Device, key: KernelKey) -> Kernel {
             count: None,
         })
         .collect();
-    let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(&label), entries: &entries });
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(label), entries: &entries });
     let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-        label: Some(&label),
+        label: Some(label),
         bind_group_layouts: &[Some(&layout)],
         immediate_size: 0,
     });
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some(&label),
-        source: wgpu::ShaderSource::Wgsl(shader_source(&key).into()),
-    });
-    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: Some(&label),
-        layout: Some(&pipeline_layout),
-        module: &module,
-        entry_point: Some("main"),
-        compilation_options: Default::default(),
-        cache: None,
-    });
-    Kernel { key, layout, pipeline }
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(source.into()) });
+    let pipelines = entry_points
+        .iter()
+        .map(|entry| {
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&format!("{label} {entry}")),
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        })
+        .collect();
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        return Err(crate::Error::Gpu(format!("compiling {label}: {e}")));
+    }
+    Ok((layout, pipelines))
 }
 
 /// Every (kind, dtype) source at one representative tile, for offline validation with naga.

@@ -64,70 +64,13 @@ pub struct GpuLowRank {
 
 impl GpuLowRank {
     pub fn new(engine: &Engine) -> Result<Self> {
-        let device = engine.device();
-        let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Storage { read_only },
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        };
-        let entries = [
-            wgpu::BindGroupLayoutEntry {
-                binding: 0,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Uniform,
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
-                count: None,
-            },
-            storage(1, true),
-            storage(2, true),
-            storage(3, false),
-            storage(4, false),
-            storage(5, false),
-        ];
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("sparse-attn lowrank layout"),
-            entries: &entries,
-        });
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some("sparse-attn lowrank pipeline layout"),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("sparse-attn lowrank shader"),
-            source: wgpu::ShaderSource::Wgsl(SHADER.into()),
-        });
-        let pipeline = |label: &'static str, entry: &'static str| {
-            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(label),
-                layout: Some(&pipeline_layout),
-                module: &module,
-                entry_point: Some(entry),
-                compilation_options: Default::default(),
-                cache: None,
-            })
-        };
-        let subset = pipeline("sparse-attn lowrank subset scores", "subset_scores");
-        let reconstruct = pipeline("sparse-attn lowrank reconstruct", "reconstruct");
-        let normalize = pipeline("sparse-attn lowrank normalize pv", "normalize_pv");
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(format!("lowrank pipelines: {e}")));
-        }
-        Ok(Self {
-            layout,
-            subset,
-            reconstruct,
-            normalize,
-        })
+        use crate::gpu::kernels::{compile_module, Access::*};
+        // params, then the storage buffers as lowrank.wgsl declares them
+        let bindings = [Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite];
+        let (layout, pipelines) = compile_module(engine.device(), "sparse-attn lowrank", SHADER, &bindings, &["subset_scores", "reconstruct", "normalize_pv"])?;
+        let [subset, reconstruct, normalize]: [wgpu::ComputePipeline; 3] =
+            pipelines.try_into().map_err(|_| Error::Gpu("lowrank: expected 3 pipelines".into()))?;
+        Ok(Self { layout, subset, reconstruct, normalize })
     }
 
     /// Low-rank attention on the GPU; same inputs and result as [`super::attention`] (f32).

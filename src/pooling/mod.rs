@@ -140,43 +140,10 @@ pub struct GpuPooling {
 
 impl GpuPooling {
     pub fn new(engine: &Engine) -> Result<Self> {
-        let device = engine.device();
-        let storage = |binding: u32| wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Storage { read_only: false }, has_dynamic_offset: false, min_binding_size: None },
-            count: None,
-        };
-        let entries = [
-            wgpu::BindGroupLayoutEntry {
-                binding: 0,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Uniform, has_dynamic_offset: false, min_binding_size: None },
-                count: None,
-            },
-            storage(1),
-            storage(2),
-            storage(3),
-        ];
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some("sparse-attn pooling layout"), entries: &entries });
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some("sparse-attn pooling pipeline layout"),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some("sparse-attn pooling shader"), source: wgpu::ShaderSource::Wgsl(SHADER.into()) });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("sparse-attn pooling pipeline"),
-            layout: Some(&pipeline_layout),
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(format!("pooling pipeline: {e}")));
-        }
+        use crate::gpu::kernels::{compile_module, Access::*};
+        let bindings = [Uniform, ReadWrite, ReadWrite, ReadWrite];
+        let (layout, mut pipelines) = compile_module(engine.device(), "sparse-attn pooling", SHADER, &bindings, &["main"])?;
+        let pipeline = pipelines.pop().ok_or_else(|| Error::Gpu("pooling: no pipeline".into()))?;
         Ok(Self { layout, pipeline })
     }
 

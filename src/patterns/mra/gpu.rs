@@ -9,9 +9,8 @@
 //! `max_workgroups_per_dim` (2-D grids); only one slice that alone exceeds a limit is a typed
 //! `Limit` error.
 
-use super::{Mra, MraConfig, MraRemainder, Setup};
+use super::{Mra, MraConfig, MraRemainder, SelectionRows, Setup};
 use crate::error::{Error, Result};
-use crate::pattern::{BlockMask, PatternAccumulator};
 use crate::{AttentionShape, Engine};
 use ndarray::ArrayView4;
 use wgpu::util::DeviceExt;
@@ -78,54 +77,13 @@ pub struct GpuMraLowRes {
 
 impl GpuMraLowRes {
     pub fn new(engine: &Engine) -> Result<Self> {
-        let device = engine.device();
-        let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Storage { read_only }, has_dynamic_offset: false, min_binding_size: None },
-            count: None,
-        };
-        let entries = [
-            wgpu::BindGroupLayoutEntry {
-                binding: 0,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Uniform, has_dynamic_offset: false, min_binding_size: None },
-                count: None,
-            },
-            storage(1, true),
-            storage(2, true),
-            storage(3, true),
-            storage(4, false),
-            storage(5, false),
-            storage(6, false),
-            storage(7, false),
-            storage(8, false),
-        ];
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some("sparse-attn mra lowres layout"), entries: &entries });
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some("sparse-attn mra lowres pipeline layout"),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some("sparse-attn mra lowres shader"), source: wgpu::ShaderSource::Wgsl(SHADER.into()) });
-        let pipeline = |label: &'static str, entry: &'static str| {
-            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(label),
-                layout: Some(&pipeline_layout),
-                module: &module,
-                entry_point: Some(entry),
-                compilation_options: Default::default(),
-                cache: None,
-            })
-        };
-        let means = pipeline("sparse-attn mra lowres block means", "block_means");
-        let scores = pipeline("sparse-attn mra lowres block scores", "block_scores");
-        let select = pipeline("sparse-attn mra lowres select blocks", "select_blocks");
-        let rows = pipeline("sparse-attn mra lowres row terms", "row_terms");
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(format!("mra lowres pipelines: {e}")));
-        }
+        use crate::gpu::kernels::{compile_module, Access::*};
+        // params, then the storage buffers as mra_lowres.wgsl declares them
+        let bindings = [Uniform, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite, ReadWrite, ReadWrite];
+        let (layout, pipelines) =
+            compile_module(engine.device(), "sparse-attn mra lowres", SHADER, &bindings, &["block_means", "block_scores", "select_blocks", "row_terms"])?;
+        let [means, scores, select, rows]: [wgpu::ComputePipeline; 4] =
+            pipelines.try_into().map_err(|_| Error::Gpu("mra lowres: expected 4 pipelines".into()))?;
         Ok(Self { layout, means, scores, select, rows })
     }
 
@@ -141,7 +99,7 @@ impl GpuMraLowRes {
         shape: &AttentionShape,
     ) -> Result<Mra> {
         let Setup { scale, geometry, qn, kn, counts, budget } = config.setup(q, k, v, shape)?;
-        let mut acc = PatternAccumulator::new(geometry)?;
+        let mut sel_rows = SelectionRows::new(geometry, shape.slices() * qn)?;
         let d = shape.head_dim;
         // Priors are the same blocks in every slice: the GPU fills the rest of the budget.
         let taken = (0..qn).map(|i| (0..kn).filter(|&j| config.is_prior(i, j)).count()).sum::<usize>();
@@ -161,9 +119,6 @@ impl GpuMraLowRes {
         let mut k_means = Vec::with_capacity(shape.batch * shape.kv_heads * kn * d);
         let mut v_means = Vec::new();
         let mut rows_all = Vec::new();
-        let mut rest_ptr = Vec::with_capacity(shape.slices() * qn + 1);
-        rest_ptr.push(0u32);
-        let (mut rest_col, mut rest_logit) = (Vec::new(), Vec::new());
         let mut kv_done = 0usize;
         for chunk in self.chunks(engine, shape, qn, kn, has_v)? {
             let out = self.run_chunk(engine, config, shape, chunk, (qn, kn), want, scale, q_flat, k_flat, v_flat)?;
@@ -184,15 +139,11 @@ impl GpuMraLowRes {
                 return Err(Error::Gpu("mra lowres selection readback too short".into()));
             };
             for row in 0..cs * qn {
-                let (l, s) = (&logits[row * kn..(row + 1) * kn], &sel[row * kn..(row + 1) * kn]);
-                acc.push_row((0..kn).filter(|&j| s[j] != 0).map(|j| (j as u32, BlockMask::Full)));
-                for j in (0..kn).filter(|&j| s[j] == 0) {
-                    rest_col.push(j as u32);
-                    rest_logit.push(l[j]);
-                }
-                rest_ptr.push(rest_col.len() as u32);
+                let s = &sel[row * kn..(row + 1) * kn];
+                sel_rows.push(&logits[row * kn..(row + 1) * kn], |j| s[j] != 0);
             }
         }
+        let SelectionRows { acc, rest_ptr, rest_col, rest_logit } = sel_rows;
         let pattern = acc.finish()?;
         Ok(Mra {
             pattern,

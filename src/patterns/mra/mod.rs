@@ -329,11 +329,7 @@ impl MraConfig {
                 }
             }
         }
-        let mut acc = PatternAccumulator::new(geometry)?;
-        let mut rest_ptr = Vec::with_capacity(shape.slices() * qn + 1);
-        rest_ptr.push(0u32);
-        let mut rest_col = Vec::new();
-        let mut rest_logit = Vec::new();
+        let mut rows = SelectionRows::new(geometry, shape.slices() * qn)?;
         let mut logits = vec![0f32; qn * kn];
         let mut selected = vec![false; qn * kn];
         for slice in 0..shape.slices() {
@@ -378,16 +374,10 @@ impl MraConfig {
                 }
             }
             for i in 0..qn {
-                acc.push_row((0..kn).filter(|&j| selected[i * kn + j]).map(|j| (j as u32, BlockMask::Full)));
-                for j in 0..kn {
-                    if !selected[i * kn + j] {
-                        rest_col.push(j as u32);
-                        rest_logit.push(logits[i * kn + j]);
-                    }
-                }
-                rest_ptr.push(rest_col.len() as u32);
+                rows.push(&logits[i * kn..(i + 1) * kn], |j| selected[i * kn + j]);
             }
         }
+        let SelectionRows { acc, rest_ptr, rest_col, rest_logit } = rows;
         let pattern = acc.finish()?;
         Ok(Mra {
             pattern,
@@ -425,6 +415,35 @@ impl MraConfig {
         shape: &AttentionShape,
     ) -> Result<Mra> {
         engine.mra_lowres()?.build(engine, self, q, k, v, shape)
+    }
+}
+
+/// Turns per-slice block selections into the pattern and the remainder's CSR complement; one
+/// query-block row at a time, in slice-major order (shared by the CPU and GPU builds).
+struct SelectionRows {
+    acc: PatternAccumulator,
+    rest_ptr: Vec<u32>,
+    rest_col: Vec<u32>,
+    rest_logit: Vec<f32>,
+}
+
+impl SelectionRows {
+    fn new(geometry: PatternGeometry, rows: usize) -> Result<Self> {
+        let mut rest_ptr = Vec::with_capacity(rows + 1);
+        rest_ptr.push(0u32);
+        Ok(Self { acc: PatternAccumulator::new(geometry)?, rest_ptr, rest_col: Vec::new(), rest_logit: Vec::new() })
+    }
+
+    /// Row with low-resolution scores `logits` (one per key block) and `selected(j)` per block.
+    fn push(&mut self, logits: &[f32], selected: impl Fn(usize) -> bool) {
+        self.acc.push_row((0..logits.len()).filter(|&j| selected(j)).map(|j| (j as u32, BlockMask::Full)));
+        for (j, &l) in logits.iter().enumerate() {
+            if !selected(j) {
+                self.rest_col.push(j as u32);
+                self.rest_logit.push(l);
+            }
+        }
+        self.rest_ptr.push(self.rest_col.len() as u32);
     }
 }
 
