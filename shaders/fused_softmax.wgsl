@@ -34,7 +34,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             if (key0 >= params.seq_kv) {
                 break; // the rest of a ragged last block holds no keys
             }
-            stage_kv(t, key0, lid, true, true);
+            stage_kv(t, key0, lid);
             workgroupBarrier();
             let s = chunk_scores(t, b, kc, key0, ty, tx);
             for (var r = 0u; r < RQ; r++) { // @unroll

@@ -1,5 +1,5 @@
-// Register-tiled layout shared by the fused kernels. A workgroup's WG threads form
-// TY = TQ/RQ row groups × TX lanes; per chunk of KC keys (K, and V when needed, staged in
+// Register-tiled layout of the fused softmax kernel. A workgroup's WG threads form
+// TY = TQ/RQ row groups × TX lanes; per chunk of KC keys (K and V staged in
 // workgroup memory) thread (ty, tx) scores RQ rows × NK keys (keys tx, tx+TX, …: consecutive
 // lanes read consecutive rows of the padded K tile, so no bank conflicts) and accumulates RQ
 // rows × NC vec4 output columns (tx, tx+TX, …) in registers. Each Q/K value read from
@@ -27,19 +27,15 @@ fn stage_q(t: Tile, lid: u32) {
     }
 }
 
-// K (and with `with_v` V) of keys key0 .. key0 + KC of the tile's kv slice.
-fn stage_kv(t: Tile, key0: u32, lid: u32, with_k: bool, with_v: bool) {
+// K and V of keys key0 .. key0 + KC of the tile's kv slice.
+fn stage_kv(t: Tile, key0: u32, lid: u32) {
     for (var idx = lid; idx < KC * DP4; idx += WG) {
         let key = key0 + idx / DP4;
         let d0 = (idx % DP4) * 4u;
         let base = (t.kv_row0 + key) * params.head_dim;
         let ok = key < params.seq_kv;
-        if (with_k) {
-            k_tile[(idx / DP4) * KS + idx % DP4] = load_k4(base, d0, ok);
-        }
-        if (with_v) {
-            v_tile[idx] = load_v4(base, d0, ok);
-        }
+        k_tile[(idx / DP4) * KS + idx % DP4] = load_k4(base, d0, ok);
+        v_tile[idx] = load_v4(base, d0, ok);
     }
 }
 
