@@ -1,6 +1,7 @@
 // Shared by the fused kernels: one workgroup per TQ query rows of one query block; key blocks
 // are walked in chunks of KC keys staged in workgroup memory.
-// Host-provided constants: BQ, BK, DP (head_dim padded to a multiple of 4), TQ, KC, WG, RQ, CAP.
+// Host-provided constants: BQ, BK, DP (head_dim padded to a multiple of 4), TQ, KC, WG, RQ,
+// CAP (entmax candidates per row), KT and VT (k_tile and v_tile lengths in vec4s).
 
 // Q, K, V bindings and their 4-wide loads come from fused_io_scalar.wgsl or
 // fused_io_vec4.wgsl (vectorised, when head_dim % 4 == 0).

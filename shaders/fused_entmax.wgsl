@@ -1,23 +1,97 @@
-// Fused block-sparse α-entmax attention, two passes over the row's key blocks, no scores
-// buffer.
-// Pass 1 computes each score once and keeps, per row, its max, its count, and on chip the
-// largest scores: each of a row's TPR threads keeps the top CAP/TPR of its own entries and the
-// largest value it dropped. τ is then found per row over the kept candidates (Halley's method
-// inside a bracket, bisection fallback, rows in lockstep). Because the candidates are a subset,
-// that τ is a lower bound of the true τ, and it is exact when nothing dropped lies above it
-// (z_dropped ≤ τ). Rows where that fails continue from the bound, recomputing their scores
-// block by block on each iteration (exact for any row length).
-// Pass 2 recomputes the scores, forms p = [z - τ]₊^e, skips V for chunks where every p is 0,
-// accumulates O in f32 and divides by Σp. Sums run in a fixed order: deterministic.
+// Fused block-sparse α-entmax attention, no scores buffer. Scores and p·V use the
+// register-tiled layout of fused_tiles.wgsl; the per-score work between them (pooling, moments,
+// p) reads the chunk's scores from p_tile with TPR threads per query row, so each thread there
+// serves one row and that work exists once in the code (compile time on llvmpipe grows fast
+// with every copy).
+//
+// Pass 1 walks the row's key blocks once and, per (row, lane), keeps the CAPL largest scores
+// with their key indices in a pool on chip, plus the largest score it had to drop. Scores more
+// than 1/(α-1) below the lane's running max are never kept: their p is 0 whatever τ is.
+// τ is then solved per row over the pooled scores (Halley inside a bracket, bisection fallback,
+// rows in lockstep). The pool is a subset of the row, so that τ is a lower bound of the true τ,
+// and it is the true τ when no dropped score reaches it. Then every key with p > 0 is in the
+// pool, and O = Σ p·v / Σ p is gathered from the pool's keys: V rows of zero-p keys are never
+// read and no score is computed twice.
+// Rows where a lane's share of the support overflowed its slots take a second walk that
+// collects every key above that lower bound into the row's whole pool (all lanes' slots, in
+// key order), then τ and the gather as before. Only a row whose keys above the bound exceed
+// the whole pool makes its workgroup recompute: the search continues from the bound with one
+// walk per iteration, and a last walk accumulates p·V over the chunks that hold a p > 0.
+// Sums run in a fixed order: deterministic.
 
-const CAPL: u32 = CAP / TPR;
+const TPR: u32 = WG / TQ;    // threads per query row in the per-score work
+const KPT: u32 = KC / TPR;   // keys per thread and chunk there
+const CAPL: u32 = CAP / TPR; // pool slots per (row, lane)
+// Most collecting walks before a workgroup falls back to recomputing searches.
+const COLLECT_WALKS: u32 = 3u;
 
-var<workgroup> cand: array<f32, TQ * CAP>;
-var<workgroup> part: array<vec4<f32>, WG>;
-var<workgroup> flags: array<u32, WG>;
-var<workgroup> uniform_word: u32;
+var<workgroup> vote: atomic<u32>;
+var<workgroup> pool_kept: array<u32, WG>; // slots used per (row, lane)
+// fused_tiles.wgsl's `red` (RQ·WG floats, unused otherwise here) holds, at different times,
+// each lane's count of keys collected from the current chunk ([0, WG), phase 1) and the rows'
+// Σp after phase 3 ([0, TQ)).
 
-// (Σ x^e, Σ x^(e-1), Σ x^(e-2)) contribution of one score at threshold tau.
+// Pool slot `c` of (tile row `row`, lane `lane`): (score, key) share a vec2 of v_tile, which
+// no pass stages V into until the fallback's last walk. Keys are kept as f32, exact below 2^24
+// (the planner's limit for this kernel).
+fn pool_slot(row: u32, lane: u32, c: u32) -> u32 {
+    return (row * TPR + lane) * CAPL + c;
+}
+
+fn pool_set(i: u32, s: f32, key: u32) {
+    let o = (i & 1u) * 2u;
+    v_tile[i >> 1u][o] = s;
+    v_tile[i >> 1u][o + 1u] = f32(key);
+}
+
+fn pool_score(i: u32) -> f32 {
+    return v_tile[i >> 1u][(i & 1u) * 2u];
+}
+
+fn pool_key(i: u32) -> u32 {
+    return u32(v_tile[i >> 1u][(i & 1u) * 2u + 1u]);
+}
+
+// One lane's view of one row during pass 1.
+struct LanePool {
+    m: f32,        // largest score seen
+    n: f32,        // allowed keys seen
+    dropped: f32,  // largest score not kept that may still matter
+    keep_min: f32, // smallest kept score once all CAPL slots are used, else NEG_BIG
+    min_at: u32,   // its slot
+    kept: u32,     // slots used
+}
+
+// Pass 1 for one score `x` of key `key`: the running max and count, the pool, the drop record.
+fn consider(row: u32, lane: u32, x: f32, key: u32, reach: f32, before: LanePool) -> LanePool {
+    var lp = before;
+    lp.m = max(lp.m, x);
+    lp.n += select(0.0, 1.0, x > NEG_BIG);
+    // Not kept below keep_min; when x replaces the smallest kept score, that one is dropped.
+    lp.dropped = max(lp.dropped, min(x, lp.keep_min));
+    if (x > NEG_BIG && x > lp.keep_min && x > lp.m - reach) {
+        pool_set(pool_slot(row, lane, select(lp.kept, lp.min_at, lp.kept == CAPL)), x, key);
+        lp.kept = min(lp.kept + 1u, CAPL);
+        if (lp.kept == CAPL) {
+            var lowest = pool_score(pool_slot(row, lane, 0u));
+            var at = 0u;
+            // Bounded by `kept` (= CAPL here), which a compiler cannot unroll: this loop is rare.
+            for (var c = 1u; c < lp.kept; c++) {
+                let y = pool_score(pool_slot(row, lane, c));
+                if (y < lowest) {
+                    lowest = y;
+                    at = c;
+                }
+            }
+            lp.keep_min = lowest;
+            lp.min_at = at;
+        }
+    }
+    return lp;
+}
+
+// (Σ x^e, Σ x^(e-1), Σ x^(e-2)) contribution of one score at threshold tau (shifted by the row
+// max m); 0 for disallowed entries and those at or below τ.
 fn moments(s: f32, m: f32, tau: f32) -> vec4<f32> {
     let x = (params.alpha - 1.0) * (s - m) - tau;
     if (s <= NEG_BIG || x <= 0.0) {
@@ -27,38 +101,44 @@ fn moments(s: f32, m: f32, tau: f32) -> vec4<f32> {
     return vec4<f32>(px, px / x, px / (x * x), 0.0);
 }
 
-// Stages K of chunk kc of stored block b (key block kb) and scores it into s_tile; all three
-// passes walk the row this way (V is staged only in pass 2, where needed).
-fn stage_scores(t: Tile, b: u32, kb: u32, kc: u32, lid: u32) {
-    load_k_chunk(t, kb, kc, lid);
-    workgroupBarrier();
-    _ = score_chunk(t, b, kc, lid);
-    workgroupBarrier();
-}
-
-// Sum of part[] over the row's TPR threads, in lane order.
-fn row_total(row: u32) -> vec4<f32> {
-    var s = vec4<f32>(0.0);
-    for (var j = 0u; j < TPR; j++) {
-        s += part[row * TPR + j];
+// Sum of k_tile's entries of this thread's row over its TPR lanes, in lane order.
+fn lane_total(lid: u32) -> vec4<f32> {
+    let first = (lid / TPR) * TPR;
+    var a = k_tile[first];
+    for (var u = 1u; u < TPR; u++) {
+        a += k_tile[first + u];
     }
-    return s;
+    return a;
 }
 
-// Whether any thread's flag is set, as a uniform value.
-fn any_flag(lid: u32, a: bool) -> bool {
-    flags[lid] = select(0u, 1u, a);
+// This thread's row's per-lane values combined over its TPR lanes in lane order: sums, or with
+// `maxes` (max, sum, max, sum) by component. k_tile is the scratch, so call it between chunks,
+// from uniform control flow.
+fn row_reduce(lid: u32, x: vec4<f32>, maxes: bool) -> vec4<f32> {
     workgroupBarrier();
-    if (lid == 0u) {
-        var acc = 0u;
-        for (var j = 0u; j < WG; j++) {
-            acc |= flags[j];
+    k_tile[lid] = x;
+    workgroupBarrier();
+    let first = (lid / TPR) * TPR;
+    var a = k_tile[first];
+    for (var u = 1u; u < TPR; u++) {
+        let b = k_tile[first + u];
+        if (maxes) {
+            a = vec4<f32>(max(a.x, b.x), a.y + b.y, max(a.z, b.z), a.w + b.w);
+        } else {
+            a += b;
         }
-        uniform_word = acc;
     }
-    let r = workgroupUniformLoad(&uniform_word);
     workgroupBarrier();
-    return r != 0u;
+    return a;
+}
+
+// Whether `a` holds on any thread, as a uniform value. `tick` is the same on every thread and
+// grows with every call, so the vote word never needs resetting.
+fn any_thread(a: bool, tick: u32, lid: u32) -> bool {
+    if (a) {
+        atomicMax(&vote, tick);
+    }
+    return workgroupUniformLoad(&vote) == tick;
 }
 
 struct Search {
@@ -111,167 +191,213 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         return;
     }
     let t = tile_of_workgroup(w);
-    let row = lid / TPR;
+    let ty = lid / TX; // register-tile layout
+    let tx = lid % TX;
+    let row = lid / TPR; // per-score layout
     let lane = lid % TPR;
     let am1 = params.alpha - 1.0;
-    load_q_tile(t, lid);
-
-    // ---- pass 1: scores once; max, count, top candidates --------------------------------
-    var m_lane = NEG_BIG;
-    var n_lane = 0.0;
-    var count = 0u;
-    var min_at = 0u;       // slot of the smallest kept candidate once full
-    var dropped = NEG_BIG; // largest score not kept
-    let slot0 = row * CAP + lane * CAPL;
-    for (var b = t.first; b < t.last; b++) {
-        let kb = pat[params.off_col_idx + b];
-        for (var kc = 0u; kc < BK; kc += KC) {
-            if (kb * BK + kc >= params.seq_kv) {
-                break;
-            }
-            stage_scores(t, b, kb, kc, lid);
-            for (var kk = lane; kk < KC; kk += TPR) {
-                let s = s_tile[row * KC + kk];
-                if (s > NEG_BIG) {
-                    n_lane += 1.0;
-                    m_lane = max(m_lane, s);
-                    var evicted = s;
-                    if (count < CAPL) {
-                        cand[slot0 + count] = s;
-                        count++;
-                        evicted = NEG_BIG;
-                    } else if (s > cand[slot0 + min_at]) {
-                        evicted = cand[slot0 + min_at];
-                        cand[slot0 + min_at] = s;
-                    }
-                    dropped = max(dropped, evicted);
-                    // Re-find the smallest kept candidate only when the kept set changed.
-                    if (count == CAPL && evicted != s) {
-                        for (var c = 0u; c < CAPL; c++) {
-                            if (cand[slot0 + c] < cand[slot0 + min_at]) {
-                                min_at = c;
-                            }
-                        }
-                    }
-                }
-            }
-            workgroupBarrier();
-        }
-    }
-    // Row max, count and largest dropped score over the row's lanes.
-    part[lid] = vec4<f32>(m_lane, n_lane, dropped, 0.0);
-    workgroupBarrier();
+    let reach = 1.0 / am1;
+    stage_q(t, lid);
+    var lp = LanePool(NEG_BIG, 0.0, NEG_BIG, NEG_BIG, 0u, 0u);
     var m = NEG_BIG;
-    var n = 0.0;
-    var row_dropped = NEG_BIG;
-    for (var j = 0u; j < TPR; j++) {
-        let x = part[row * TPR + j];
-        m = max(m, x.x);
-        n += x.y;
-        row_dropped = max(row_dropped, x.z);
-    }
-    workgroupBarrier();
-
-    // ---- τ over the candidates (all rows in lockstep) ------------------------------------
-    let hi0 = -exp2(am1 * log2(1.0 / max(n, 1.0)));
-    var st = Search(-1.0, -1.0, hi0, n > 0.0);
+    var hi0 = 0.0;
+    var st = Search(-1.0, -1.0, 0.0, false);
+    var walking = true; // this row takes part in the current walk
+    var fill = 0u;     // phase 1: keys collected into the row's pool so far
+    var collects = 0u;
+    var acc: array<vec4<f32>, RQ * NC>;
+    var sums = vec4<f32>(0.0);
+    var tick = 0u;
     var iterations = 0u;
+    // One walk over the row's chunks per step (one copy of the scoring code): phase 0 pools
+    // candidates per lane (pass 1), phase 1 collects a row's keys above its bound, phase 2 is
+    // one recomputing search iteration, phase 3 accumulates p·V.
+    var phase = 0u;
     loop {
-        if (!any_flag(lid, st.searching) || iterations >= params.max_iterations) {
-            break;
-        }
-        iterations++;
-        var sums = vec4<f32>(0.0);
-        if (st.searching) {
-            for (var c = 0u; c < count; c++) {
-                sums += moments(cand[slot0 + c], m, st.tau);
+        if (phase == 2u) {
+            tick++;
+            if (!any_thread(st.searching, tick, lid) || iterations >= params.max_iterations) {
+                phase = 3u;
+            } else {
+                iterations++;
             }
         }
-        part[lid] = sums;
-        workgroupBarrier();
-        let total = row_total(row);
-        workgroupBarrier();
-        if (st.searching) {
-            st = halley_update(st, total);
-        }
-    }
-
-    // ---- rows whose dropped scores may reach the support: exact search by recomputing -----
-    let recompute = n > 0.0 && row_dropped > NEG_BIG && am1 * (row_dropped - m) - st.tau > 0.0;
-    if (recompute) {
-        // The candidate τ is a lower bound of the true τ; the candidates' upper bound is not
-        // one for the whole row, so the bracket's top goes back to the row's own bound.
-        st.lo = st.tau;
-        st.hi = hi0;
-        st.searching = true;
-    }
-    iterations = 0u;
-    loop {
-        if (!any_flag(lid, recompute && st.searching) || iterations >= params.max_iterations) {
-            break;
-        }
-        iterations++;
-        var sums = vec4<f32>(0.0);
+        sums = vec4<f32>(0.0);
         for (var b = t.first; b < t.last; b++) {
             let kb = pat[params.off_col_idx + b];
             for (var kc = 0u; kc < BK; kc += KC) {
-                if (kb * BK + kc >= params.seq_kv) {
-                    break;
+                let key0 = kb * BK + kc;
+                if (key0 >= params.seq_kv) {
+                    break; // the rest of a ragged last block holds no keys
                 }
-                stage_scores(t, b, kb, kc, lid);
-                if (recompute && st.searching) {
-                    for (var kk = lane; kk < KC; kk += TPR) {
-                        sums += moments(s_tile[row * KC + kk], m, st.tau);
+                stage_k(t, key0, lid);
+                workgroupBarrier();
+                let s = chunk_scores(t, b, kc, key0, ty, tx);
+                for (var r = 0u; r < RQ; r++) { // @unroll
+                    for (var j = 0u; j < NK; j++) { // @unroll
+                        p_tile[(ty * RQ + r) * PS + tx + j * TX] = s[r * NK + j];
                     }
                 }
                 workgroupBarrier();
-            }
-        }
-        part[lid] = sums;
-        workgroupBarrier();
-        let total = row_total(row);
-        workgroupBarrier();
-        if (recompute && st.searching) {
-            st = halley_update(st, total);
-        }
-    }
-    let tau = st.tau;
-
-    // ---- pass 2: p = [z - τ]₊^e, O = Σ p v / Σ p; chunks with no p > 0 skip V ----------
-    var l = 0.0;
-    var acc: array<f32, CPT>;
-    for (var j = 0u; j < CPT; j++) { // @unroll
-        acc[j] = 0.0;
-    }
-    for (var b = t.first; b < t.last; b++) {
-        let kb = pat[params.off_col_idx + b];
-        for (var kc = 0u; kc < BK; kc += KC) {
-            if (kb * BK + kc >= params.seq_kv) {
-                break;
-            }
-            stage_scores(t, b, kb, kc, lid);
-            // Each lane turns its own entries into p in place.
-            var any_p = false;
-            for (var kk = lane; kk < KC; kk += TPR) {
-                let p = moments(s_tile[row * KC + kk], m, tau).x;
-                any_p = any_p || p > 0.0;
-                s_tile[row * KC + kk] = p;
-            }
-            if (any_flag(lid, any_p)) {
-                load_v_chunk(t, kb, kc, lid);
-                workgroupBarrier();
-                for (var kk = 0u; kk < KC; kk++) {
-                    let p = s_tile[row * KC + kk];
-                    if (p > 0.0) {
-                        l += p;
-                        for (var j = 0u; j < CPT; j++) { // @unroll
-                            acc[j] += p * v_tile[kk * DP + lane + j * TPR];
+                var any_p = false;
+                var count = 0u;
+                for (var j = 0u; j < KPT; j++) {
+                    let kk = lane + j * TPR;
+                    let x = p_tile[row * PS + kk];
+                    if (phase == 0u) {
+                        lp = consider(row, lane, x, key0 + kk, reach, lp);
+                    } else if (phase == 1u) {
+                        count += select(0u, 1u, walking && am1 * (x - m) > st.tau);
+                    } else if (st.searching || phase == 3u) {
+                        let mo = moments(x, m, st.tau);
+                        sums += mo;
+                        any_p = any_p || mo.x > 0.0;
+                        p_tile[row * PS + kk] = mo.x;
+                    }
+                }
+                if (phase == 1u) {
+                    // Slots in key order: the row's earlier chunks, then lower lanes, then j.
+                    red[lid] = f32(count);
+                    workgroupBarrier();
+                    var at = fill;
+                    for (var u = 0u; u < TPR; u++) {
+                        let c = u32(red[row * TPR + u]);
+                        at += select(0u, c, u < lane);
+                        fill += c;
+                    }
+                    for (var j = 0u; j < KPT; j++) {
+                        let kk = lane + j * TPR;
+                        let x = p_tile[row * PS + kk];
+                        if (walking && am1 * (x - m) > st.tau) {
+                            if (at < CAP) {
+                                pool_set(row * CAP + at, x, key0 + kk);
+                            } else {
+                                lp.dropped = max(lp.dropped, x);
+                            }
+                            at++;
                         }
                     }
                 }
+                if (phase == 3u) {
+                    // V overwrites the pool, which is no longer needed.
+                    tick++;
+                    if (any_thread(any_p, tick, lid)) {
+                        stage_v(t, key0, lid);
+                        workgroupBarrier();
+                        accumulate_pv(ty, tx, &acc);
+                    }
+                }
+                // No barrier here: the next chunk's first one orders its writes after these reads.
+            }
+        }
+        if (phase == 3u) {
+            break;
+        }
+        if (phase == 2u) {
+            let total = row_reduce(lid, sums, false);
+            if (st.searching) {
+                st = halley_update(st, total);
+            }
+            continue;
+        }
+
+        // ---- after pooling (phase 0) or collecting (phase 1): τ over the pool -------------
+        if (phase == 1u && walking) {
+            // Lane u's slots of the row's pool hold collected keys u·CAPL ..
+            lp.kept = min(fill - min(fill, lane * CAPL), CAPL);
+        }
+        let rs = row_reduce(lid, vec4<f32>(lp.m, lp.n, lp.dropped, 0.0), true);
+        pool_kept[lid] = lp.kept;
+        if (phase == 0u) {
+            m = rs.x;
+            hi0 = -exp2(am1 * log2(1.0 / max(rs.y, 1.0)));
+            st = Search(-1.0, -1.0, hi0, rs.y > 0.0);
+        } else {
+            // A collecting row's bound is the lower end of its bracket.
+            st = Search(st.tau, st.tau, hi0, walking && rs.y > 0.0);
+        }
+        // τ over the pool, rows in lockstep: each iteration's moments and the vote on whether
+        // any row still searches share one uniform load (its barriers publish both).
+        iterations = 0u;
+        loop {
+            var pool_sums = vec4<f32>(0.0);
+            if (st.searching) {
+                for (var c = 0u; c < lp.kept; c++) {
+                    pool_sums += moments(pool_score(pool_slot(row, lane, c)), m, st.tau);
+                }
+                atomicMax(&vote, tick + 1u);
+            }
+            k_tile[lid] = pool_sums;
+            tick++;
+            if (workgroupUniformLoad(&vote) != tick || iterations >= params.max_iterations) {
+                break;
+            }
+            iterations++;
+            if (st.searching) {
+                st = halley_update(st, lane_total(lid));
             }
             workgroupBarrier();
         }
+        // Exact unless a dropped score lies above τ; then τ is a lower bound for what follows.
+        let inexact = walking && rs.y > 0.0 && rs.z > NEG_BIG && am1 * (rs.z - m) - st.tau > 0.0;
+        tick++;
+        if (any_thread(inexact, tick, lid)) {
+            if (collects < COLLECT_WALKS) {
+                // Each collect raises the bound: its pool's τ counts more of the row's keys.
+                collects++;
+                phase = 1u;
+                walking = inexact;
+                fill = 0u;
+                lp.dropped = NEG_BIG;
+            } else {
+                // The search goes on over the whole row in [bound, the row's own top].
+                phase = 2u;
+                st = Search(st.tau, st.tau, hi0, inexact);
+                iterations = 0u;
+            }
+            continue;
+        }
+        // ---- O = Σ p·v / Σ p over each row's pooled keys (its whole support) ----------------
+        // Each lane turns its slots into (p, key) and packs those with p > 0 to the front, in
+        // order (writes never pass reads), so the gather visits only the support.
+        var nonzero = 0u;
+        for (var c = 0u; c < lp.kept; c++) {
+            let i = pool_slot(row, lane, c);
+            let p = moments(pool_score(i), m, st.tau).x;
+            if (p > 0.0) {
+                pool_set(pool_slot(row, lane, nonzero), p, pool_key(i));
+                nonzero++;
+            }
+        }
+        pool_kept[lid] = nonzero;
+        workgroupBarrier();
+        var total: array<f32, RQ>;
+        for (var r = 0u; r < RQ; r++) { // @unroll
+            let rr = ty * RQ + r;
+            for (var u = 0u; u < TPR; u++) {
+                for (var c = 0u; c < pool_kept[rr * TPR + u]; c++) {
+                    let i = pool_slot(rr, u, c);
+                    let p = pool_score(i);
+                    total[r] += p;
+                    let base = (t.kv_row0 + pool_key(i)) * params.head_dim;
+                    for (var cc = 0u; cc < NC; cc++) { // @unroll
+                        acc[r * NC + cc] += p * load_v4(base, (tx + cc * TX) * 4u, true);
+                    }
+                }
+            }
+        }
+        store_rows(t, ty, tx, &acc, total);
+        return;
     }
-    store_output(t, row, lane, &acc, select(0.0, 1.0 / l, l > 0.0));
+    // Phase 3: Σp over the row's lanes, handed to the register-tile layout.
+    let lsum = row_reduce(lid, sums, false);
+    if (lane == 0u) {
+        red[row] = lsum.x;
+    }
+    workgroupBarrier();
+    var total: array<f32, RQ>;
+    for (var r = 0u; r < RQ; r++) { // @unroll
+        total[r] = red[ty * RQ + r];
+    }
+    store_rows(t, ty, tx, &acc, total);
 }

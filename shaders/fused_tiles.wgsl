@@ -1,4 +1,4 @@
-// Register-tiled layout of the fused softmax kernel. A workgroup's WG threads form
+// Register-tiled layout of the fused kernels (softmax and entmax). A workgroup's WG threads form
 // TY = TQ/RQ row groups × TX lanes; per chunk of KC keys (K and V staged in
 // workgroup memory) thread (ty, tx) scores RQ rows × NK keys (keys tx, tx+TX, …: consecutive
 // lanes read consecutive rows of the padded K tile, so no bank conflicts) and accumulates RQ
@@ -14,8 +14,10 @@ const KS: u32 = DP4 + 1u; // padded row stride (vec4s) of q_tile and k_tile
 const PS: u32 = KC + 1u;  // padded row stride of p_tile
 
 var<workgroup> q_tile: array<vec4<f32>, TQ * KS>;
-var<workgroup> k_tile: array<vec4<f32>, KC * KS>;
-var<workgroup> v_tile: array<vec4<f32>, KC * DP4>;
+// KT >= KC·KS and VT >= KC·DP4 (host constants): the entmax kernel also keeps its row
+// reductions in k_tile and its candidate pool in v_tile between walks over the row.
+var<workgroup> k_tile: array<vec4<f32>, KT>;
+var<workgroup> v_tile: array<vec4<f32>, VT>;
 var<workgroup> p_tile: array<f32, TQ * PS>;
 var<workgroup> red: array<f32, TQ * TX>;
 
@@ -27,16 +29,24 @@ fn stage_q(t: Tile, lid: u32) {
     }
 }
 
-// K and V of keys key0 .. key0 + KC of the tile's kv slice.
-fn stage_kv(t: Tile, key0: u32, lid: u32) {
+// K (and V) of keys key0 .. key0 + KC of the tile's kv slice.
+fn stage_k(t: Tile, key0: u32, lid: u32) {
     for (var idx = lid; idx < KC * DP4; idx += WG) {
         let key = key0 + idx / DP4;
-        let d0 = (idx % DP4) * 4u;
-        let base = (t.kv_row0 + key) * params.head_dim;
-        let ok = key < params.seq_kv;
-        k_tile[(idx / DP4) * KS + idx % DP4] = load_k4(base, d0, ok);
-        v_tile[idx] = load_v4(base, d0, ok);
+        k_tile[(idx / DP4) * KS + idx % DP4] = load_k4((t.kv_row0 + key) * params.head_dim, (idx % DP4) * 4u, key < params.seq_kv);
     }
+}
+
+fn stage_v(t: Tile, key0: u32, lid: u32) {
+    for (var idx = lid; idx < KC * DP4; idx += WG) {
+        let key = key0 + idx / DP4;
+        v_tile[idx] = load_v4((t.kv_row0 + key) * params.head_dim, (idx % DP4) * 4u, key < params.seq_kv);
+    }
+}
+
+fn stage_kv(t: Tile, key0: u32, lid: u32) {
+    stage_k(t, key0, lid);
+    stage_v(t, key0, lid);
 }
 
 // Scaled scores of the staged chunk (offset kc inside stored block b, first key key0) for

@@ -320,8 +320,16 @@ impl Engine {
         let entmax = opts.normalizer.alpha().is_some();
         let limits = self.device.limits();
         let (bq, bk, d) = (pattern.block_q(), pattern.block_k(), shape.head_dim as u32);
+        if entmax && shape.seq_kv > tiles::MAX_FUSED_ENTMAX_SEQ_KV {
+            return Err(Error::Unsupported(format!(
+                "the fused entmax kernel keeps key indices as f32 (exact up to {} keys), got seq_kv {}",
+                tiles::MAX_FUSED_ENTMAX_SEQ_KV,
+                shape.seq_kv
+            )));
+        }
+        let fitting = tiles::candidates(bq, bk, d, entmax, &limits);
         if let Some(t) = opts.fused_tile {
-            if !tiles::candidates(bq, bk, d, entmax, &limits).contains(&t) {
+            if !fitting.contains(&t) {
                 return Err(Error::Unsupported(format!("fused tile {t:?} does not fit this problem or adapter")));
             }
             return Ok(t);
@@ -335,7 +343,8 @@ impl Engine {
             head_dim: d,
             seq_bucket: TuneKey::seq_bucket(shape.seq_kv),
         };
-        if let Some(t) = self.tiles.get(&key) {
+        // A cached choice (possibly from an older build's disk cache) must still be a candidate.
+        if let Some(t) = self.tiles.get(&key).filter(|t| fitting.contains(t)) {
             return Ok(t);
         }
         let fallback = tiles::default_tile(bq, bk, d, entmax, &limits)?;

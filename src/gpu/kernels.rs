@@ -11,7 +11,6 @@ const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 const FUSED_COMMON: &str = include_str!("../../shaders/fused_common.wgsl");
 const FUSED_TILES: &str = include_str!("../../shaders/fused_tiles.wgsl");
-const FUSED_ROWS: &str = include_str!("../../shaders/fused_rows.wgsl");
 const FUSED_IO_SCALAR: &str = include_str!("../../shaders/fused_io_scalar.wgsl");
 const FUSED_IO_VEC4: &str = include_str!("../../shaders/fused_io_vec4.wgsl");
 const MRA_NONE: &str = include_str!("../../shaders/mra_none.wgsl");
@@ -182,8 +181,15 @@ pub fn shader_source(key: &KernelKey) -> String {
     ));
     if let Some(t) = key.fused {
         s.push_str(&format!(
-            "const DP: u32 = {}u;\nconst TQ: u32 = {}u;\nconst KC: u32 = {}u;\nconst WG: u32 = {}u;\nconst CAP: u32 = {}u;\nconst RQ: u32 = {}u;\n",
-            t.dp, t.tq, t.kc, t.wg, t.cap.max(1), t.rq.max(1)
+            "const DP: u32 = {}u;\nconst TQ: u32 = {}u;\nconst KC: u32 = {}u;\nconst WG: u32 = {}u;\nconst CAP: u32 = {}u;\nconst RQ: u32 = {}u;\nconst KT: u32 = {}u;\nconst VT: u32 = {}u;\n",
+            t.dp,
+            t.tq,
+            t.kc,
+            t.wg,
+            t.cap.max(1),
+            t.rq.max(1),
+            t.k_tile_len(),
+            t.v_tile_len()
         ));
     }
     s.push_str(COMMON);
@@ -198,9 +204,7 @@ pub fn shader_source(key: &KernelKey) -> String {
         s.push_str(if key.vec4 { FUSED_IO_VEC4 } else { FUSED_IO_SCALAR });
         s.push_str(FUSED_COMMON);
         if let Some(t) = key.fused {
-            // The softmax kernels use the register-tiled layout, entmax the row-per-lanes one.
-            let layout = if key.kind == KernelKind::FusedEntmax { FUSED_ROWS } else { FUSED_TILES };
-            s.push_str(&super::unroll::unroll(layout, &t.unroll_counts()));
+            s.push_str(&super::unroll::unroll(FUSED_TILES, &t.unroll_counts()));
         }
     }
     // MRA remainder hooks: real for the MRA kinds, no-ops for the plain kernels that call them.
@@ -346,7 +350,7 @@ pub fn all_shader_sources() -> Vec<(String, String)> {
         for dtype in [DType::F32, DType::F16] {
             for (bq, bk) in [(16, 16), (32, 64), (128, 128)] {
                 let fused = kind.is_fused().then_some(if kind == KernelKind::FusedEntmax {
-                    super::tiles::FusedTile { tq: 16, kc: 16, wg: 128, dp: 64, cap: 64, rq: 0 }
+                    super::tiles::FusedTile { tq: 16, kc: 16, wg: 64, dp: 64, cap: 64, rq: 2 }
                 } else {
                     super::tiles::FusedTile { tq: 16, kc: 16, wg: 64, dp: 64, cap: 0, rq: 2 }
                 });

@@ -5,9 +5,10 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// One fused-kernel tile: `tq` query rows per workgroup, `kc` keys staged per step, `wg`
-/// threads, `dp` head_dim padded, `cap` entmax candidates kept per row, `rq` query rows per
-/// thread of the register-tiled softmax kernel (0 for the entmax kernel's row-per-lanes layout).
+/// One fused-kernel tile of the register-tiled layout (shaders/fused_tiles.wgsl): `tq` query
+/// rows per workgroup, `kc` keys staged per step, `wg` threads, `dp` head_dim padded, `rq`
+/// query rows per thread, and for the entmax kernel `cap` pooled candidates per row (0 for
+/// softmax).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct FusedTile {
     pub tq: u32,
@@ -20,48 +21,65 @@ pub struct FusedTile {
 }
 
 impl FusedTile {
-    /// Threads per query row.
-    pub fn tpr(&self) -> u32 {
-        self.wg / self.tq
-    }
-
-    /// Softmax kernel: lanes per row group (`wg / (tq / rq)`).
+    /// Lanes per row group (`wg / (tq / rq)`).
     pub fn lanes(&self) -> u32 {
         self.wg / (self.tq / self.rq.max(1)).max(1)
     }
 
-    /// Trip counts of the kernels' `@unroll` loops (src/gpu/unroll.rs): the softmax kernel's
-    /// register tiles (RQ, NK, NC) and the entmax kernel's columns per thread (CPT).
-    pub fn unroll_counts(&self) -> [(&'static str, u32); 4] {
-        let lanes = self.lanes().max(1);
-        [("RQ", self.rq.max(1)), ("NK", self.kc / lanes), ("NC", (self.dp / 4).div_ceil(lanes)), ("CPT", self.dp.div_ceil(self.tpr().max(1)))]
+    /// Threads per query row in the entmax kernel's per-score work (`wg / tq`).
+    pub fn threads_per_row(&self) -> u32 {
+        self.wg / self.tq.max(1)
     }
 
-    /// Workgroup memory in bytes (mirrors the arrays in shaders/fused_*.wgsl).
-    pub fn workgroup_bytes(&self, entmax: bool) -> u32 {
-        if !entmax {
-            // fused_tiles.wgsl: padded Q and K tiles, V tile, padded p tile, row reductions.
-            let dp4 = self.dp / 4;
-            return 16 * (self.tq * (dp4 + 1) + self.kc * (dp4 + 1) + self.kc * dp4) + 4 * (self.tq * (self.kc + 1) + self.tq * self.lanes());
-        }
-        let common = 4 * (self.tq * self.dp + 2 * self.kc * self.dp + self.tq * self.kc);
-        if entmax {
-            common + 4 * self.tq * self.cap + 16 * self.wg + 4 * self.wg + 4
+    /// Entmax pool slots per (row, lane); 0 for softmax.
+    pub fn pool_per_lane(&self) -> u32 {
+        self.cap / self.threads_per_row().max(1)
+    }
+
+    /// Trip counts of the kernels' `@unroll` loops (src/gpu/unroll.rs): rows per thread, keys
+    /// per thread and chunk, vec4 output columns per thread.
+    pub fn unroll_counts(&self) -> [(&'static str, u32); 3] {
+        let lanes = self.lanes().max(1);
+        [("RQ", self.rq.max(1)), ("NK", self.kc / lanes), ("NC", (self.dp / 4).div_ceil(lanes))]
+    }
+
+    /// Length in vec4s of `k_tile`: the padded K chunk, and for entmax also the row reductions
+    /// (one vec4 per thread).
+    pub fn k_tile_len(&self) -> u32 {
+        let k = self.kc * (self.dp / 4 + 1);
+        if self.cap > 0 {
+            k.max(self.wg)
         } else {
-            common + 4 * self.wg
+            k
         }
+    }
+
+    /// Length in vec4s of `v_tile`: the V chunk, and for entmax also the candidate pool (one
+    /// (score, key) pair per vec2).
+    pub fn v_tile_len(&self) -> u32 {
+        (self.kc * (self.dp / 4)).max((self.tq * self.cap).div_ceil(2))
+    }
+
+    /// Workgroup memory in bytes (mirrors the arrays of shaders/fused_tiles.wgsl, and the entmax
+    /// kernel's vote words and pool counts).
+    pub fn workgroup_bytes(&self) -> u32 {
+        let dp4 = self.dp / 4;
+        let vec4s = self.tq * (dp4 + 1) + self.k_tile_len() + self.v_tile_len();
+        let floats = self.tq * (self.kc + 1) + self.tq * self.lanes();
+        16 * vec4s + 4 * floats + if self.cap > 0 { 8 + 4 * self.wg } else { 0 }
     }
 }
 
-/// Entmax candidates kept on chip per thread: a row keeps `16 · threads-per-row` of its largest
-/// scores (rows whose support does not fit recompute their scores instead).
-pub const ENTMAX_CANDIDATES_PER_THREAD: u32 = 16;
 /// Largest head_dim a fused tile supports.
 pub const MAX_FUSED_HEAD_DIM: u32 = 256;
+/// Longest key sequence of the fused entmax kernel: its pool keeps key indices as f32, exact
+/// below 2^24 (longer rows take the three-kernel path under `ExecPath::Auto`).
+pub const MAX_FUSED_ENTMAX_SEQ_KV: usize = 1 << 24;
 
-/// The entmax kernel's candidate set, best guess first: (threads, query rows, keys per step).
-/// The last one is the fallback for small workgroup memory and large head_dim.
-const CANDIDATES: [(u32, u32, u32); 6] = [(128, 32, 32), (128, 16, 32), (128, 16, 16), (256, 32, 16), (128, 8, 16), (64, 4, 8)];
+/// Entmax pool slots per (row, lane), most first: a tile takes the most that fit its adapter.
+/// A row whose support does not fit (more than this many of a lane's keys above τ) makes its
+/// workgroup take the recompute fallback.
+pub const ENTMAX_POOL_PER_LANE: [u32; 4] = [32, 16, 8, 4];
 
 /// The softmax kernel's candidate set, best guess first: (threads, query rows, rows per thread,
 /// keys per step). Larger register tiles feed more multiply-adds per workgroup-memory read;
@@ -69,57 +87,44 @@ const CANDIDATES: [(u32, u32, u32); 6] = [(128, 32, 32), (128, 16, 32), (128, 16
 const SOFTMAX_CANDIDATES: [(u32, u32, u32, u32); 9] =
     [(128, 32, 4, 32), (128, 16, 2, 32), (128, 64, 8, 64), (256, 64, 4, 64), (64, 32, 4, 32), (256, 32, 2, 32), (64, 16, 2, 16), (64, 8, 2, 16), (32, 8, 2, 8)];
 
-/// Most f32 registers a softmax tile may hold per thread (accumulators plus scores).
-const SOFTMAX_REGISTER_BUDGET: u32 = 96;
+/// The entmax kernel's candidate set, same layout (its per-score work runs `wg / tq` threads
+/// per row, each with its own pool).
+const ENTMAX_CANDIDATES: [(u32, u32, u32, u32); 7] = [(64, 16, 2, 32), (128, 16, 2, 32), (64, 32, 4, 32), (128, 32, 4, 32), (64, 16, 2, 16), (64, 8, 2, 16), (32, 8, 2, 8)];
 
-fn softmax_candidates(block_q: u32, block_k: u32, head_dim: u32, limits: &wgpu::Limits) -> Vec<FusedTile> {
-    SOFTMAX_CANDIDATES
-        .iter()
-        .filter_map(|&(wg, tq, rq, kc)| {
-            if wg > limits.max_compute_invocations_per_workgroup || wg > limits.max_compute_workgroup_size_x {
-                return None;
-            }
-            if tq > block_q || kc > block_k || tq % rq != 0 || wg % (tq / rq) != 0 {
-                return None;
-            }
-            let dp = head_dim.next_multiple_of(4);
-            let tile = FusedTile { tq, kc, wg, dp, cap: 0, rq };
-            let lanes = tile.lanes();
-            if kc % lanes != 0 {
-                return None;
-            }
-            let registers = rq * (dp / 4).div_ceil(lanes) * 4 + rq * (kc / lanes);
-            if registers > SOFTMAX_REGISTER_BUDGET {
-                return None;
-            }
-            (tile.workgroup_bytes(false) <= limits.max_compute_workgroup_storage_size).then_some(tile)
-        })
-        .collect()
+/// Most f32 registers a tile may hold per thread (accumulators plus scores).
+const REGISTER_BUDGET: u32 = 96;
+
+/// The register tile (threads, rows, rows per thread, keys per step) for this problem and
+/// adapter, without its entmax pool; None when it cannot run here.
+fn register_tile((wg, tq, rq, kc): (u32, u32, u32, u32), block_q: u32, block_k: u32, head_dim: u32, limits: &wgpu::Limits) -> Option<FusedTile> {
+    if wg > limits.max_compute_invocations_per_workgroup || wg > limits.max_compute_workgroup_size_x {
+        return None;
+    }
+    if tq > block_q || kc > block_k || tq % rq != 0 || wg % (tq / rq) != 0 {
+        return None;
+    }
+    let dp = head_dim.next_multiple_of(4);
+    let tile = FusedTile { tq, kc, wg, dp, cap: 0, rq };
+    let lanes = tile.lanes();
+    if kc % lanes != 0 {
+        return None;
+    }
+    let registers = rq * (dp / 4).div_ceil(lanes) * 4 + rq * (kc / lanes);
+    (registers <= REGISTER_BUDGET).then_some(tile)
 }
 
 /// Tiles that fit this adapter for (block_q, block_k, head_dim), best guess first.
 pub fn candidates(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, limits: &wgpu::Limits) -> Vec<FusedTile> {
+    let fits = |t: &FusedTile| t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size;
     if !entmax {
-        return softmax_candidates(block_q, block_k, head_dim, limits);
+        return SOFTMAX_CANDIDATES.iter().filter_map(|&c| register_tile(c, block_q, block_k, head_dim, limits)).filter(fits).collect();
     }
-    CANDIDATES
+    ENTMAX_CANDIDATES
         .iter()
-        .filter_map(|&(wg, tq, kc)| {
-            if wg > limits.max_compute_invocations_per_workgroup || wg > limits.max_compute_workgroup_size_x {
-                return None;
-            }
-            if tq > block_q || kc > block_k {
-                return None;
-            }
-            let tpr = wg / tq;
-            let dp = head_dim.next_multiple_of(tpr.max(4));
-            // Keep per-thread accumulators within a register budget.
-            if dp / tpr > 32 {
-                return None;
-            }
-            let tile = FusedTile { tq, kc, wg, dp, cap: ENTMAX_CANDIDATES_PER_THREAD * tpr, rq: 0 };
-            (tile.workgroup_bytes(entmax) <= limits.max_compute_workgroup_storage_size).then_some(tile)
-        })
+        .filter_map(|&c| register_tile(c, block_q, block_k, head_dim, limits))
+        // Per-score work: whole keys per thread; `red` doubles as per-lane and per-row scratch.
+        .filter(|t| t.kc % t.threads_per_row() == 0 && t.tq * t.lanes() >= t.wg)
+        .filter_map(|t| ENTMAX_POOL_PER_LANE.iter().map(|&per_lane| FusedTile { cap: per_lane * t.threads_per_row(), ..t }).find(fits))
         .collect()
 }
 
@@ -129,15 +134,13 @@ pub fn default_tile(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, lim
         return Err(Error::Unsupported(format!("fused kernels support head_dim <= {MAX_FUSED_HEAD_DIM}, got {head_dim}")));
     }
     candidates(block_q, block_k, head_dim, entmax, limits).into_iter().next().ok_or_else(|| {
+        // The smallest tile of the sets (with the smallest entmax pool).
+        let smallest = FusedTile { tq: 8, kc: 8, wg: 32, dp: head_dim.next_multiple_of(4), cap: 0, rq: 2 };
+        let smallest = if entmax { FusedTile { cap: ENTMAX_POOL_PER_LANE[ENTMAX_POOL_PER_LANE.len() - 1] * smallest.threads_per_row(), ..smallest } } else { smallest };
         Error::Unsupported(format!(
-            "no fused tile for head_dim {head_dim} fits max_compute_workgroup_storage_size = {} bytes (smallest needs {})",
+            "no fused tile for head_dim {head_dim} and blocks {block_q}x{block_k} fits max_compute_workgroup_storage_size = {} bytes (smallest needs {})",
             limits.max_compute_workgroup_storage_size,
-            if entmax {
-                FusedTile { tq: 4, kc: 8, wg: 64, dp: head_dim.next_multiple_of(16), cap: ENTMAX_CANDIDATES_PER_THREAD * 16, rq: 0 }
-            } else {
-                FusedTile { tq: 8, kc: 8, wg: 32, dp: head_dim.next_multiple_of(4), cap: 0, rq: 2 }
-            }
-            .workgroup_bytes(entmax)
+            smallest.workgroup_bytes()
         ))
     })
 }
