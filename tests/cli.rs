@@ -306,9 +306,10 @@ fn speed_on_a_tiny_sweep() {
     let out = scratch("speed");
     let j = ok_json(&[
         "speed", "--seqs", "64,128", "--densities", "1,0.5", "--methods", "random,window", "--heads", "2", "--head-dim", "32", "--dtypes", "f32",
-        "--paths", "fused,three-kernel", "--warmup", "0", "--repeats", "1", "--out", out.to_str().unwrap(),
+        "--paths", "fused,three-kernel", "--warmup", "0", "--repeats", "1", "--score-std", "1.5", "--out", out.to_str().unwrap(),
     ]);
     check_provenance(&j["provenance"], "gpu");
+    assert_eq!(f(&read_json(&out.join("speed.json"))["config"]["score_std"]), 1.5);
     let rows = j["rows"].as_array().expect("rows");
     // 2 seqs x (dense + 2 methods) x 2 normalizers x 1 dtype x 2 paths.
     assert_eq!(rows.len(), 2 * 3 * 2 * 2);
@@ -339,6 +340,7 @@ fn speed_on_a_tiny_sweep() {
     // Asking for more than the adapter allows names the limit.
     bad(&["speed", "--seqs", "100000000", "--out", out.to_str().unwrap()], "sweep too big");
     bad(&["speed", "--max-cells", "5", "--out", out.to_str().unwrap()], "exceed --max-cells 5");
+    bad(&["speed", "--score-std=0", "--out", out.to_str().unwrap()], "--score-std must be finite and > 0");
 }
 
 #[test]

@@ -53,6 +53,78 @@ fn entmax_rows_with_more_candidates_than_fit_on_chip_recompute() {
 }
 
 #[test]
+fn entmax_pool_collect_and_recompute_rows_share_a_workgroup() {
+    let Some(engine) = engine() else { return };
+    // Three kinds of query rows, cycling, built from separate columns of Q and K: peaked rows
+    // (random scores) whose support fits each lane's pool; "lane" rows whose support is 48 near
+    // equal keys, all ≡ 0 mod 8 and so all on one lane (more than its pool holds, far less than
+    // the row's pool: the collect walk); and in head 1 only, flat rows where all 700 keys tie
+    // (more than the row's pool: the recompute fallback, which then recomputes its whole
+    // workgroup). Head 0's tiles never recompute, so its lane rows take their output from the
+    // collected pool.
+    let (seq_q, seq_kv, d) = (48, 700, 16);
+    let shape = AttentionShape::new(1, 2, seq_q, d).with_seq_kv(seq_kv);
+    let jitter = |j: usize| 1e-3 * (((j * 7919) % 101) as f32 / 101.0 - 0.5);
+    let (q_random, k_random) = (random4((1, 2, seq_q, d), 31, 6.0), random4((1, 2, seq_kv, d), 32, 3.0));
+    let k = ndarray::Array4::from_shape_fn((1, 2, seq_kv, d), |(_, h, j, c)| match c {
+        0 if j % 8 == 0 && j < 8 * 48 => 1.0 + jitter(j),
+        0 => -1.0,
+        1 => jitter(j),
+        _ => k_random[[0, h, j, c]],
+    });
+    let q = ndarray::Array4::from_shape_fn((1, 2, seq_q, d), |(_, h, i, c)| match (i % 3, h, c) {
+        (0, _, c) if c >= 2 => q_random[[0, h, i, c]],
+        (1, _, 0) | (2, 0, 0) => 40.0,
+        (2, 1, 1) => 1.0,
+        _ => 0.0,
+    });
+    let v = random4((1, 2, seq_kv, d), 33, 1.0);
+    let pattern = Dense::new().with_blocks(16, 64).build(&shape).unwrap();
+    let opts = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(Normalizer::ENTMAX15) };
+    let tile = engine.plan(&shape, &pattern, &opts).unwrap().fused.expect("fused plan has a tile");
+    let (lanes, per_lane, cap) = (tile.threads_per_row() as usize, tile.pool_per_lane() as usize, tile.cap as usize);
+
+    // The data reaches every path: per row, its 1.5-entmax support and its largest share on one
+    // lane (lane = key mod lanes: chunks start at multiples of the keys per step).
+    let mask = pattern.to_dense_mask(0);
+    for (h, want_recompute) in [(0, false), (1, true)] {
+        let p = reference::probabilities(&q.slice(ndarray::s![0, h, .., ..]), &k.slice(ndarray::s![0, h, .., ..]), &mask, shape.default_scale() as f64, Normalizer::ENTMAX15);
+        let mut kinds = [0usize; 3];
+        for row in p.rows() {
+            let support = row.iter().filter(|&&x| x > 0.0).count();
+            let widest = (0..lanes).map(|l| row.iter().skip(l).step_by(lanes).filter(|&&x| x > 0.0).count()).max().unwrap_or(0);
+            kinds[if widest <= per_lane { 0 } else if support <= cap { 1 } else { 2 }] += 1;
+        }
+        assert!(kinds[0] > 0 && kinds[1] > 0 && (kinds[2] > 0) == want_recompute, "head {h}: rows fitting a lane's pool / overflowing a lane only / overflowing the row's pool: {kinds:?} (tile {tile:?})");
+    }
+    for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.25 }] {
+        let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
+        let opts = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(normalizer) };
+        let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap().o;
+        assert_close(&format!("mixed rows {}", normalizer.label()), got.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+    }
+}
+
+#[test]
+fn fused_entmax_past_f32_key_indices_is_unsupported_and_auto_takes_three_kernels() {
+    let Some(engine) = engine() else { return };
+    // The pool keeps key indices as f32: exact below 2^24 keys. Planning needs no data.
+    let seq_kv = sparse_attn::gpu::tiles::MAX_FUSED_ENTMAX_SEQ_KV + 1;
+    let shape = AttentionShape::new(1, 1, 128, 16).with_seq_kv(seq_kv);
+    let pattern = Window::new(64).with_blocks(128, 128).build(&shape).unwrap();
+    let fused = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(Normalizer::ENTMAX15) };
+    match engine.plan(&shape, &pattern, &fused) {
+        Err(sparse_attn::Error::Unsupported(msg)) => assert!(msg.contains("seq_kv"), "{msg}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    let auto = AttentionOptions::new(Normalizer::ENTMAX15);
+    assert_eq!(engine.plan(&shape, &pattern, &auto).unwrap().path, ExecPath::ThreeKernel);
+    // Softmax keeps no key indices: its fused path plans.
+    let softmax = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(Normalizer::Softmax) };
+    assert_eq!(engine.plan(&shape, &pattern, &softmax).unwrap().path, ExecPath::Fused);
+}
+
+#[test]
 fn tuning_picks_a_candidate_and_caches_it_in_memory_and_on_disk() {
     if engine().is_none() {
         return;

@@ -73,6 +73,12 @@ pub struct SpeedArgs {
     /// Seed of the synthetic Q/K/V and of random patterns
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Standard deviation of the synthetic attention scores (Q and K are scaled to it). The
+    /// default 0.444 is the unscaled data: flat rows whose 1.5-entmax keeps ~6 % of 1024 keys;
+    /// MiniLM's heads have score std 1.4-2.7 and keep 1-5 % of 512 (entmax speed depends on
+    /// the support, softmax speed does not)
+    #[arg(long, value_name = "STD", default_value_t = SYNTHETIC_SCORE_STD)]
+    pub score_std: f32,
     /// Refuse sweeps with more cells than this
     #[arg(long, value_name = "N", default_value_t = 2000)]
     pub max_cells: usize,
@@ -84,6 +90,9 @@ pub struct SpeedArgs {
 /// Largest pattern (stored blocks per slice) the bench builds on the host: 2^26 blocks is about
 /// 800 MB of pattern arrays.
 const MAX_PATTERN_BLOCKS: u64 = 1 << 26;
+
+/// Score std of the unscaled synthetic data: elements of std 2/3, so q·k/√d has std 4/9.
+const SYNTHETIC_SCORE_STD: f32 = 4.0 / 9.0;
 
 fn synthetic(shape: (usize, usize, usize, usize), seed: u64) -> Array4<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -161,6 +170,9 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
         if v == 0 {
             return Err(BenchError::input(format!("{name} must be at least 1")));
         }
+    }
+    if !(a.score_std.is_finite() && a.score_std > 0.0) {
+        return Err(BenchError::input(format!("--score-std must be finite and > 0, got {}", a.score_std)));
     }
     if let Some(s) = seqs.iter().find(|&&s| s == 0) {
         return Err(BenchError::input(format!("--seqs: sequence length {s} must be at least 1")));
@@ -272,7 +284,9 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
         let shape = AttentionShape::new(a.batch, heads, seq, a.head_dim);
         let dims = (a.batch, heads, seq, a.head_dim);
         let seed = a.seed.wrapping_add(1000 * si as u64);
-        let (q, k, v) = (synthetic(dims, seed), synthetic(dims, seed + 1), synthetic(dims, seed + 2));
+        // Scores scale with the product of the Q and K scales.
+        let qk_scale = (a.score_std / SYNTHETIC_SCORE_STD).sqrt();
+        let (q, k, v) = (synthetic(dims, seed) * qk_scale, synthetic(dims, seed + 1) * qk_scale, synthetic(dims, seed + 2));
         let mut cases: Vec<PatternCase> = Vec::new();
         let models = methods::Models::default();
         let mut configs: Vec<(Method, f64)> = vec![(Method::Dense, 1.0)];
@@ -500,8 +514,8 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
         },
     ];
     let title = format!(
-        "attn-bench speed: {} heads x head_dim {}, batch {}, block {}, synthetic Q/K/V",
-        heads, a.head_dim, a.batch, a.block
+        "attn-bench speed: {} heads x head_dim {}, batch {}, block {}, synthetic Q/K/V (score std {:.3})",
+        heads, a.head_dim, a.batch, a.block, a.score_std
     );
     let subtitle = format!("adapter {} | attn-bench {} git {} | {}", prov.adapter_label(), prov.crate_version, prov.git_revision, prov.date_utc);
     let mut svgs = Vec::new();
@@ -524,7 +538,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
             "heads": heads, "head_dim": a.head_dim, "batch": a.batch, "block": a.block,
             "normalizers": normalizers.iter().map(|n| n.label()).collect::<Vec<_>>(),
             "dtypes": dtypes.iter().map(|d| d.label()).collect::<Vec<_>>(), "paths": paths.iter().map(|p| p.label()).collect::<Vec<_>>(),
-            "warmup": a.warmup, "repeats": a.repeats, "seed": a.seed, "autotune": autotune_label,
+            "warmup": a.warmup, "repeats": a.repeats, "seed": a.seed, "autotune": autotune_label, "score_std": a.score_std,
         },
         "columns": SPEED_COLUMNS.split(',').collect::<Vec<_>>(),
         "rows": json_rows,
