@@ -12,15 +12,15 @@
 // and it is the true τ when no dropped score reaches it. Then every key with p > 0 is in the
 // pool, and O = Σ p·v / Σ p is gathered from the pool's keys: V rows of zero-p keys are never
 // read and no score is computed twice.
-// Rows where a lane's share of the support overflowed its slots take a second walk that
-// collects every key above that lower bound into the row's whole pool (all lanes' slots, in
-// key order), then τ and the gather as before. Only a row whose keys above the bound exceed
-// the whole pool makes its workgroup recompute: the search continues from the bound with one
-// walk per iteration, and a last walk accumulates p·V over the chunks that hold a p > 0.
+// Rows where a lane's share of the support overflowed its slots take a collect walk: every key
+// above that lower bound goes into the row's whole pool (all lanes' slots, in key order), then
+// τ (again a lower bound, from more keys) and the gather as before; a pool that overflows again
+// raises the bound for the next collect, up to COLLECT_WALKS. Only a row still overflowing makes
+// its workgroup recompute: the search continues from the bound with one walk per iteration, and
+// a last walk accumulates p·V over the chunks that hold a p > 0.
 // Sums run in a fixed order: deterministic.
 
 const TPR: u32 = WG / TQ;    // threads per query row in the per-score work
-const KPT: u32 = KC / TPR;   // keys per thread and chunk there
 const CAPL: u32 = CAP / TPR; // pool slots per (row, lane)
 // Most collecting walks before a workgroup falls back to recomputing searches.
 const COLLECT_WALKS: u32 = 3u;
@@ -241,8 +241,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 workgroupBarrier();
                 var any_p = false;
                 var count = 0u;
-                for (var j = 0u; j < KPT; j++) {
-                    let kk = lane + j * TPR;
+                // Keys lane, lane + TPR, ...: a trip count the compiler cannot see, so it keeps
+                // one copy of this body (unrolled copies cost llvmpipe seconds of compile each).
+                for (var kk = lane; kk < KC; kk += TPR) {
                     let x = p_tile[row * PS + kk];
                     if (phase == 0u) {
                         lp = consider(row, lane, x, key0 + kk, reach, lp);
@@ -265,8 +266,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                         at += select(0u, c, u < lane);
                         fill += c;
                     }
-                    for (var j = 0u; j < KPT; j++) {
-                        let kk = lane + j * TPR;
+                    for (var kk = lane; kk < KC; kk += TPR) {
                         let x = p_tile[row * PS + kk];
                         if (walking && am1 * (x - m) > st.tau) {
                             if (at < CAP) {
@@ -374,16 +374,27 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         var total: array<f32, RQ>;
         for (var r = 0u; r < RQ; r++) { // @unroll
             let rr = ty * RQ + r;
-            for (var u = 0u; u < TPR; u++) {
-                for (var c = 0u; c < pool_kept[rr * TPR + u]; c++) {
-                    let i = pool_slot(rr, u, c);
-                    let p = pool_score(i);
-                    total[r] += p;
-                    let base = (t.kv_row0 + pool_key(i)) * params.head_dim;
-                    for (var cc = 0u; cc < NC; cc++) { // @unroll
-                        acc[r * NC + cc] += p * load_v4(base, (tx + cc * TX) * 4u, true);
-                    }
+            // One loop over (lane u, slot c) with a data-dependent trip count, so compilers
+            // keep one copy of the body.
+            var u = 0u;
+            var c = 0u;
+            loop {
+                if (u >= TPR) {
+                    break;
                 }
+                if (c >= pool_kept[rr * TPR + u]) {
+                    u++;
+                    c = 0u;
+                    continue;
+                }
+                let i = pool_slot(rr, u, c);
+                let p = pool_score(i);
+                total[r] += p;
+                let base = (t.kv_row0 + pool_key(i)) * params.head_dim;
+                for (var cc = 0u; cc < NC; cc++) { // @unroll
+                    acc[r * NC + cc] += p * load_v4(base, (tx + cc * TX) * 4u, true);
+                }
+                c++;
             }
         }
         store_rows(t, ty, tx, &acc, total);
