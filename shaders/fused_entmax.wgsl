@@ -306,15 +306,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             // Lane u's slots of the row's pool hold collected keys u·CAPL ..
             lp.kept = min(fill - min(fill, lane * CAPL), CAPL);
         }
-        let rs = row_reduce(lid, vec4<f32>(lp.m, lp.n, lp.dropped, 0.0), true);
+        let rs = row_reduce(lid, vec4<f32>(lp.m, lp.n, lp.dropped, f32(lp.kept)), true);
         pool_kept[lid] = lp.kept;
+        // The pool's own top: K scores at most the max give Σp <= K·(-τ)^e, which is 1 at
+        // τ = -(1/K)^(α-1) (the row's top uses all n keys instead).
+        let pool_hi = -exp2(am1 * log2(1.0 / max(rs.w, 1.0)));
         if (phase == 0u) {
             m = rs.x;
             hi0 = -exp2(am1 * log2(1.0 / max(rs.y, 1.0)));
-            st = Search(-1.0, -1.0, hi0, rs.y > 0.0);
+            st = Search(-1.0, -1.0, pool_hi, rs.y > 0.0);
         } else {
             // A collecting row's bound is the lower end of its bracket.
-            st = Search(st.tau, st.tau, hi0, walking && rs.y > 0.0);
+            st = Search(st.tau, st.tau, max(pool_hi, st.tau), walking && rs.y > 0.0);
         }
         // τ over the pool, rows in lockstep: each iteration's moments and the vote on whether
         // any row still searches share one uniform load (its barriers publish both).
