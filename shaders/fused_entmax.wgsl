@@ -58,8 +58,57 @@ struct LanePool {
     n: f32,        // allowed keys seen
     dropped: f32,  // largest score not kept that may still matter
     keep_min: f32, // smallest kept score once all CAPL slots are used, else NEG_BIG
-    min_at: u32,   // its slot
     kept: u32,     // slots used
+}
+
+// Pass 1 keeps each lane's slots as a binary min-heap on the score (slot 0 the smallest), so
+// replacing the smallest costs log2(CAPL) steps rather than a scan. Loops with data-dependent
+// trip counts: compilers keep one copy.
+fn heap_score(row: u32, lane: u32, c: u32) -> f32 {
+    return pool_score(pool_slot(row, lane, c));
+}
+
+fn heap_move(row: u32, lane: u32, src: u32, dst: u32) {
+    let i = pool_slot(row, lane, src);
+    pool_set(pool_slot(row, lane, dst), pool_score(i), pool_key(i));
+}
+
+// Adds (x, key) to a heap of `n` < CAPL slots.
+fn heap_push(row: u32, lane: u32, n: u32, x: f32, key: u32) {
+    var i = n;
+    loop {
+        if (i == 0u) {
+            break;
+        }
+        let parent = (i - 1u) / 2u;
+        if (heap_score(row, lane, parent) <= x) {
+            break;
+        }
+        heap_move(row, lane, parent, i);
+        i = parent;
+    }
+    pool_set(pool_slot(row, lane, i), x, key);
+}
+
+// Replaces the smallest of a full heap with (x, key), x larger than it.
+fn heap_replace_min(row: u32, lane: u32, x: f32, key: u32) {
+    var i = 0u;
+    loop {
+        let left = 2u * i + 1u;
+        if (left >= CAPL) {
+            break;
+        }
+        var child = left;
+        if (left + 1u < CAPL && heap_score(row, lane, left + 1u) < heap_score(row, lane, left)) {
+            child = left + 1u;
+        }
+        if (heap_score(row, lane, child) >= x) {
+            break;
+        }
+        heap_move(row, lane, child, i);
+        i = child;
+    }
+    pool_set(pool_slot(row, lane, i), x, key);
 }
 
 // Pass 1 for one score `x` of key `key`: the running max and count, the pool, the drop record.
@@ -70,21 +119,14 @@ fn consider(row: u32, lane: u32, x: f32, key: u32, reach: f32, before: LanePool)
     // Not kept below keep_min; when x replaces the smallest kept score, that one is dropped.
     lp.dropped = max(lp.dropped, min(x, lp.keep_min));
     if (x > NEG_BIG && x > lp.keep_min && x > lp.m - reach) {
-        pool_set(pool_slot(row, lane, select(lp.kept, lp.min_at, lp.kept == CAPL)), x, key);
-        lp.kept = min(lp.kept + 1u, CAPL);
+        if (lp.kept < CAPL) {
+            heap_push(row, lane, lp.kept, x, key);
+            lp.kept++;
+        } else {
+            heap_replace_min(row, lane, x, key);
+        }
         if (lp.kept == CAPL) {
-            var lowest = pool_score(pool_slot(row, lane, 0u));
-            var at = 0u;
-            // Bounded by `kept` (= CAPL here), which a compiler cannot unroll: this loop is rare.
-            for (var c = 1u; c < lp.kept; c++) {
-                let y = pool_score(pool_slot(row, lane, c));
-                if (y < lowest) {
-                    lowest = y;
-                    at = c;
-                }
-            }
-            lp.keep_min = lowest;
-            lp.min_at = at;
+            lp.keep_min = heap_score(row, lane, 0u);
         }
     }
     return lp;
@@ -198,7 +240,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let am1 = params.alpha - 1.0;
     let reach = 1.0 / am1;
     stage_q(t, lid);
-    var lp = LanePool(NEG_BIG, 0.0, NEG_BIG, NEG_BIG, 0u, 0u);
+    var lp = LanePool(NEG_BIG, 0.0, NEG_BIG, NEG_BIG, 0u);
     var m = NEG_BIG;
     var hi0 = 0.0;
     var st = Search(-1.0, -1.0, 0.0, false);
