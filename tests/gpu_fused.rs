@@ -56,18 +56,24 @@ fn entmax_rows_with_more_candidates_than_fit_on_chip_recompute() {
 fn entmax_pool_collect_and_recompute_rows_share_a_workgroup() {
     let Some(engine) = engine() else { return };
     // Three kinds of query rows, cycling, built from separate columns of Q and K: peaked rows
-    // (random scores) whose support fits each lane's pool; "lane" rows whose support is 48 near
-    // equal keys, all ≡ 0 mod 8 and so all on one lane (more than its pool holds, far less than
-    // the row's pool: the collect walk); and in head 1 only, flat rows where all 700 keys tie
-    // (more than the row's pool: the recompute fallback, which then recomputes its whole
+    // (random scores) whose support fits each lane's pool; "lane" rows whose support is 16 more
+    // near-equal keys than a lane's pool holds, all ≡ 0 mod 8 and so all on one lane (far fewer
+    // than the row's pool: the collect walk); and in head 1 only, flat rows where all 700 keys
+    // tie (more than the row's pool: the recompute fallback, which then recomputes its whole
     // workgroup). Head 0's tiles never recompute, so its lane rows take their output from the
     // collected pool.
     let (seq_q, seq_kv, d) = (48, 700, 16);
     let shape = AttentionShape::new(1, 2, seq_q, d).with_seq_kv(seq_kv);
+    let pattern = Dense::new().with_blocks(16, 64).build(&shape).unwrap();
+    let opts = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(Normalizer::ENTMAX15) };
+    let tile = engine.plan(&shape, &pattern, &opts).unwrap().fused.expect("fused plan has a tile");
+    let (lanes, per_lane, cap) = (tile.threads_per_row() as usize, tile.pool_per_lane() as usize, tile.cap as usize);
+    let lane_keys = per_lane + 16;
+    assert!(8 * lane_keys <= seq_kv && cap < seq_kv, "tile {tile:?} too large for this test's rows");
     let jitter = |j: usize| 1e-3 * (((j * 7919) % 101) as f32 / 101.0 - 0.5);
     let (q_random, k_random) = (random4((1, 2, seq_q, d), 31, 6.0), random4((1, 2, seq_kv, d), 32, 3.0));
     let k = ndarray::Array4::from_shape_fn((1, 2, seq_kv, d), |(_, h, j, c)| match c {
-        0 if j % 8 == 0 && j < 8 * 48 => 1.0 + jitter(j),
+        0 if j % 8 == 0 && j < 8 * lane_keys => 1.0 + jitter(j),
         0 => -1.0,
         1 => jitter(j),
         _ => k_random[[0, h, j, c]],
@@ -79,10 +85,6 @@ fn entmax_pool_collect_and_recompute_rows_share_a_workgroup() {
         _ => 0.0,
     });
     let v = random4((1, 2, seq_kv, d), 33, 1.0);
-    let pattern = Dense::new().with_blocks(16, 64).build(&shape).unwrap();
-    let opts = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(Normalizer::ENTMAX15) };
-    let tile = engine.plan(&shape, &pattern, &opts).unwrap().fused.expect("fused plan has a tile");
-    let (lanes, per_lane, cap) = (tile.threads_per_row() as usize, tile.pool_per_lane() as usize, tile.cap as usize);
 
     // The data reaches every path: per row, its 1.5-entmax support and its largest share on one
     // lane (lane = key mod lanes: chunks start at multiples of the keys per step).

@@ -76,10 +76,12 @@ pub const MAX_FUSED_HEAD_DIM: u32 = 256;
 /// below 2^24 (longer rows take the three-kernel path under `ExecPath::Auto`).
 pub const MAX_FUSED_ENTMAX_SEQ_KV: usize = 1 << 24;
 
-/// Entmax pool slots per (row, lane), most first: a tile takes the most that fit its adapter.
-/// A row whose support does not fit (more than this many of a lane's keys above τ) makes its
-/// workgroup take the recompute fallback.
-pub const ENTMAX_POOL_PER_LANE: [u32; 4] = [32, 16, 8, 4];
+/// Entmax pool slots per (row, lane): a tile takes the most that fit its adapter's workgroup
+/// memory, in steps of `ENTMAX_POOL_STEP` up to `ENTMAX_POOL_MAX`. A row whose support does not
+/// fit its lanes' pools takes the collect walk; one whose support exceeds the whole row's pool
+/// makes its workgroup take the recompute fallback.
+pub const ENTMAX_POOL_MAX: u32 = 64;
+pub const ENTMAX_POOL_STEP: u32 = 4;
 
 /// The softmax kernel's candidate set, best guess first: (threads, query rows, rows per thread,
 /// keys per step). Larger register tiles feed more multiply-adds per workgroup-memory read;
@@ -126,7 +128,9 @@ pub fn candidates(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, limit
         .filter_map(|&c| register_tile(c, block_q, block_k, head_dim, limits))
         // Per-score work: whole keys per thread; `red` doubles as per-lane and per-row scratch.
         .filter(|t| t.kc % t.threads_per_row() == 0 && t.tq * t.lanes() >= t.wg)
-        .filter_map(|t| ENTMAX_POOL_PER_LANE.iter().map(|&per_lane| FusedTile { cap: per_lane * t.threads_per_row(), ..t }).find(fits))
+        .filter_map(|t| {
+            (1..=ENTMAX_POOL_MAX / ENTMAX_POOL_STEP).rev().map(|n| FusedTile { cap: n * ENTMAX_POOL_STEP * t.threads_per_row(), ..t }).find(fits)
+        })
         .collect()
 }
 
@@ -138,7 +142,7 @@ pub fn default_tile(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, lim
     candidates(block_q, block_k, head_dim, entmax, limits).into_iter().next().ok_or_else(|| {
         // The smallest tile of the sets (with the smallest entmax pool).
         let smallest = FusedTile { tq: 8, kc: 8, wg: 32, dp: head_dim.next_multiple_of(4), cap: 0, rq: 2 };
-        let smallest = if entmax { FusedTile { cap: ENTMAX_POOL_PER_LANE[ENTMAX_POOL_PER_LANE.len() - 1] * smallest.threads_per_row(), ..smallest } } else { smallest };
+        let smallest = if entmax { FusedTile { cap: ENTMAX_POOL_STEP * smallest.threads_per_row(), ..smallest } } else { smallest };
         Error::Unsupported(format!(
             "no fused tile for head_dim {head_dim} and blocks {block_q}x{block_k} fits max_compute_workgroup_storage_size = {} bytes (smallest needs {})",
             limits.max_compute_workgroup_storage_size,
