@@ -143,9 +143,10 @@ fn moments(s: f32, m: f32, tau: f32) -> vec4<f32> {
     return vec4<f32>(px, px / x, px / (x * x), 0.0);
 }
 
-// Sum of k_tile's entries of this thread's row over its TPR lanes, in lane order.
-fn lane_total(lid: u32) -> vec4<f32> {
-    let first = (lid / TPR) * TPR;
+// Sum of k_tile's entries of this thread's row over its TPR lanes, in lane order; `at` is this
+// thread's entry (lid, plus an offset that is a multiple of WG).
+fn lane_total(at: u32) -> vec4<f32> {
+    let first = (at / TPR) * TPR;
     var a = k_tile[first];
     for (var u = 1u; u < TPR; u++) {
         a += k_tile[first + u];
@@ -362,7 +363,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             st = Search(st.tau, st.tau, max(pool_hi, st.tau), walking && rs.y > 0.0);
         }
         // τ over the pool, rows in lockstep: each iteration's moments and the vote on whether
-        // any row still searches share one uniform load (its barriers publish both).
+        // any row still searches share one uniform load (its barriers publish both). The
+        // moments alternate between two halves of k_tile, so the next iteration's writes never
+        // meet this one's reads and no third barrier is needed.
         iterations = 0u;
         loop {
             var pool_sums = vec4<f32>(0.0);
@@ -372,16 +375,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 }
                 atomicMax(&vote, tick + 1u);
             }
-            k_tile[lid] = pool_sums;
+            let half = (iterations % 2u) * WG;
+            k_tile[half + lid] = pool_sums;
             tick++;
             if (workgroupUniformLoad(&vote) != tick || iterations >= params.max_iterations) {
                 break;
             }
             iterations++;
             if (st.searching) {
-                st = halley_update(st, lane_total(lid));
+                st = halley_update(st, lane_total(half + lid));
             }
-            workgroupBarrier();
         }
         // Exact unless a dropped score lies above τ; then τ is a lower bound for what follows.
         let inexact = walking && rs.y > 0.0 && rs.z > NEG_BIG && am1 * (rs.z - m) - st.tau > 0.0;

@@ -44,11 +44,11 @@ impl FusedTile {
     }
 
     /// Length in vec4s of `k_tile`: the padded K chunk, and for entmax also the row reductions
-    /// (one vec4 per thread).
+    /// (two vec4s per thread: the τ search alternates halves).
     pub fn k_tile_len(&self) -> u32 {
         let k = self.kc * (self.dp / 4 + 1);
         if self.cap > 0 {
-            k.max(self.wg)
+            k.max(2 * self.wg)
         } else {
             k
         }
