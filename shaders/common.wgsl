@@ -71,3 +71,9 @@ fn pow_e(x: f32) -> f32 {
     }
     return exp2(params.exponent * log2(x));
 }
+
+// Top of the entmax threshold bracket for n allowed scores at most the row max (shifted space):
+// Σp <= n·(-τ)^e, which is 1 at τ = -(1/n)^(α-1).
+fn tau_top(n: f32) -> f32 {
+    return -exp2((params.alpha - 1.0) * log2(1.0 / max(n, 1.0)));
+}

@@ -177,7 +177,7 @@ fn row_reduce(lid: u32, x: vec4<f32>, maxes: bool) -> vec4<f32> {
 
 // Whether `a` holds on any thread, as a uniform value. `tick` is the same on every thread and
 // grows with every call, so the vote word never needs resetting.
-fn any_thread(a: bool, tick: u32, lid: u32) -> bool {
+fn any_thread(a: bool, tick: u32) -> bool {
     if (a) {
         atomicMax(&vote, tick);
     }
@@ -259,7 +259,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     loop {
         if (phase == 2u) {
             tick++;
-            if (!any_thread(st.searching, tick, lid) || iterations >= params.max_iterations) {
+            if (!any_thread(st.searching, tick) || iterations >= params.max_iterations) {
                 phase = 3u;
             } else {
                 iterations++;
@@ -324,7 +324,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 if (phase == 3u) {
                     // V overwrites the pool, which is no longer needed.
                     tick++;
-                    if (any_thread(any_p, tick, lid)) {
+                    if (any_thread(any_p, tick)) {
                         stage_v(t, key0, lid);
                         workgroupBarrier();
                         accumulate_pv(ty, tx, &acc);
@@ -351,12 +351,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         let rs = row_reduce(lid, vec4<f32>(lp.m, lp.n, lp.dropped, f32(lp.kept)), true);
         pool_kept[lid] = lp.kept;
-        // The pool's own top: K scores at most the max give Σp <= K·(-τ)^e, which is 1 at
-        // τ = -(1/K)^(α-1) (the row's top uses all n keys instead).
-        let pool_hi = -exp2(am1 * log2(1.0 / max(rs.w, 1.0)));
+        // The pool's own top counts its K scores (the row's top counts all n keys).
+        let pool_hi = tau_top(rs.w);
         if (phase == 0u) {
             m = rs.x;
-            hi0 = -exp2(am1 * log2(1.0 / max(rs.y, 1.0)));
+            hi0 = tau_top(rs.y);
             st = Search(-1.0, -1.0, pool_hi, rs.y > 0.0);
         } else {
             // A collecting row's bound is the lower end of its bracket.
@@ -389,7 +388,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         // Exact unless a dropped score lies above τ; then τ is a lower bound for what follows.
         let inexact = walking && rs.y > 0.0 && rs.z > NEG_BIG && am1 * (rs.z - m) - st.tau > 0.0;
         tick++;
-        if (any_thread(inexact, tick, lid)) {
+        if (any_thread(inexact, tick)) {
             if (collects < COLLECT_WALKS) {
                 // Each collect raises the bound: its pool's τ counts more of the row's keys.
                 collects++;

@@ -22,7 +22,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let e = params.exponent;
 
     var lo = -1.0;
-    var hi = -exp2(am1 * log2(1.0 / max(n, 1.0)));
+    var hi = tau_top(n);
     var tau = lo;
     var iterations = 0u;
     if (n > 0.0) {
