@@ -4,9 +4,12 @@
 // serves one row and that work exists once in the code (compile time on llvmpipe grows fast
 // with every copy).
 //
-// Pass 1 walks the row's key blocks once and, per (row, lane), keeps the CAPL largest scores
-// with their key indices in a pool on chip, plus the largest score it had to drop. Scores more
-// than 1/(α-1) below the lane's running max are never kept: their p is 0 whatever τ is.
+// Pass 1 walks the row's key blocks once and, per (row, lane), appends the scores that may
+// still have p > 0, with their key indices, to a pool of CAPL slots on chip, and records the
+// largest score it had to drop when the pool was full. Scores more than 1/(α-1) below the
+// lane's running max never enter: their p is 0 whatever τ is. Before a chunk in which a lane
+// might fill up, all rows shrink their pools: a few Newton steps on the row's pooled scores
+// give a floor below the row's threshold, and pooled scores under it leave (see `shrink`).
 // τ is then solved per row over the pooled scores (Halley inside a bracket, bisection fallback,
 // rows in lockstep). The pool is a subset of the row, so that τ is a lower bound of the true τ,
 // and it is the true τ when no dropped score reaches it. Then every key with p > 0 is in the
@@ -54,79 +57,80 @@ fn pool_key(i: u32) -> u32 {
 
 // One lane's view of one row during pass 1.
 struct LanePool {
-    m: f32,        // largest score seen
-    n: f32,        // allowed keys seen
-    dropped: f32,  // largest score not kept that may still matter
-    keep_min: f32, // smallest kept score once all CAPL slots are used, else NEG_BIG
-    kept: u32,     // slots used
+    m: f32,       // largest score seen
+    n: f32,       // allowed keys seen
+    dropped: f32, // largest score not kept that may still matter
+    floor: f32,   // scores at or below it have p = 0 in the row (a lower bound of its threshold)
+    kept: u32,    // slots used
 }
 
-// Pass 1 keeps each lane's slots as a binary min-heap on the score (slot 0 the smallest), so
-// replacing the smallest costs log2(CAPL) steps rather than a scan. Loops with data-dependent
-// trip counts: compilers keep one copy.
-fn heap_score(row: u32, lane: u32, c: u32) -> f32 {
-    return pool_score(pool_slot(row, lane, c));
-}
+// Newton steps per shrink of the row pools.
+const SHRINK_STEPS: u32 = 2u;
 
-fn heap_move(row: u32, lane: u32, src: u32, dst: u32) {
-    let i = pool_slot(row, lane, src);
-    pool_set(pool_slot(row, lane, dst), pool_score(i), pool_key(i));
-}
-
-// Adds (x, key) to a heap of `n` < CAPL slots.
-fn heap_push(row: u32, lane: u32, n: u32, x: f32, key: u32) {
-    var i = n;
-    loop {
-        if (i == 0u) {
-            break;
+// Makes room in the row's lane pools (all rows at once, from uniform control flow; k_tile is
+// the scratch, so call it between a chunk's scoring and the next chunk's staging). In score
+// space the row's threshold θ (p_i > 0 iff x_i > θ) is at least the threshold of any subset of
+// the row, and Newton's method from the left on a convex decreasing function of t whose root
+// is the pool's threshold never passes that root. So every iterate bounds θ from
+// below, and kept scores at or below it leave the pool (which keeps its order).
+fn shrink(lid: u32, row: u32, lane: u32, before: LanePool) -> LanePool {
+    var lp = before;
+    let am1 = params.alpha - 1.0;
+    // Both bound θ: the row's max less 1/(α-1) (τ >= -1), and the floor of earlier shrinks.
+    let start = row_reduce(lid, vec4<f32>(max(lp.floor, lp.m - 1.0 / am1), 0.0, NEG_BIG, 0.0), true).x;
+    // A row without allowed keys so far (or a padding row) keeps its floor; every thread
+    // still takes part in the reductions.
+    let live = start > 0.5 * NEG_BIG;
+    var t = am1 * select(0.0, start, live);
+    for (var it = 0u; it < SHRINK_STEPS; it++) {
+        var f = 0.0;
+        var g = 0.0;
+        for (var c = 0u; c < lp.kept; c++) {
+            let z = am1 * pool_score(pool_slot(row, lane, c)) - t;
+            if (z > 0.0) {
+                let pz = pow_e(z);
+                f += pz;
+                g += pz / z;
+            }
         }
-        let parent = (i - 1u) / 2u;
-        if (heap_score(row, lane, parent) <= x) {
-            break;
+        let fg = row_reduce(lid, vec4<f32>(f, g, 0.0, 0.0), false);
+        // Newton on h = f^(1/e) = ‖((α-1)·x - t)_+‖_e, also convex and decreasing but close to
+        // linear (exact in one step on equal scores), so it gets near the root in few steps:
+        // t += (h - 1) / -h' = (f - f^(1 - 1/e)) / Σ(...)^(e-1). Right of the pool's root
+        // (possible only while a lane's max was dropped), stay.
+        if (fg.x > 1.0 && fg.y > 0.0) {
+            t += (fg.x - exp2((2.0 - params.alpha) * log2(fg.x))) / fg.y;
         }
-        heap_move(row, lane, parent, i);
-        i = parent;
     }
-    pool_set(pool_slot(row, lane, i), x, key);
-}
-
-// Replaces the smallest of a full heap with (x, key), x larger than it.
-fn heap_replace_min(row: u32, lane: u32, x: f32, key: u32) {
-    var i = 0u;
-    loop {
-        let left = 2u * i + 1u;
-        if (left >= CAPL) {
-            break;
-        }
-        var child = left;
-        if (left + 1u < CAPL && heap_score(row, lane, left + 1u) < heap_score(row, lane, left)) {
-            child = left + 1u;
-        }
-        if (heap_score(row, lane, child) >= x) {
-            break;
-        }
-        heap_move(row, lane, child, i);
-        i = child;
+    // A margin for rounding: what leaves the pool lies strictly below θ.
+    if (live) {
+        lp.floor = max(lp.floor, (t - 1e-5 * (1.0 + abs(t))) / am1);
     }
-    pool_set(pool_slot(row, lane, i), x, key);
+    var n = 0u;
+    for (var c = 0u; c < lp.kept; c++) {
+        let i = pool_slot(row, lane, c);
+        let x = pool_score(i);
+        if (x > lp.floor) {
+            pool_set(pool_slot(row, lane, n), x, pool_key(i));
+            n++;
+        }
+    }
+    lp.kept = n;
+    return lp;
 }
 
 // Pass 1 for one score `x` of key `key`: the running max and count, the pool, the drop record.
+// Scores more than 1/(α-1) below the running max, or at or below the floor, have p = 0.
 fn consider(row: u32, lane: u32, x: f32, key: u32, reach: f32, before: LanePool) -> LanePool {
     var lp = before;
     lp.m = max(lp.m, x);
     lp.n += select(0.0, 1.0, x > NEG_BIG);
-    // Not kept below keep_min; when x replaces the smallest kept score, that one is dropped.
-    lp.dropped = max(lp.dropped, min(x, lp.keep_min));
-    if (x > NEG_BIG && x > lp.keep_min && x > lp.m - reach) {
+    if (x > NEG_BIG && x > lp.m - reach && x > lp.floor) {
         if (lp.kept < CAPL) {
-            heap_push(row, lane, lp.kept, x, key);
+            pool_set(pool_slot(row, lane, lp.kept), x, key);
             lp.kept++;
         } else {
-            heap_replace_min(row, lane, x, key);
-        }
-        if (lp.kept == CAPL) {
-            lp.keep_min = heap_score(row, lane, 0u);
+            lp.dropped = max(lp.dropped, x);
         }
     }
     return lp;
@@ -281,7 +285,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                         p_tile[(ty * RQ + r) * PS + tx + j * TX] = s[r * NK + j];
                     }
                 }
-                workgroupBarrier();
+                // Pass 1: shrink the pools when a lane might fill up in this chunk. The vote's
+                // uniform load is also the barrier that publishes p_tile.
+                if (phase == 0u && lp.kept + KC / TPR > CAPL) {
+                    atomicMax(&vote, tick + 1u);
+                }
+                tick++;
+                if (workgroupUniformLoad(&vote) == tick) {
+                    lp = shrink(lid, row, lane, lp);
+                }
                 var any_p = false;
                 var count = 0u;
                 // Keys lane, lane + TPR, ...: a trip count the compiler cannot see, so it keeps
@@ -356,7 +368,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if (phase == 0u) {
             m = rs.x;
             hi0 = tau_top(rs.y);
-            st = Search(-1.0, -1.0, pool_hi, rs.y > 0.0);
+            // The shrinks' floor (the same on the row's lanes) bounds τ from below too.
+            let lo = select(-1.0, min(max(-1.0, am1 * (lp.floor - m)), pool_hi), rs.y > 0.0);
+            st = Search(lo, lo, pool_hi, rs.y > 0.0);
         } else {
             // A collecting row's bound is the lower end of its bracket.
             st = Search(st.tau, st.tau, max(pool_hi, st.tau), walking && rs.y > 0.0);

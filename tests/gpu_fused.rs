@@ -53,6 +53,44 @@ fn entmax_rows_with_more_candidates_than_fit_on_chip_recompute() {
 }
 
 #[test]
+fn entmax_pools_shrink_on_flat_rows_whose_candidates_exceed_the_pool() {
+    let Some(engine) = engine() else { return };
+    // Flat rows (score std 0.44 at α = 1.5, as in the speed bench): nearly all of 1000 keys lie within
+    // 1/(α-1) of the row max, far more than a row's pool holds, while the support is small.
+    // Pass 1 must evict pooled scores below its Newton floor many times per row; a floor above
+    // the row's threshold would drop support keys without any overflow being recorded.
+    let (seq_q, seq_kv, d) = (24, 1000, 16);
+    let shape = AttentionShape::new(1, 2, seq_q, d).with_seq_kv(seq_kv);
+    let q = random4((1, 2, seq_q, d), 41, 2.0);
+    let k = random4((1, 2, seq_kv, d), 42, 2.0);
+    let v = random4((1, 2, seq_kv, d), 43, 1.0);
+    let pattern = Dense::new().with_blocks(32, 32).build(&shape).unwrap();
+    let scale = 1.0 / (d as f64).sqrt();
+    for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.3 }] {
+        let reach = 1.0 / (normalizer.alpha().unwrap() - 1.0);
+        // Scores spread in proportion to the reach, so every α has as many candidates.
+        let q = q.mapv(|x| x * (reach / 2.0) as f32);
+        // Candidates per row (keys within reach of the max): the fewest over all rows.
+        let fewest = (0..2)
+            .flat_map(|h| (0..seq_q).map(move |i| (h, i)))
+            .map(|(h, i)| {
+                let s: Vec<f64> = (0..seq_kv).map(|j| scale * (0..d).map(|c| q[[0, h, i, c]] as f64 * k[[0, h, j, c]] as f64).sum::<f64>()).collect();
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                s.iter().filter(|&&x| x > m - reach).count()
+            })
+            .min()
+            .unwrap();
+        let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
+        for tile in engine.fused_tile_candidates(32, 32, d, normalizer) {
+            assert!(fewest > tile.cap as usize, "{}: rows have only {fewest} candidates for {tile:?}", normalizer.label());
+            let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(normalizer) };
+            let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap();
+            assert_close(&format!("flat {} tile {tile:?}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+        }
+    }
+}
+
+#[test]
 fn entmax_pool_collect_and_recompute_rows_share_a_workgroup() {
     let Some(engine) = engine() else { return };
     // Three kinds of query rows, cycling, built from separate columns of Q and K: peaked rows
