@@ -5,8 +5,8 @@
 // with every copy).
 //
 // Pass 1 walks the row's key blocks once and, per (row, lane), appends the scores that may
-// still have p > 0, with their key indices, to a pool of CAPL slots on chip, and records the
-// largest score it had to drop when the pool was full. Scores more than 1/(α-1) below the
+// still have p > 0, with their key indices, to a pool of CAPL slots on chip; a full pool keeps
+// its CAPL largest and records the largest score it dropped. Scores more than 1/(α-1) below the
 // lane's running max never enter: their p is 0 whatever τ is. Before a chunk in which a lane
 // might fill up, all rows shrink their pools: a few Newton steps on the row's pooled scores
 // give a floor below the row's threshold, and pooled scores under it leave (see `shrink`).
@@ -130,7 +130,20 @@ fn consider(row: u32, lane: u32, x: f32, key: u32, reach: f32, before: LanePool)
             pool_set(pool_slot(row, lane, lp.kept), x, key);
             lp.kept++;
         } else {
-            lp.dropped = max(lp.dropped, x);
+            // Full until the next shrink: keep the CAPL largest (a scan, only in this case).
+            var low = 0u;
+            var low_x = pool_score(pool_slot(row, lane, 0u));
+            for (var c = 1u; c < CAPL; c++) {
+                let y = pool_score(pool_slot(row, lane, c));
+                if (y < low_x) {
+                    low_x = y;
+                    low = c;
+                }
+            }
+            lp.dropped = max(lp.dropped, min(x, low_x));
+            if (x > low_x) {
+                pool_set(pool_slot(row, lane, low), x, key);
+            }
         }
     }
     return lp;
@@ -195,8 +208,10 @@ struct Search {
     searching: bool,
 }
 
-// One Halley step from the row's moments at st.tau; bisection when the step leaves the
-// bracket or is not finite. Stops on |Σp - 1| <= tolerance, a tiny step or a tiny bracket.
+// One step from the row's moments at st.tau: the exact root over the current support for
+// 1.5-entmax (quadratic) and sparsemax (Michelot), Halley for other α; bisection when the step
+// leaves the bracket or is not finite. Stops on |Σp - 1| <= tolerance, a tiny step or a tiny
+// bracket.
 fn halley_update(st: Search, total: vec4<f32>) -> Search {
     var r = st;
     let f = total.x - 1.0;
@@ -215,8 +230,20 @@ fn halley_update(st: Search, total: vec4<f32>) -> Search {
     let denom = 2.0 * d1 * d1 - f * d2;
     var next = 0.5 * (r.lo + r.hi);
     var halley = false;
-    if (denom > 0.0 && denom < 3.0e38) {
-        let t = st.tau - 2.0 * f * d1 / denom;
+    var t = st.tau - 2.0 * f * d1 / denom;
+    var ok = denom > 0.0 && denom < 3.0e38;
+    if (e == 2.0 && total.z > 0.0) {
+        // 1.5-entmax: Σp is exactly quadratic in τ while the support stays; its root over
+        // the current support (Σ(x-τ)² = total.x, Σ(x-τ) = total.y, count = total.z).
+        let disc = total.y * total.y - total.z * f;
+        t = st.tau + (total.y - sqrt(max(disc, 0.0))) / total.z;
+        ok = true;
+    } else if (e == 1.0 && total.y > 0.0) {
+        // Sparsemax: Michelot's step (exact once the support stays).
+        t = st.tau + f / total.y;
+        ok = true;
+    }
+    if (ok) {
         if (t > r.lo && t < r.hi) {
             next = t;
             halley = true;
