@@ -10,8 +10,8 @@
 // lane's running max never enter: their p is 0 whatever τ is. Before a chunk in which a lane
 // might fill up, all rows shrink their pools: a few Newton steps on the row's pooled scores
 // give a floor below the row's threshold, and pooled scores under it leave (see `shrink`).
-// τ is then solved per row over the pooled scores (Halley inside a bracket, bisection fallback,
-// rows in lockstep). The pool is a subset of the row, so that τ is a lower bound of the true τ,
+// τ is then solved per row over the pooled scores (exact or Halley steps inside a bracket,
+// bisection fallback, rows in lockstep). The pool is a subset of the row, so that τ is a lower bound of the true τ,
 // and it is the true τ when no dropped score reaches it. Then every key with p > 0 is in the
 // pool, and O = Σ p·v / Σ p is gathered from the pool's keys: V rows of zero-p keys are never
 // read and no score is computed twice.
