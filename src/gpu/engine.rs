@@ -356,13 +356,16 @@ impl Engine {
         Ok(best)
     }
 
-    /// Times each candidate tile once on a synthetic dense problem standing in for the key's
-    /// bucket and returns the fastest; None when no candidate ran. The stand-in has at most
-    /// `TUNE_MAX_SEQ` tokens (tuning must stay cheap on slow adapters) and seeded data whose
+    /// Times each candidate tile (median of `TUNE_REPEATS` runs after one warm-up) on a
+    /// synthetic dense problem standing in for the key's bucket and returns the fastest; None
+    /// when no candidate ran. The stand-in has at most `TUNE_MAX_SEQ` tokens (tuning must stay cheap on slow adapters) and seeded data whose
     /// scores spread like real attention (std ≈ 1 in one head, ≈ 0.45 in the other), so entmax
     /// rows have realistic supports, narrow and broad.
     fn tune(&self, key: &TuneKey, opts: &AttentionOptions) -> Option<FusedTile> {
         const TUNE_MAX_SEQ: usize = 1024;
+        // Timed runs per candidate (the median counts): two were a coin toss between close
+        // tiles on a noisy adapter; the compiles cost far more than these runs.
+        const TUNE_REPEATS: usize = 5;
         let d = key.head_dim as usize;
         let n = (key.seq_bucket as usize).min(TUNE_MAX_SEQ);
         let heads = 2;
@@ -382,7 +385,7 @@ impl Engine {
         for tile in tiles::candidates(key.block_q, key.block_k, key.head_dim, key.entmax, &self.device.limits()).into_iter().take(8) {
             let o = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), return_probabilities: false, return_row_stats: false, ..*opts };
             let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-            let timed = self.prepare_attention(&q, &k, &v, &pattern, &o).and_then(|p| p.time(1, 2));
+            let timed = self.prepare_attention(&q, &k, &v, &pattern, &o).and_then(|p| p.time(1, TUNE_REPEATS));
             let failed = pollster::block_on(scope.pop()).is_some();
             if let (Ok(t), false) = (timed, failed) {
                 let ms = t.median_ms();
