@@ -11,8 +11,8 @@
 // might fill up, all rows shrink their pools: a few Newton steps on the row's pooled scores
 // give a floor below the row's threshold, and pooled scores under it leave (see `shrink`).
 // τ is then solved per row over the pooled scores (exact or Halley steps inside a bracket,
-// bisection fallback, rows in lockstep). The pool is a subset of the row, so that τ is a lower bound of the true τ,
-// and it is the true τ when no dropped score reaches it. Then every key with p > 0 is in the
+// bisection fallback, rows in lockstep). The pool is a subset of the row, so that τ is a lower
+// bound of the true τ, and it is the true τ when no dropped score reaches it. Then every key with p > 0 is in the
 // pool, and O = Σ p·v / Σ p is gathered from the pool's keys: V rows of zero-p keys are never
 // read and no score is computed twice.
 // Rows where a lane's share of the support overflowed its slots take a collect walk: every key
@@ -83,17 +83,12 @@ fn shrink(lid: u32, row: u32, lane: u32, before: LanePool) -> LanePool {
     let live = start > 0.5 * NEG_BIG;
     var t = am1 * select(0.0, start, live);
     for (var it = 0u; it < SHRINK_STEPS; it++) {
-        var f = 0.0;
-        var g = 0.0;
+        // Absolute scores: moments at max 0 and threshold t give (Σp, Σp/z, ...) at t.
+        var fg = vec4<f32>(0.0);
         for (var c = 0u; c < lp.kept; c++) {
-            let z = am1 * pool_score(pool_slot(row, lane, c)) - t;
-            if (z > 0.0) {
-                let pz = pow_e(z);
-                f += pz;
-                g += pz / z;
-            }
+            fg += moments(pool_score(pool_slot(row, lane, c)), 0.0, t);
         }
-        let fg = row_reduce(lid, vec4<f32>(f, g, 0.0, 0.0), false);
+        fg = row_reduce(lid, fg, false);
         // Newton on h = f^(1/e) = ‖((α-1)·x - t)_+‖_e, also convex and decreasing but close to
         // linear (exact in one step on equal scores), so it gets near the root in few steps:
         // t += (h - 1) / -h' = (f - f^(1 - 1/e)) / Σ(...)^(e-1). Right of the pool's root
@@ -228,10 +223,8 @@ fn halley_update(st: Search, total: vec4<f32>) -> Search {
     let d1 = -e * total.y;
     let d2 = e * (e - 1.0) * total.z;
     let denom = 2.0 * d1 * d1 - f * d2;
-    var next = 0.5 * (r.lo + r.hi);
-    var halley = false;
-    var t = st.tau - 2.0 * f * d1 / denom;
-    var ok = denom > 0.0 && denom < 3.0e38;
+    var t = 0.0;
+    var ok = false;
     if (e == 2.0 && total.z > 0.0) {
         // 1.5-entmax: Σp is exactly quadratic in τ while the support stays; its root over
         // the current support (Σ(x-τ)² = total.x, Σ(x-τ) = total.y, count = total.z).
@@ -242,12 +235,15 @@ fn halley_update(st: Search, total: vec4<f32>) -> Search {
         // Sparsemax: Michelot's step (exact once the support stays).
         t = st.tau + f / total.y;
         ok = true;
+    } else if (denom > 0.0 && denom < 3.0e38) {
+        t = st.tau - 2.0 * f * d1 / denom;
+        ok = true;
     }
-    if (ok) {
-        if (t > r.lo && t < r.hi) {
-            next = t;
-            halley = true;
-        }
+    var next = 0.5 * (r.lo + r.hi);
+    var halley = false;
+    if (ok && t > r.lo && t < r.hi) {
+        next = t;
+        halley = true;
     }
     let step = abs(next - st.tau);
     r.tau = next;

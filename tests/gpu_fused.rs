@@ -55,8 +55,8 @@ fn entmax_rows_with_more_candidates_than_fit_on_chip_recompute() {
 #[test]
 fn entmax_pools_shrink_on_flat_rows_whose_candidates_exceed_the_pool() {
     let Some(engine) = engine() else { return };
-    // Flat rows (score std 0.44 at α = 1.5, as in the speed bench): nearly all of 1000 keys lie within
-    // 1/(α-1) of the row max, far more than a row's pool holds, while the support is small.
+    // Flat rows (score std 0.44 at α = 1.5, as in the speed bench): nearly all of 1000 keys lie
+    // within 1/(α-1) of the row max, far more than a row's pool holds, while the support is small.
     // Pass 1 must evict pooled scores below its Newton floor many times per row; a floor above
     // the row's threshold would drop support keys without any overflow being recorded.
     let (seq_q, seq_kv, d) = (24, 1000, 16);

@@ -358,8 +358,8 @@ impl Engine {
 
     /// Times each candidate tile (median of `TUNE_REPEATS` runs after one warm-up) on a
     /// synthetic dense problem standing in for the key's bucket and returns the fastest; None
-    /// when no candidate ran. The stand-in has at most `TUNE_MAX_SEQ` tokens (tuning must stay cheap on slow adapters) and seeded data whose
-    /// scores spread like real attention (std ≈ 1 in one head, ≈ 0.45 in the other), so entmax
+    /// when no candidate ran. The stand-in has at most `TUNE_MAX_SEQ` tokens (tuning must stay
+    /// cheap on slow adapters) and seeded data whose scores spread like real attention (std ≈ 1 in one head, ≈ 0.45 in the other), so entmax
     /// rows have realistic supports, narrow and broad.
     fn tune(&self, key: &TuneKey, opts: &AttentionOptions) -> Option<FusedTile> {
         const TUNE_MAX_SEQ: usize = 1024;
