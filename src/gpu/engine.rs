@@ -382,7 +382,9 @@ impl Engine {
         // pays for its fallback here rather than on the caller's data.
         q.index_axis_mut(ndarray::Axis(1), 1).mapv_inplace(|x| x * 0.47);
         let mut best: Option<(f64, FusedTile)> = None;
-        for tile in tiles::candidates(key.block_q, key.block_k, key.head_dim, key.entmax, &self.device.limits()).into_iter().take(8) {
+        // Every fitting candidate: the sets are small (10 at most), and a cut would silently drop
+        // the last ones as candidates are added.
+        for tile in tiles::candidates(key.block_q, key.block_k, key.head_dim, key.entmax, &self.device.limits()) {
             let o = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), return_probabilities: false, return_row_stats: false, ..*opts };
             let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
             let timed = self.prepare_attention(&q, &k, &v, &pattern, &o).and_then(|p| p.time(1, TUNE_REPEATS));
