@@ -77,3 +77,35 @@ fn pow_e(x: f32) -> f32 {
 fn tau_top(n: f32) -> f32 {
     return -exp2((params.alpha - 1.0) * log2(1.0 / max(n, 1.0)));
 }
+
+// One step of the entmax threshold search from the row's moments at `tau` over its current
+// support (x = z - τ > 0): f = Σx^e - 1, s1 = Σx^(e-1), s2 = Σx^(e-2). For 1.5-entmax Σp is
+// exactly quadratic in τ while the support stays (s1 = Σx, s2 = the count) and for sparsemax
+// linear (s1 = the count), so those steps go to the root over the current support (Michelot's
+// step for sparsemax); other α take Halley's step. Returns (next τ, 1) when the step lands
+// strictly inside (lo, hi), else (bisection midpoint, 0).
+fn tau_step(tau: f32, lo: f32, hi: f32, f: f32, s1: f32, s2: f32) -> vec2<f32> {
+    let e = params.exponent;
+    var t = 0.0;
+    var ok = false;
+    if (e == 2.0 && s2 > 0.0) {
+        t = tau + (s1 - sqrt(max(s1 * s1 - s2 * f, 0.0))) / s2;
+        ok = true;
+    } else if (e == 1.0 && s1 > 0.0) {
+        t = tau + f / s1;
+        ok = true;
+    } else {
+        // f' = -e Σx^(e-1), f'' = e(e-1) Σx^(e-2); Halley: τ - 2ff'/(2f'² - ff'').
+        let d1 = -e * s1;
+        let d2 = e * (e - 1.0) * s2;
+        let denom = 2.0 * d1 * d1 - f * d2;
+        if (denom > 0.0 && denom < 3.0e38) {
+            t = tau - 2.0 * f * d1 / denom;
+            ok = true;
+        }
+    }
+    if (ok && t > lo && t < hi) {
+        return vec2<f32>(t, 1.0);
+    }
+    return vec2<f32>(0.5 * (lo + hi), 0.0);
+}

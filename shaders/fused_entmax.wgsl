@@ -12,9 +12,9 @@
 // give a floor below the row's threshold, and pooled scores under it leave (see `shrink`).
 // τ is then solved per row over the pooled scores (exact or Halley steps inside a bracket,
 // bisection fallback, rows in lockstep). The pool is a subset of the row, so that τ is a lower
-// bound of the true τ, and it is the true τ when no dropped score reaches it. Then every key with p > 0 is in the
-// pool, and O = Σ p·v / Σ p is gathered from the pool's keys: V rows of zero-p keys are never
-// read and no score is computed twice.
+// bound of the true τ, and it is the true τ when no dropped score reaches it. Then every key
+// with p > 0 is in the pool, and O = Σ p·v / Σ p is gathered from the pool's keys: V rows of
+// zero-p keys are never read and no score is computed twice.
 // Rows where a lane's share of the support overflowed its slots take a collect walk: every key
 // above that lower bound goes into the row's whole pool (all lanes' slots, in key order), then
 // τ (again a lower bound, from more keys) and the gather as before; a pool that overflows again
@@ -73,11 +73,11 @@ const SHRINK_STEPS: u32 = 2u;
 // the row, and Newton's method from the left on a convex decreasing function of t whose root
 // is the pool's threshold never passes that root. So every iterate bounds θ from
 // below, and kept scores at or below it leave the pool (which keeps its order).
-fn shrink(lid: u32, row: u32, lane: u32, before: LanePool) -> LanePool {
+fn shrink(lid: u32, row: u32, lane: u32, reach: f32, before: LanePool) -> LanePool {
     var lp = before;
     let am1 = params.alpha - 1.0;
     // Both bound θ: the row's max less 1/(α-1) (τ >= -1), and the floor of earlier shrinks.
-    let start = row_reduce(lid, vec4<f32>(max(lp.floor, lp.m - 1.0 / am1), 0.0, NEG_BIG, 0.0), true).x;
+    let start = row_reduce(lid, vec4<f32>(max(lp.floor, lp.m - reach), 0.0, NEG_BIG, 0.0), true).x;
     // A row without allowed keys so far (or a padding row) keeps its floor; every thread
     // still takes part in the reductions.
     let live = start > 0.5 * NEG_BIG;
@@ -203,11 +203,10 @@ struct Search {
     searching: bool,
 }
 
-// One step from the row's moments at st.tau: the exact root over the current support for
-// 1.5-entmax (quadratic) and sparsemax (Michelot), Halley for other α; bisection when the step
-// leaves the bracket or is not finite. Stops on |Σp - 1| <= tolerance, a tiny step or a tiny
-// bracket.
-fn halley_update(st: Search, total: vec4<f32>) -> Search {
+// One threshold-search step from the row's moments at st.tau (`tau_step`: exact over the
+// current support for 1.5-entmax and sparsemax, Halley otherwise, bisection when a step leaves
+// the bracket). Stops on |Σp - 1| <= tolerance, a tiny step or a tiny bracket.
+fn search_update(st: Search, total: vec4<f32>) -> Search {
     var r = st;
     let f = total.x - 1.0;
     if (abs(f) <= params.tolerance) {
@@ -219,35 +218,10 @@ fn halley_update(st: Search, total: vec4<f32>) -> Search {
     } else {
         r.hi = st.tau;
     }
-    let e = params.exponent;
-    let d1 = -e * total.y;
-    let d2 = e * (e - 1.0) * total.z;
-    let denom = 2.0 * d1 * d1 - f * d2;
-    var t = 0.0;
-    var ok = false;
-    if (e == 2.0 && total.z > 0.0) {
-        // 1.5-entmax: Σp is exactly quadratic in τ while the support stays; its root over
-        // the current support (Σ(x-τ)² = total.x, Σ(x-τ) = total.y, count = total.z).
-        let disc = total.y * total.y - total.z * f;
-        t = st.tau + (total.y - sqrt(max(disc, 0.0))) / total.z;
-        ok = true;
-    } else if (e == 1.0 && total.y > 0.0) {
-        // Sparsemax: Michelot's step (exact once the support stays).
-        t = st.tau + f / total.y;
-        ok = true;
-    } else if (denom > 0.0 && denom < 3.0e38) {
-        t = st.tau - 2.0 * f * d1 / denom;
-        ok = true;
-    }
-    var next = 0.5 * (r.lo + r.hi);
-    var halley = false;
-    if (ok && t > r.lo && t < r.hi) {
-        next = t;
-        halley = true;
-    }
-    let step = abs(next - st.tau);
-    r.tau = next;
-    if ((halley && step <= 1e-7) || r.hi - r.lo <= 1e-7) {
+    let next = tau_step(st.tau, r.lo, r.hi, f, total.y, total.z);
+    let step = abs(next.x - st.tau);
+    r.tau = next.x;
+    if ((next.y > 0.0 && step <= 1e-7) || r.hi - r.lo <= 1e-7) {
         r.searching = false;
     }
     return r;
@@ -315,7 +289,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 }
                 tick++;
                 if (workgroupUniformLoad(&vote) == tick) {
-                    lp = shrink(lid, row, lane, lp);
+                    lp = shrink(lid, row, lane, reach, lp);
                 }
                 var any_p = false;
                 var count = 0u;
@@ -374,7 +348,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if (phase == 2u) {
             let total = row_reduce(lid, sums, false);
             if (st.searching) {
-                st = halley_update(st, total);
+                st = search_update(st, total);
             }
             continue;
         }
@@ -419,7 +393,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
             iterations++;
             if (st.searching) {
-                st = halley_update(st, lane_total(half + lid));
+                st = search_update(st, lane_total(half + lid));
             }
         }
         // Exact unless a dropped score lies above τ; then τ is a lower bound for what follows.

@@ -1,7 +1,7 @@
 // Row α-entmax over the pattern's allowed entries: p_i = [z_i - τ]₊^e with z = (α-1)(s - max),
-// e = 1/(α-1), Σp = 1. τ is found by Halley's method inside a maintained bracket
-// [-1, -(1/n)^(α-1)], falling back to bisection when a step leaves the bracket or is not
-// finite; stops on |Σp - 1| <= tolerance, a step or bracket below 1e-7, or max_iterations.
+// e = 1/(α-1), Σp = 1. τ is found inside a maintained bracket [-1, -(1/n)^(α-1)] by steps
+// that are exact over the current support for 1.5-entmax and sparsemax and Halley's otherwise
+// (`tau_step`), falling back to bisection when a step leaves the bracket or is not finite; stops on |Σp - 1| <= tolerance, a step or bracket below 1e-7, or max_iterations.
 // The final p is renormalised by its sum. Masked entries and empty rows are 0.
 
 @compute @workgroup_size(64)
@@ -19,7 +19,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let m = mc.x;
     let n = mc.y;
     let am1 = params.alpha - 1.0;
-    let e = params.exponent;
 
     var lo = -1.0;
     var hi = tau_top(n);
@@ -52,22 +51,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             } else {
                 hi = tau;
             }
-            // f' = -e Σx^(e-1), f'' = e(e-1) Σx^(e-2); Halley: τ - 2ff'/(2f'² - ff'').
-            let d1 = -e * sums.y;
-            let d2 = e * (e - 1.0) * sums.z;
-            let denom = 2.0 * d1 * d1 - f * d2;
-            var next = 0.5 * (lo + hi);
-            var halley = false;
-            if (denom > 0.0 && denom < 3.0e38) {
-                let t = tau - 2.0 * f * d1 / denom;
-                if (t > lo && t < hi) {
-                    next = t;
-                    halley = true;
-                }
-            }
+            let step_to = tau_step(tau, lo, hi, f, sums.y, sums.z);
+            let next = step_to.x;
+            let stepped = step_to.y > 0.0;
             let step = abs(next - tau);
             tau = next;
-            if ((halley && step <= 1e-7) || hi - lo <= 1e-7) {
+            if ((stepped && step <= 1e-7) || hi - lo <= 1e-7) {
                 break;
             }
         }
