@@ -1,7 +1,8 @@
 // Row α-entmax over the pattern's allowed entries: p_i = [z_i - τ]₊^e with z = (α-1)(s - max),
 // e = 1/(α-1), Σp = 1. τ is found inside a maintained bracket [-1, -(1/n)^(α-1)] by steps
 // that are exact over the current support for 1.5-entmax and sparsemax and Halley's otherwise
-// (`tau_step`), falling back to bisection when a step leaves the bracket or is not finite; stops on |Σp - 1| <= tolerance, a step or bracket below 1e-7, or max_iterations.
+// (`tau_step`), falling back to bisection when a step leaves the bracket or is not finite;
+// stops on |Σp - 1| <= tolerance, a step or bracket below 1e-7, or max_iterations.
 // The final p is renormalised by its sum. Masked entries and empty rows are 0.
 
 @compute @workgroup_size(64)
