@@ -109,3 +109,35 @@ fn tau_step(tau: f32, lo: f32, hi: f32, f: f32, s1: f32, s2: f32) -> vec2<f32> {
     }
     return vec2<f32>(0.5 * (lo + hi), 0.0);
 }
+
+// One row's threshold search: the iterate, its bracket, and whether it still runs.
+struct Search {
+    tau: f32,
+    lo: f32,
+    hi: f32,
+    searching: bool,
+}
+
+// One threshold-search step from the row's moments at st.tau (`tau_step`: exact over the
+// current support for 1.5-entmax and sparsemax, Halley otherwise, bisection when a step leaves
+// the bracket). Stops on |Σp - 1| <= tolerance, a tiny step or a tiny bracket.
+fn search_update(st: Search, total: vec4<f32>) -> Search {
+    var r = st;
+    let f = total.x - 1.0;
+    if (abs(f) <= params.tolerance) {
+        r.searching = false;
+        return r;
+    }
+    if (f > 0.0) {
+        r.lo = st.tau;
+    } else {
+        r.hi = st.tau;
+    }
+    let next = tau_step(st.tau, r.lo, r.hi, f, total.y, total.z);
+    let step = abs(next.x - st.tau);
+    r.tau = next.x;
+    if ((next.y > 0.0 && step <= 1e-7) || r.hi - r.lo <= 1e-7) {
+        r.searching = false;
+    }
+    return r;
+}

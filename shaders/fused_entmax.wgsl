@@ -196,37 +196,6 @@ fn any_thread(a: bool, tick: u32) -> bool {
     return workgroupUniformLoad(&vote) == tick;
 }
 
-struct Search {
-    tau: f32,
-    lo: f32,
-    hi: f32,
-    searching: bool,
-}
-
-// One threshold-search step from the row's moments at st.tau (`tau_step`: exact over the
-// current support for 1.5-entmax and sparsemax, Halley otherwise, bisection when a step leaves
-// the bracket). Stops on |Σp - 1| <= tolerance, a tiny step or a tiny bracket.
-fn search_update(st: Search, total: vec4<f32>) -> Search {
-    var r = st;
-    let f = total.x - 1.0;
-    if (abs(f) <= params.tolerance) {
-        r.searching = false;
-        return r;
-    }
-    if (f > 0.0) {
-        r.lo = st.tau;
-    } else {
-        r.hi = st.tau;
-    }
-    let next = tau_step(st.tau, r.lo, r.hi, f, total.y, total.z);
-    let step = abs(next.x - st.tau);
-    r.tau = next.x;
-    if ((next.y > 0.0 && step <= 1e-7) || r.hi - r.lo <= 1e-7) {
-        r.searching = false;
-    }
-    return r;
-}
-
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {

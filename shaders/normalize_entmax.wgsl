@@ -21,47 +21,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let n = mc.y;
     let am1 = params.alpha - 1.0;
 
-    var lo = -1.0;
-    var hi = tau_top(n);
-    var tau = lo;
+    var st = Search(-1.0, -1.0, tau_top(n), n > 0.0);
     var iterations = 0u;
-    if (n > 0.0) {
-        loop {
-            var s0 = 0.0;
-            var s1 = 0.0;
-            var s2 = 0.0;
-            for (var el = lid; el < ctx.len; el += NT) {
-                if (element_allowed(ctx, el)) {
-                    let x = am1 * (scores[score_index(ctx, el)] - m) - tau;
-                    if (x > 0.0) {
-                        let px = pow_e(x);
-                        s0 += px;
-                        s1 += px / x;
-                        s2 += px / (x * x);
-                    }
+    while (st.searching) {
+        var s0 = 0.0;
+        var s1 = 0.0;
+        var s2 = 0.0;
+        for (var el = lid; el < ctx.len; el += NT) {
+            if (element_allowed(ctx, el)) {
+                let x = am1 * (scores[score_index(ctx, el)] - m) - st.tau;
+                if (x > 0.0) {
+                    let px = pow_e(x);
+                    s0 += px;
+                    s1 += px / x;
+                    s2 += px / (x * x);
                 }
             }
-            let sums = reduce_sum(lid, vec4<f32>(s0, s1, s2, 0.0));
-            iterations += 1u;
-            let f = sums.x - 1.0;
-            if (abs(f) <= params.tolerance || iterations >= params.max_iterations) {
-                break;
-            }
-            if (f > 0.0) {
-                lo = tau;
-            } else {
-                hi = tau;
-            }
-            let step_to = tau_step(tau, lo, hi, f, sums.y, sums.z);
-            let next = step_to.x;
-            let stepped = step_to.y > 0.0;
-            let step = abs(next - tau);
-            tau = next;
-            if ((stepped && step <= 1e-7) || hi - lo <= 1e-7) {
-                break;
-            }
         }
+        let sums = reduce_sum(lid, vec4<f32>(s0, s1, s2, 0.0));
+        iterations += 1u;
+        if (iterations >= params.max_iterations) {
+            break;
+        }
+        st = search_update(st, sums);
     }
+    let tau = st.tau;
     // Final probabilities, renormalised so Σp = 1 despite τ's last-ulp error.
     var s = 0.0;
     for (var el = lid; el < ctx.len; el += NT) {
