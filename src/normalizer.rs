@@ -71,7 +71,7 @@ impl Normalizer {
         match *self {
             Normalizer::Softmax => "softmax".into(),
             Normalizer::Sparsemax => "sparsemax".into(),
-            Normalizer::Entmax { alpha } if alpha == 1.5 => "entmax15".into(),
+            Normalizer::Entmax { alpha: 1.5 } => "entmax15".into(),
             Normalizer::Entmax { alpha } => format!("entmax:{alpha}"),
         }
     }

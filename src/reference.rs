@@ -90,8 +90,8 @@ pub fn entmax_bisect(s: &[f64], alpha: f64) -> Vec<f64> {
 pub fn normalize(s: &[f64], normalizer: Normalizer) -> Vec<f64> {
     match normalizer.alpha() {
         None => softmax(s),
-        Some(a) if a == 2.0 => sparsemax(s),
-        Some(a) if a == 1.5 => entmax15(s),
+        Some(2.0) => sparsemax(s),
+        Some(1.5) => entmax15(s),
         Some(a) => entmax_bisect(s, a),
     }
 }

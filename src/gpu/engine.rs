@@ -288,7 +288,7 @@ impl Engine {
                 device::ENV_NO_F16
             )));
         }
-        if !(opts.tolerance > 0.0) || opts.max_iterations == 0 {
+        if opts.tolerance.is_nan() || opts.tolerance <= 0.0 || opts.max_iterations == 0 {
             return Err(Error::Normalizer("entmax tolerance must be > 0 and max_iterations >= 1".into()));
         }
         opts.normalizer.validate()?;
@@ -486,6 +486,9 @@ impl Engine {
 
     /// Records the three-kernel path for `plan` into `encoder`. With `probabilities`, each
     /// chunk's normalised tiles are copied there (size `plan.total_tiles * bq * bk * 4`).
+    // The lower layer's documented signature: the caller's encoder and buffers, the plan's
+    // pattern and workspace, and the two optional outputs, each a separate borrow.
+    #[allow(clippy::too_many_arguments)]
     pub fn encode(
         &self,
         encoder: &mut wgpu::CommandEncoder,

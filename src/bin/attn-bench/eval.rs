@@ -199,6 +199,7 @@ fn evaluate_built(case: &LayerCase, pattern: &BlockPattern, mra: Option<&Mra>, b
 /// - `block_sparsity`: 1 − (key blocks holding a subset position)/(key blocks), at `block`;
 /// - `output_error`: O = normaliser(reconstructed row)·V against exact dense attention;
 /// - `mean_support`: keys with p > 0 per query of entmax-1.5 over the reconstructed row.
+///
 /// `build_ms` is the plan (subset operator) time; attention runs the GPU low-rank kernels (f32,
 /// wall clock) or the CPU f64 reference.
 /// With `reference`, also the max |O − O_ref| against the CPU f64 low-rank reference.
