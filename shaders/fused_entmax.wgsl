@@ -23,12 +23,10 @@
 // a last walk accumulates p·V over the chunks that hold a p > 0.
 // Sums run in a fixed order: deterministic.
 
-const TPR: u32 = WG / TQ;    // threads per query row in the per-score work
 const CAPL: u32 = CAP / TPR; // pool slots per (row, lane)
 // Most collecting walks before a workgroup falls back to recomputing searches.
 const COLLECT_WALKS: u32 = 3u;
 
-var<workgroup> vote: atomic<u32>;
 var<workgroup> pool_kept: array<u32, WG>; // slots used per (row, lane)
 // fused_tiles.wgsl's `red` (RQ·WG floats, unused otherwise here) holds, at different times,
 // each lane's count of keys collected from the current chunk ([0, WG), phase 1) and the rows'
@@ -53,6 +51,15 @@ fn pool_score(i: u32) -> f32 {
 
 fn pool_key(i: u32) -> u32 {
     return u32(v_tile[i >> 1u][(i & 1u) * 2u + 1u]);
+}
+
+// Moments at τ of a lane's first `kept` pooled scores (solve_tau's per-lane sum).
+fn lane_moments(row: u32, lane: u32, kept: u32, m: f32, tau: f32) -> vec4<f32> {
+    var sums = vec4<f32>(0.0);
+    for (var c = 0u; c < kept; c++) {
+        sums += moments(pool_score(pool_slot(row, lane, c)), m, tau);
+    }
+    return sums;
 }
 
 // One lane's view of one row during pass 1.
@@ -142,58 +149,6 @@ fn consider(row: u32, lane: u32, x: f32, key: u32, reach: f32, before: LanePool)
         }
     }
     return lp;
-}
-
-// (Σ x^e, Σ x^(e-1), Σ x^(e-2)) contribution of one score at threshold tau (shifted by the row
-// max m); 0 for disallowed entries and those at or below τ.
-fn moments(s: f32, m: f32, tau: f32) -> vec4<f32> {
-    let x = (params.alpha - 1.0) * (s - m) - tau;
-    if (s <= NEG_BIG || x <= 0.0) {
-        return vec4<f32>(0.0);
-    }
-    let px = pow_e(x);
-    return vec4<f32>(px, px / x, px / (x * x), 0.0);
-}
-
-// Sum of k_tile's entries of this thread's row over its TPR lanes, in lane order; `at` is this
-// thread's entry (lid, plus an offset that is a multiple of WG).
-fn lane_total(at: u32) -> vec4<f32> {
-    let first = (at / TPR) * TPR;
-    var a = k_tile[first];
-    for (var u = 1u; u < TPR; u++) {
-        a += k_tile[first + u];
-    }
-    return a;
-}
-
-// This thread's row's per-lane values combined over its TPR lanes in lane order: sums, or with
-// `maxes` (max, sum, max, sum) by component. k_tile is the scratch, so call it between chunks,
-// from uniform control flow.
-fn row_reduce(lid: u32, x: vec4<f32>, maxes: bool) -> vec4<f32> {
-    workgroupBarrier();
-    k_tile[lid] = x;
-    workgroupBarrier();
-    let first = (lid / TPR) * TPR;
-    var a = k_tile[first];
-    for (var u = 1u; u < TPR; u++) {
-        let b = k_tile[first + u];
-        if (maxes) {
-            a = vec4<f32>(max(a.x, b.x), a.y + b.y, max(a.z, b.z), a.w + b.w);
-        } else {
-            a += b;
-        }
-    }
-    workgroupBarrier();
-    return a;
-}
-
-// Whether `a` holds on any thread, as a uniform value. `tick` is the same on every thread and
-// grows with every call, so the vote word never needs resetting.
-fn any_thread(a: bool, tick: u32) -> bool {
-    if (a) {
-        atomicMax(&vote, tick);
-    }
-    return workgroupUniformLoad(&vote) == tick;
 }
 
 @compute @workgroup_size(WG)
@@ -305,7 +260,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                     if (any_thread(any_p, tick)) {
                         stage_v(t, key0, lid);
                         workgroupBarrier();
-                        accumulate_pv(ty, tx, &acc);
+                        accumulate_pv(ty, tx, 0u, &acc);
                     }
                 }
                 // No barrier here: the next chunk's first one orders its writes after these reads.
@@ -341,30 +296,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             // A collecting row's bound is the lower end of its bracket.
             st = Search(st.tau, st.tau, max(pool_hi, st.tau), walking && rs.y > 0.0);
         }
-        // τ over the pool, rows in lockstep: each iteration's moments and the vote on whether
-        // any row still searches share one uniform load (its barriers publish both). The
-        // moments alternate between two halves of k_tile, so the next iteration's writes never
-        // meet this one's reads and no third barrier is needed.
-        iterations = 0u;
-        loop {
-            var pool_sums = vec4<f32>(0.0);
-            if (st.searching) {
-                for (var c = 0u; c < lp.kept; c++) {
-                    pool_sums += moments(pool_score(pool_slot(row, lane, c)), m, st.tau);
-                }
-                atomicMax(&vote, tick + 1u);
-            }
-            let half = (iterations % 2u) * WG;
-            k_tile[half + lid] = pool_sums;
-            tick++;
-            if (workgroupUniformLoad(&vote) != tick || iterations >= params.max_iterations) {
-                break;
-            }
-            iterations++;
-            if (st.searching) {
-                st = search_update(st, lane_total(half + lid));
-            }
-        }
+        st = solve_tau(lid, row, lane, lp.kept, m, st, &tick);
         // Exact unless a dropped score lies above τ; then τ is a lower bound for what follows.
         let inexact = walking && rs.y > 0.0 && rs.z > NEG_BIG && am1 * (rs.z - m) - st.tau > 0.0;
         tick++;

@@ -68,7 +68,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 }
             }
             workgroupBarrier();
-            accumulate_pv(ty, tx, &acc);
+            accumulate_pv(ty, tx, 0u, &acc);
             workgroupBarrier();
         }
     }

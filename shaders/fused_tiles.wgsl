@@ -11,7 +11,8 @@ const TX: u32 = WG / TY;
 const NK: u32 = KC / TX;
 const NC: u32 = (DP4 + TX - 1u) / TX;
 const KS: u32 = DP4 + 1u; // padded row stride (vec4s) of q_tile and k_tile
-const PS: u32 = KC + 1u;  // padded row stride of p_tile
+// PS (host constant): padded row stride of p_tile, KC + 1, or for the score-caching entmax
+// kernel RC + 1.
 
 var<workgroup> q_tile: array<vec4<f32>, TQ * KS>;
 // KT >= KC·KS and VT >= KC·DP4 (host constants): the entmax kernel also keeps its row
@@ -81,8 +82,9 @@ fn chunk_scores(t: Tile, b: u32, kc: u32, key0: u32, ty: u32, tx: u32) -> array<
     return s;
 }
 
-// O += P·V over the staged chunk: p_tile rows of this thread's row group × v_tile.
-fn accumulate_pv(ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, RQ * NC>>) {
+// O += P·V over the staged chunk: p_tile rows of this thread's row group (from column p0) ×
+// v_tile.
+fn accumulate_pv(ty: u32, tx: u32, p0: u32, acc: ptr<function, array<vec4<f32>, RQ * NC>>) {
     for (var kk = 0u; kk < KC; kk++) {
         var vv: array<vec4<f32>, NC>;
         for (var c = 0u; c < NC; c++) { // @unroll
@@ -92,7 +94,7 @@ fn accumulate_pv(ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, RQ * NC>>
             }
         }
         for (var r = 0u; r < RQ; r++) { // @unroll
-            let p = p_tile[(ty * RQ + r) * PS + kk];
+            let p = p_tile[(ty * RQ + r) * PS + p0 + kk];
             for (var c = 0u; c < NC; c++) { // @unroll
                 (*acc)[r * NC + c] += p * vv[c];
             }

@@ -23,8 +23,11 @@ fn every_candidate_tile_matches_reference() {
         let pattern = RandomBlocks::new(0.7, 4).with_partial(0.4).with_blocks(block, block).build(&shape).unwrap();
         for &normalizer in normalizers {
             let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
-            let tiles = engine.fused_tile_candidates(block, block, d, normalizer);
+            let tiles = engine.fused_tile_candidates_for(&pattern, d, normalizer);
             assert!(!tiles.is_empty(), "no fused tile fits this adapter");
+            if normalizer.alpha().is_some() {
+                assert!(tiles.iter().any(|t| t.rc > 0) && tiles.iter().any(|t| t.cap > 0), "both entmax kernels should have tiles here: {tiles:?}");
+            }
             for tile in tiles {
                 let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(normalizer) };
                 let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap_or_else(|e| panic!("{tile:?}: {e}"));
@@ -46,7 +49,9 @@ fn entmax_rows_with_more_candidates_than_fit_on_chip_recompute() {
     let pattern = Dense::new().with_blocks(16, 64).build(&shape).unwrap();
     for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.3 }] {
         let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
-        let opts = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(normalizer) };
+        // The pooling kernel (these rows would also fit a score cache, which has no fallback).
+        let pooling = engine.fused_tile_candidates(16, 64, 16, normalizer)[0];
+        let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(pooling), ..AttentionOptions::new(normalizer) };
         let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap();
         assert_close(&format!("overflow {}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
     }
@@ -103,8 +108,8 @@ fn entmax_pool_collect_and_recompute_rows_share_a_workgroup() {
     let (seq_q, seq_kv, d) = (48, 700, 16);
     let shape = AttentionShape::new(1, 2, seq_q, d).with_seq_kv(seq_kv);
     let pattern = Dense::new().with_blocks(16, 64).build(&shape).unwrap();
-    let opts = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(Normalizer::ENTMAX15) };
-    let tile = engine.plan(&shape, &pattern, &opts).unwrap().fused.expect("fused plan has a tile");
+    // The pooling kernel's default tile (these rows would also fit a score cache).
+    let tile = engine.fused_tile_candidates(16, 64, d, Normalizer::ENTMAX15)[0];
     let (lanes, per_lane, cap) = (tile.threads_per_row() as usize, tile.pool_per_lane() as usize, tile.cap as usize);
     let lane_keys = per_lane + 16;
     assert!(8 * lane_keys <= seq_kv && cap < seq_kv, "tile {tile:?} too large for this test's rows");
@@ -139,7 +144,7 @@ fn entmax_pool_collect_and_recompute_rows_share_a_workgroup() {
     }
     for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.25 }] {
         let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
-        let opts = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(normalizer) };
+        let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(normalizer) };
         let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap().o;
         assert_close(&format!("mixed rows {}", normalizer.label()), got.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
     }
@@ -296,4 +301,83 @@ fn key_splits_with_chunked_bindings_match_reference() {
     let want = reference::attention(&q, &k, &v, &pattern, Normalizer::Softmax).unwrap();
     let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap();
     assert_close("chunked key splits", got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+}
+
+#[test]
+fn entmax_score_cache_rows_at_capacity_empty_rows_and_skipped_chunks() {
+    let Some(engine) = engine() else { return };
+    // Block rows of 5 key blocks (the last ragged: 20 of 32 keys), none, and one partial block:
+    // the longest row fills a 160-key cache (that of (32, 16, 4, 32) in 32 KiB, as on
+    // llvmpipe) and the other rows leave it part empty. Every
+    // query has +4 in column 0 and keys 64..96 have −4 there: those scores sit far below the
+    // rest, no row gives them p > 0, and pass 2 must skip that chunk (their V rows are huge, so
+    // taking them in would show).
+    use sparse_attn::pattern::{BlockMask, PatternAccumulator, PatternGeometry};
+    let (seq_q, seq_kv, d) = (96, 180, 32);
+    let g = PatternGeometry { block_q: 32, block_k: 32, seq_q: seq_q as u32, seq_kv: seq_kv as u32, slices: 1 };
+    let mut acc = PatternAccumulator::new(g).unwrap();
+    acc.push_row((1..6).map(|b| (b, BlockMask::Full)));
+    acc.push_row(std::iter::empty());
+    let mut bits = vec![0u32; g.mask_words()];
+    for r in (0..32).step_by(3) {
+        bits[r] = 0x0f0f_0f0f;
+    }
+    acc.push_row([(2, BlockMask::Bits(bits))]);
+    let pattern = acc.finish().unwrap();
+    assert_eq!(pattern.max_row_blocks(), 5);
+    let mut q = random4((1, 2, seq_q, d), 51, 2.0);
+    let mut k = random4((1, 2, seq_kv, d), 52, 2.0);
+    let mut v = random4((1, 2, seq_kv, d), 53, 1.0);
+    q.slice_mut(ndarray::s![.., .., .., 0]).fill(4.0);
+    for j in 64..96 {
+        k.slice_mut(ndarray::s![.., .., j, 0]).fill(-4.0);
+        v.slice_mut(ndarray::s![.., .., j, ..]).fill(1e4);
+    }
+    let cached: Vec<_> = engine.fused_tile_candidates_for(&pattern, d, Normalizer::ENTMAX15).into_iter().filter(|t| t.rc > 0).collect();
+    assert!(!cached.is_empty(), "no score-caching tile fits rows of 5 blocks of 32");
+    for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.3 }] {
+        let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
+        for &tile in &cached {
+            assert!(tile.rc >= 5 * 32, "{tile:?}");
+            let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(normalizer) };
+            let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap_or_else(|e| panic!("{tile:?}: {e}"));
+            assert_close(&format!("score cache {} tile {tile:?}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+        }
+    }
+}
+
+#[test]
+fn score_caching_tiles_refuse_rows_longer_than_their_cache_and_long_rows_pool() {
+    let Some(engine) = engine() else { return };
+    // Rows of 2048 keys: longer than any score cache (ENTMAX_CACHE_MAX).
+    let shape = AttentionShape::new(1, 1, 64, 32).with_seq_kv(2048);
+    let short = Window::new(16).with_blocks(32, 32).build(&shape).unwrap();
+    let long = Dense::new().with_blocks(32, 32).build(&shape).unwrap();
+    assert!(long.max_row_blocks() * 32 > sparse_attn::gpu::tiles::ENTMAX_CACHE_MAX);
+    let tile = engine.fused_tile_candidates_for(&short, 32, Normalizer::ENTMAX15).into_iter().find(|t| t.rc > 0).expect("a score-caching tile");
+    let entmax = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(Normalizer::ENTMAX15) };
+    assert_eq!(engine.plan(&shape, &short, &entmax).unwrap().fused, Some(tile));
+    // Through the engine the forced tile is no candidate for the long rows; the pure planner
+    // names the cache.
+    assert!(matches!(engine.plan(&shape, &long, &entmax), Err(sparse_attn::Error::Unsupported(_))));
+    let plan_opts = sparse_attn::gpu::plan::PlanOptions {
+        normalizer: Normalizer::ENTMAX15,
+        scale: shape.default_scale(),
+        dtype: DType::F32,
+        tolerance: 1e-6,
+        max_iterations: 50,
+        fused: Some(tile),
+        key_splits: None,
+    };
+    match sparse_attn::gpu::plan::plan(&shape, &long, &plan_opts, &engine.plan_limits()) {
+        Err(sparse_attn::Error::Unsupported(msg)) => assert!(msg.contains("longest row"), "{msg}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    let softmax = sparse_attn::gpu::plan::PlanOptions { normalizer: Normalizer::Softmax, ..plan_opts };
+    assert!(matches!(sparse_attn::gpu::plan::plan(&shape, &short, &softmax, &engine.plan_limits()), Err(sparse_attn::Error::Unsupported(_))));
+    // By default the long rows take the pooling kernel and the short ones the score cache.
+    let auto = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(Normalizer::ENTMAX15) };
+    let long_tile = engine.plan(&shape, &long, &auto).unwrap().fused.unwrap();
+    assert!(long_tile.cap > 0 && long_tile.rc == 0, "{long_tile:?}");
+    assert!(engine.plan(&shape, &short, &auto).unwrap().fused.unwrap().rc > 0);
 }

@@ -78,10 +78,22 @@ fn run_case(normalizer: Normalizer, kind: &str, dtype: DType, bq: u32, bk: u32) 
         let v = as_stored(&random4((s.0, s.2, s.4, s.5), 30 + n as u64, 1.0), dtype);
         let pattern = build_pattern(kind, &shape, bq, bk);
         let want = reference::attention(&q, &k, &v, &pattern, normalizer).expect("reference");
-        for path in [ExecPath::ThreeKernel, ExecPath::Fused] {
+        // Entmax has two fused kernels: the default here (every suite row fits a score cache)
+        // caches scores, and the pooling kernel (any row length) runs with its first tile.
+        let entmax = normalizer.alpha().is_some();
+        let pooling = entmax.then(|| engine.fused_tile_candidates(bq, bk, s.5, normalizer)[0]);
+        let mut runs = vec![(ExecPath::ThreeKernel, None), (ExecPath::Fused, None)];
+        if entmax {
+            runs.push((ExecPath::Fused, pooling));
+        }
+        for (path, fused_tile) in runs {
             // Odd shapes run the fused softmax split along keys (3 splits + merge); entmax never splits.
             let key_splits = (n % 2 == 1).then_some(3);
-            let opts = AttentionOptions { dtype, path, key_splits, ..AttentionOptions::new(normalizer) };
+            let opts = AttentionOptions { dtype, path, key_splits, fused_tile, ..AttentionOptions::new(normalizer) };
+            if entmax && path == ExecPath::Fused && fused_tile.is_none() && (dtype == DType::F32 || engine.capabilities().f16) {
+                let tile = engine.plan(&shape, &pattern, &opts).expect("plan").fused.expect("fused tile");
+                assert!(tile.rc > 0, "{kind} {shape:?}: rows this short should take the score-caching kernel, got {tile:?}");
+            }
             let got = engine.attention_with(&q, &k, &v, &pattern, &opts);
             if dtype == DType::F16 && !engine.capabilities().f16 {
                 assert!(matches!(got, Err(Error::Unsupported(_))), "f16 without SHADER_F16 must be Unsupported, got {got:?}");
@@ -89,7 +101,7 @@ fn run_case(normalizer: Normalizer, kind: &str, dtype: DType, bq: u32, bk: u32) 
             }
             let got = got.unwrap_or_else(|e| panic!("{kind} {path:?} {shape:?}: {e}"));
             assert_close(
-                &format!("{kind} {} {path:?} {dtype:?} {bq}x{bk} shape {shape:?}", normalizer.label()),
+                &format!("{kind} {} {path:?} tile {fused_tile:?} {dtype:?} {bq}x{bk} shape {shape:?}", normalizer.label()),
                 got.o.as_slice().expect("contiguous"),
                 want.as_slice().expect("contiguous"),
                 tolerance(dtype),

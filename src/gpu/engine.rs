@@ -275,7 +275,20 @@ impl Engine {
         self.tiles.len()
     }
 
-    /// Fused tiles this adapter can run for a problem (the tuner's candidate set).
+    /// Fused tiles this adapter can run for `pattern` and `head_dim`: `fused_tile_candidates`,
+    /// and for entmax also the score-caching tiles when the pattern's longest row fits them
+    /// (the tuner's candidate set for this call).
+    pub fn fused_tile_candidates_for(&self, pattern: &BlockPattern, head_dim: usize, normalizer: Normalizer) -> Vec<FusedTile> {
+        let (bq, bk) = (pattern.block_q(), pattern.block_k());
+        let mut tiles = self.fused_tile_candidates(bq, bk, head_dim, normalizer);
+        if normalizer.alpha().is_some() {
+            tiles.extend(tiles::cached_candidates(bq, bk, head_dim as u32, pattern.max_row_blocks(), &self.device.limits()));
+        }
+        tiles
+    }
+
+    /// Fused tiles this adapter can run for a problem with these blocks (the softmax tiles, or
+    /// the pooling entmax tiles, which run rows of any length).
     pub fn fused_tile_candidates(&self, block_q: u32, block_k: u32, head_dim: usize, normalizer: Normalizer) -> Vec<FusedTile> {
         tiles::candidates(block_q, block_k, head_dim as u32, normalizer.alpha().is_some(), &self.device.limits())
     }
@@ -327,7 +340,10 @@ impl Engine {
                 shape.seq_kv
             )));
         }
-        let fitting = tiles::candidates(bq, bk, d, entmax, &limits);
+        // Entmax rows that fit a score cache may take the score-caching kernel as well.
+        let row_blocks = pattern.max_row_blocks();
+        let fitting = self.fused_tile_candidates_for(pattern, shape.head_dim, opts.normalizer);
+        let cached: Vec<FusedTile> = fitting.iter().copied().filter(|t| t.rc > 0).collect();
         if let Some(t) = opts.fused_tile {
             if !fitting.contains(&t) {
                 return Err(Error::Unsupported(format!("fused tile {t:?} does not fit this problem or adapter")));
@@ -342,12 +358,18 @@ impl Engine {
             block_k: bk,
             head_dim: d,
             seq_bucket: TuneKey::seq_bucket(shape.seq_kv),
+            row_blocks: if cached.is_empty() { 0 } else { row_blocks },
         };
         // A cached choice (possibly from an older build's disk cache) must still be a candidate.
         if let Some(t) = self.tiles.get(&key).filter(|t| fitting.contains(t)) {
             return Ok(t);
         }
-        let fallback = tiles::default_tile(bq, bk, d, entmax, &limits)?;
+        // Untuned: the score-caching kernel when the rows fit it (each score computed once,
+        // every V load shared by the tile's rows), else the pooling kernel's first tile.
+        let fallback = match cached.first() {
+            Some(&t) => t,
+            None => tiles::default_tile(bq, bk, d, entmax, &limits)?,
+        };
         if !self.autotune {
             return Ok(fallback);
         }
@@ -370,7 +392,11 @@ impl Engine {
         let n = (key.seq_bucket as usize).min(TUNE_MAX_SEQ);
         let heads = 2;
         let shape = AttentionShape::new(1, heads, n, d);
-        let pattern = crate::patterns::Dense::new().with_blocks(key.block_q, key.block_k).build(&shape).ok()?;
+        let pattern = if key.row_blocks > 0 {
+            Self::stand_in_rows(&shape, key.block_q, key.block_k, key.row_blocks).ok()?
+        } else {
+            crate::patterns::Dense::new().with_blocks(key.block_q, key.block_k).build(&shape).ok()?
+        };
         let data = |seed: u64| {
             use rand::{Rng, SeedableRng};
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -382,9 +408,14 @@ impl Engine {
         // pays for its fallback here rather than on the caller's data.
         q.index_axis_mut(ndarray::Axis(1), 1).mapv_inplace(|x| x * 0.47);
         let mut best: Option<(f64, FusedTile)> = None;
-        // Every fitting candidate: the sets are small (10 at most), and a cut would silently drop
-        // the last ones as candidates are added.
-        for tile in tiles::candidates(key.block_q, key.block_k, key.head_dim, key.entmax, &self.device.limits()) {
+        // Every fitting candidate: the sets are small (10 at most, 12 for entmax rows that fit a
+        // score cache), and a cut would silently drop the last ones as candidates are added.
+        let limits = self.device.limits();
+        let mut tiles = tiles::candidates(key.block_q, key.block_k, key.head_dim, key.entmax, &limits);
+        if key.entmax && key.row_blocks > 0 {
+            tiles.extend(tiles::cached_candidates(key.block_q, key.block_k, key.head_dim, key.row_blocks, &limits));
+        }
+        for tile in tiles {
             let o = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), return_probabilities: false, return_row_stats: false, ..*opts };
             let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
             let timed = self.prepare_attention(&q, &k, &v, &pattern, &o).and_then(|p| p.time(1, TUNE_REPEATS));
@@ -398,6 +429,21 @@ impl Engine {
             }
         }
         best.map(|(_, t)| t)
+    }
+
+    /// The tuner's stand-in for rows of `row_blocks` stored blocks: query block row `qb` keeps
+    /// the full key blocks qb, qb + 1, … (wrapping), so every row is that long.
+    fn stand_in_rows(shape: &AttentionShape, block_q: u32, block_k: u32, row_blocks: u32) -> Result<BlockPattern> {
+        use crate::pattern::{BlockMask, PatternAccumulator, PatternGeometry};
+        let g = PatternGeometry { block_q, block_k, seq_q: shape.seq_q as u32, seq_kv: shape.seq_kv as u32, slices: 1 };
+        let k_blocks = g.k_blocks();
+        let mut acc = PatternAccumulator::new(g)?;
+        for qb in 0..g.q_blocks() {
+            let mut blocks: Vec<u32> = (0..row_blocks.min(k_blocks)).map(|j| (qb + j) % k_blocks).collect();
+            blocks.sort_unstable();
+            acc.push_row(blocks.into_iter().map(|b| (b, BlockMask::Full)));
+        }
+        Ok(acc.finish()?)
     }
 
     /// Plans a call (pure apart from choosing the fused tile, which may time candidates once).
@@ -478,6 +524,7 @@ impl Engine {
         match (plan.path, softmax) {
             (ExecPath::Fused, true) if split => vec![KernelKind::FusedSoftmax, KernelKind::MergeSplits],
             (ExecPath::Fused, true) => vec![KernelKind::FusedSoftmax],
+            (ExecPath::Fused, false) if plan.fused.is_some_and(|t| t.rc > 0) => vec![KernelKind::FusedEntmaxCached],
             (ExecPath::Fused, false) => vec![KernelKind::FusedEntmax],
             (_, true) => vec![KernelKind::Sddmm, KernelKind::NormalizeSoftmax, KernelKind::Spmm],
             (_, false) => vec![KernelKind::Sddmm, KernelKind::NormalizeEntmax, KernelKind::Spmm],
@@ -624,7 +671,7 @@ impl Engine {
             if let Some(m) = mra {
                 resources.push(m.rows.as_entire_binding());
             }
-            if kernel.key.kind != KernelKind::FusedEntmax {
+            if !matches!(kernel.key.kind, KernelKind::FusedEntmax | KernelKind::FusedEntmaxCached) {
                 resources.push(workspace.partials.as_entire_binding());
             }
             let bind_group = self.bind_group(&kernel, ci, resources);

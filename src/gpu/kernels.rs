@@ -11,6 +11,7 @@ const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 const FUSED_COMMON: &str = include_str!("../../shaders/fused_common.wgsl");
 const FUSED_TILES: &str = include_str!("../../shaders/fused_tiles.wgsl");
+const FUSED_ENTMAX_COMMON: &str = include_str!("../../shaders/fused_entmax_common.wgsl");
 const FUSED_IO_SCALAR: &str = include_str!("../../shaders/fused_io_scalar.wgsl");
 const FUSED_IO_VEC4: &str = include_str!("../../shaders/fused_io_vec4.wgsl");
 const MRA_NONE: &str = include_str!("../../shaders/mra_none.wgsl");
@@ -27,6 +28,8 @@ pub enum KernelKind {
     Spmm,
     FusedSoftmax,
     FusedEntmax,
+    /// Fused entmax for rows whose scores all fit on chip (tile `rc` > 0).
+    FusedEntmaxCached,
     /// Batched `x·W + b` (Sparsefinder projections).
     Project,
     /// Fused softmax that also folds the MRA coarse remainder of each query block row.
@@ -49,13 +52,14 @@ pub enum Access {
 }
 
 impl KernelKind {
-    pub const ALL: [KernelKind; 11] = [
+    pub const ALL: [KernelKind; 12] = [
         KernelKind::Sddmm,
         KernelKind::NormalizeSoftmax,
         KernelKind::NormalizeEntmax,
         KernelKind::Spmm,
         KernelKind::FusedSoftmax,
         KernelKind::FusedEntmax,
+        KernelKind::FusedEntmaxCached,
         KernelKind::Project,
         KernelKind::FusedSoftmaxMra,
         KernelKind::NormalizeSoftmaxMra,
@@ -64,7 +68,7 @@ impl KernelKind {
     ];
 
     pub fn is_fused(self) -> bool {
-        matches!(self, KernelKind::FusedSoftmax | KernelKind::FusedEntmax | KernelKind::FusedSoftmaxMra)
+        matches!(self, KernelKind::FusedSoftmax | KernelKind::FusedEntmax | KernelKind::FusedEntmaxCached | KernelKind::FusedSoftmaxMra)
     }
 
     /// Kernels that read the MRA remainder.
@@ -90,6 +94,7 @@ impl KernelKind {
             KernelKind::Spmm => "spmm",
             KernelKind::FusedSoftmax => "fused_softmax",
             KernelKind::FusedEntmax => "fused_entmax",
+            KernelKind::FusedEntmaxCached => "fused_entmax_cached",
             KernelKind::Project => "project",
             KernelKind::FusedSoftmaxMra => "fused_softmax_mra",
             KernelKind::NormalizeSoftmaxMra => "normalize_softmax_mra",
@@ -109,6 +114,7 @@ impl KernelKind {
             KernelKind::Spmm => include_str!("../../shaders/spmm.wgsl"),
             KernelKind::FusedSoftmax => include_str!("../../shaders/fused_softmax.wgsl"),
             KernelKind::FusedEntmax => include_str!("../../shaders/fused_entmax.wgsl"),
+            KernelKind::FusedEntmaxCached => include_str!("../../shaders/fused_entmax_cached.wgsl"),
             KernelKind::Project => include_str!("../../shaders/project.wgsl"),
             KernelKind::MergeSplits => include_str!("../../shaders/merge_splits.wgsl"),
         }
@@ -125,7 +131,7 @@ impl KernelKind {
             // params, v, pattern, scores, o
             KernelKind::Spmm => &[Uniform, Read, Read, Read, ReadWrite],
             // params, q, k, v, pattern, o
-            KernelKind::FusedEntmax => &[Uniform, Read, Read, Read, Read, ReadWrite],
+            KernelKind::FusedEntmax | KernelKind::FusedEntmaxCached => &[Uniform, Read, Read, Read, Read, ReadWrite],
             // params, q, k, v, pattern, o, key-split partials
             KernelKind::FusedSoftmax => &[Uniform, Read, Read, Read, Read, ReadWrite, ReadWrite],
             // params, x, w, b, y
@@ -181,7 +187,7 @@ pub fn shader_source(key: &KernelKey) -> String {
     ));
     if let Some(t) = key.fused {
         s.push_str(&format!(
-            "const DP: u32 = {}u;\nconst TQ: u32 = {}u;\nconst KC: u32 = {}u;\nconst WG: u32 = {}u;\nconst CAP: u32 = {}u;\nconst RQ: u32 = {}u;\nconst KT: u32 = {}u;\nconst VT: u32 = {}u;\n",
+            "const DP: u32 = {}u;\nconst TQ: u32 = {}u;\nconst KC: u32 = {}u;\nconst WG: u32 = {}u;\nconst CAP: u32 = {}u;\nconst RQ: u32 = {}u;\nconst KT: u32 = {}u;\nconst VT: u32 = {}u;\nconst PS: u32 = {}u;\nconst RC: u32 = {}u;\n",
             t.dp,
             t.tq,
             t.kc,
@@ -189,7 +195,9 @@ pub fn shader_source(key: &KernelKey) -> String {
             t.cap.max(1),
             t.rq.max(1),
             t.k_tile_len(),
-            t.v_tile_len()
+            t.v_tile_len(),
+            t.p_stride(),
+            t.rc.max(t.kc)
         ));
     }
     s.push_str(COMMON);
@@ -205,6 +213,9 @@ pub fn shader_source(key: &KernelKey) -> String {
         s.push_str(FUSED_COMMON);
         if let Some(t) = key.fused {
             s.push_str(&super::unroll::unroll(FUSED_TILES, &t.unroll_counts()));
+        }
+        if matches!(key.kind, KernelKind::FusedEntmax | KernelKind::FusedEntmaxCached) {
+            s.push_str(FUSED_ENTMAX_COMMON);
         }
     }
     // MRA remainder hooks: real for the MRA kinds, no-ops for the plain kernels that call them.
@@ -349,10 +360,11 @@ pub fn all_shader_sources() -> Vec<(String, String)> {
         }
         for dtype in [DType::F32, DType::F16] {
             for (bq, bk) in [(16, 16), (32, 64), (128, 128)] {
-                let fused = kind.is_fused().then_some(if kind == KernelKind::FusedEntmax {
-                    super::tiles::FusedTile { tq: 16, kc: 16, wg: 64, dp: 64, cap: 64, rq: 2 }
-                } else {
-                    super::tiles::FusedTile { tq: 16, kc: 16, wg: 64, dp: 64, cap: 0, rq: 2 }
+                let plain = super::tiles::FusedTile { tq: 16, kc: 16, wg: 64, dp: 64, cap: 0, rq: 2, rc: 0 };
+                let fused = kind.is_fused().then_some(match kind {
+                    KernelKind::FusedEntmax => super::tiles::FusedTile { cap: 64, ..plain },
+                    KernelKind::FusedEntmaxCached => super::tiles::FusedTile { rc: 128, ..plain },
+                    _ => plain,
                 });
                 for (subgroups, vec4) in [(false, false), (true, true)] {
                     let key = KernelKey { kind, dtype, block_q: bq, block_k: bk, d_chunk: 64, fused, subgroups, vec4 };

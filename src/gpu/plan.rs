@@ -330,6 +330,19 @@ pub fn plan(
     let limits = &PlanLimits { binding_alignment: limits.binding_alignment.max(16), ..*limits };
     let (seq_q, seq_kv) = (shape.seq_q as u64, shape.seq_kv as u64);
     let kv_slice = |s: u32| shape.kv_slice(s as usize) as u64;
+    if let Some(t) = opts.fused.filter(|t| t.rc > 0) {
+        // The score-caching entmax kernel holds whole rows on chip; a longer row would lose keys.
+        let need = super::tiles::cached_row_keys(pattern.max_row_blocks(), bk, t.kc);
+        if opts.normalizer == Normalizer::Softmax {
+            return Err(Error::Unsupported(format!("fused tile {t:?} is a score-caching entmax tile; softmax has no such kernel")));
+        }
+        if need > t.rc {
+            return Err(Error::Unsupported(format!(
+                "score-caching entmax tile {t:?} caches {} keys per row; the pattern's longest row needs {need}",
+                t.rc
+            )));
+        }
+    }
     let fused_per_row = opts.fused.map_or(1, |t| (bq / t.tq) as u64);
     let key_splits = if opts.fused.is_some() && opts.normalizer == Normalizer::Softmax {
         match opts.key_splits {

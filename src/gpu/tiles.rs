@@ -7,8 +7,9 @@ use std::sync::Mutex;
 
 /// One fused-kernel tile of the register-tiled layout (shaders/fused_tiles.wgsl): `tq` query
 /// rows per workgroup, `kc` keys staged per step, `wg` threads, `dp` head_dim padded, `rq`
-/// query rows per thread, and for the entmax kernel `cap` pooled candidates per row (0 for
-/// softmax).
+/// query rows per thread, and for the entmax kernels either `cap` pooled candidates per row
+/// (fused_entmax.wgsl) or `rc` cached scores per row (fused_entmax_cached.wgsl, for rows of at
+/// most `rc` keys); both 0 for softmax.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct FusedTile {
     pub tq: u32,
@@ -18,6 +19,8 @@ pub struct FusedTile {
     pub cap: u32,
     #[serde(default)]
     pub rq: u32,
+    #[serde(default)]
+    pub rc: u32,
 }
 
 impl FusedTile {
@@ -43,11 +46,21 @@ impl FusedTile {
         [("RQ", self.rq.max(1)), ("NK", self.kc / lanes), ("NC", (self.dp / 4).div_ceil(lanes))]
     }
 
+    /// Whether this is a tile of an entmax kernel (pooling or score-caching).
+    pub fn is_entmax(&self) -> bool {
+        self.cap > 0 || self.rc > 0
+    }
+
+    /// Padded row stride of `p_tile`: one chunk of scores, or the score cache.
+    pub fn p_stride(&self) -> u32 {
+        self.kc.max(self.rc) + 1
+    }
+
     /// Length in vec4s of `k_tile`: the padded K chunk, and for entmax also the row reductions
     /// (two vec4s per thread: the τ search alternates halves).
     pub fn k_tile_len(&self) -> u32 {
         let k = self.kc * (self.dp / 4 + 1);
-        if self.cap > 0 {
+        if self.is_entmax() {
             k.max(2 * self.wg)
         } else {
             k
@@ -61,12 +74,19 @@ impl FusedTile {
     }
 
     /// Workgroup memory in bytes (mirrors the arrays of shaders/fused_tiles.wgsl, and the entmax
-    /// kernel's vote words and pool counts).
+    /// kernels' vote word with the pool counts or the chunk flags).
     pub fn workgroup_bytes(&self) -> u32 {
         let dp4 = self.dp / 4;
         let vec4s = self.tq * (dp4 + 1) + self.k_tile_len() + self.v_tile_len();
-        let floats = self.tq * (self.kc + 1) + self.tq * self.lanes();
-        16 * vec4s + 4 * floats + if self.cap > 0 { 8 + 4 * self.wg } else { 0 }
+        let floats = self.tq * self.p_stride() + self.tq * self.lanes();
+        let entmax_words = if self.cap > 0 {
+            1 + self.wg
+        } else if self.rc > 0 {
+            1 + self.rc / self.kc.max(1)
+        } else {
+            0
+        };
+        16 * vec4s + 4 * floats + 4 * entmax_words
     }
 }
 
@@ -112,7 +132,7 @@ fn register_tile((wg, tq, rq, kc): (u32, u32, u32, u32), block_q: u32, block_k: 
         return None;
     }
     let dp = head_dim.next_multiple_of(4);
-    let tile = FusedTile { tq, kc, wg, dp, cap: 0, rq };
+    let tile = FusedTile { tq, kc, wg, dp, cap: 0, rq, rc: 0 };
     let lanes = tile.lanes();
     if kc % lanes != 0 {
         return None;
@@ -138,6 +158,43 @@ pub fn candidates(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, limit
         .collect()
 }
 
+/// Longest score cache of the score-caching entmax kernel, in keys per row.
+pub const ENTMAX_CACHE_MAX: u32 = 1024;
+
+/// The score-caching entmax kernel's register tiles, same layout as the other sets, best guess
+/// first: (32, 16, 4, 32) was the fastest on llvmpipe at low density; the last ones fit block
+/// 16 and small workgroup memory (and cache longer rows). (32, 8, 2, 32), with twice the cache,
+/// lost to the pooling kernel on the rows only it could hold (llvmpipe, seq 1024 and 2048 at
+/// ρ 0.1), so it is not a candidate.
+const CACHED_CANDIDATES: [(u32, u32, u32, u32); 4] = [(32, 16, 4, 32), (64, 16, 2, 32), (64, 16, 2, 16), (32, 8, 2, 8)];
+
+/// Keys per row the score-caching entmax kernel must cache for rows of `row_blocks` stored
+/// blocks: each block is walked in whole chunks of `kc` keys.
+pub fn cached_row_keys(row_blocks: u32, block_k: u32, kc: u32) -> u32 {
+    row_blocks * block_k.div_ceil(kc.max(1)) * kc
+}
+
+/// Score-caching entmax tiles (fused_entmax_cached.wgsl) that fit this adapter and hold rows
+/// of `row_blocks` stored blocks, best guess first; empty when none does (long rows take the
+/// pooling kernel). Each tile's cache is the most keys (a multiple of its chunk, at most
+/// `ENTMAX_CACHE_MAX`) its workgroup memory leaves room for: fixed per adapter, so one
+/// pipeline serves every pattern whose rows fit, at the price of that much workgroup memory
+/// even for short rows.
+pub fn cached_candidates(block_q: u32, block_k: u32, head_dim: u32, row_blocks: u32, limits: &wgpu::Limits) -> Vec<FusedTile> {
+    CACHED_CANDIDATES
+        .iter()
+        .filter_map(|&c| register_tile(c, block_q, block_k, head_dim, limits))
+        .filter(|t| t.kc % t.threads_per_row() == 0 && t.tq * t.lanes() >= t.wg)
+        .filter_map(|t| {
+            (1..=ENTMAX_CACHE_MAX / t.kc)
+                .rev()
+                .map(|n| FusedTile { rc: n * t.kc, ..t })
+                .find(|c| c.workgroup_bytes() <= limits.max_compute_workgroup_storage_size)
+        })
+        .filter(|t| cached_row_keys(row_blocks.max(1), block_k, t.kc) <= t.rc)
+        .collect()
+}
+
 /// The tile used without tuning: the first candidate, or a typed error naming the limit.
 pub fn default_tile(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, limits: &wgpu::Limits) -> Result<FusedTile> {
     if head_dim > MAX_FUSED_HEAD_DIM {
@@ -145,7 +202,7 @@ pub fn default_tile(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, lim
     }
     candidates(block_q, block_k, head_dim, entmax, limits).into_iter().next().ok_or_else(|| {
         // The smallest tile of the sets (with the smallest entmax pool).
-        let smallest = FusedTile { tq: 8, kc: 8, wg: 32, dp: head_dim.next_multiple_of(4), cap: 0, rq: 2 };
+        let smallest = FusedTile { tq: 8, kc: 8, wg: 32, dp: head_dim.next_multiple_of(4), cap: 0, rq: 2, rc: 0 };
         let smallest = if entmax { FusedTile { cap: ENTMAX_POOL_STEP * smallest.threads_per_row(), ..smallest } } else { smallest };
         Error::Unsupported(format!(
             "no fused tile for head_dim {head_dim} and blocks {block_q}x{block_k} fits max_compute_workgroup_storage_size = {} bytes (smallest needs {})",
@@ -166,6 +223,10 @@ pub struct TuneKey {
     pub head_dim: u32,
     /// Sequence length rounded up to a power of two, clamped to [256, 8192].
     pub seq_bucket: u32,
+    /// Entmax: the pattern's longest row in stored blocks when score-caching tiles fit it (the
+    /// candidates then include them, and the stand-in has rows that long); 0 otherwise.
+    #[serde(default)]
+    pub row_blocks: u32,
 }
 
 impl TuneKey {
@@ -174,14 +235,15 @@ impl TuneKey {
     }
     fn file_key(&self) -> String {
         format!(
-            "{}|{}|{}|{}x{}|d{}|n{}",
+            "{}|{}|{}|{}x{}|d{}|n{}{}",
             self.adapter,
             if self.entmax { "entmax" } else { "softmax" },
             if self.f16 { "f16" } else { "f32" },
             self.block_q,
             self.block_k,
             self.head_dim,
-            self.seq_bucket
+            self.seq_bucket,
+            if self.row_blocks > 0 { format!("|rows{}", self.row_blocks) } else { String::new() }
         )
     }
 }

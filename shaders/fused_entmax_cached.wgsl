@@ -1,0 +1,117 @@
+// Fused block-sparse α-entmax attention for rows short enough that every score of the tile
+// stays on chip: p_tile is the score cache (row stride PS > RC, the cached keys per row; the
+// planner picks this kernel only when the pattern's longest row fits). Pass 1 stages K chunk
+// by chunk and caches the scores; τ is solved per row over the cache (solve_tau, the same
+// search as the pooling kernel, rows in lockstep); the scores become p in place; pass 2 stages
+// V only for chunks that hold a p > 0 and accumulates p·V in the register tile, every V load
+// shared by the tile's rows. Each score is computed once and nothing is gathered row by row.
+// Sums run in a fixed order: deterministic.
+
+const CHUNKS: u32 = RC / KC;
+
+// Per cached chunk: whether any of the tile's rows has a p > 0 there.
+var<workgroup> chunk_live: array<atomic<u32>, CHUNKS>;
+
+// Moments at τ of the cached scores lane, lane + TPR, … of the row's first `len` keys.
+fn lane_moments(row: u32, lane: u32, len: u32, m: f32, tau: f32) -> vec4<f32> {
+    var sums = vec4<f32>(0.0);
+    for (var kk = lane; kk < len; kk += TPR) {
+        sums += moments(p_tile[row * PS + kk], m, tau);
+    }
+    return sums;
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let w = linear_workgroup(wid, nwg);
+    if (w >= params.row_count * (BQ / TQ)) {
+        return;
+    }
+    let t = tile_of_workgroup(w);
+    let ty = lid / TX; // register-tile layout
+    let tx = lid % TX;
+    let row = lid / TPR; // per-score layout
+    let lane = lid % TPR;
+    stage_q(t, lid);
+    for (var c = lid; c < CHUNKS; c += WG) {
+        atomicStore(&chunk_live[c], 0u);
+    }
+    // ---- pass 1: the tile's scores into the cache, one staged K chunk at a time ------------
+    var len = 0u; // cached keys per row, a multiple of KC (the same on every thread)
+    for (var b = t.first; b < t.last; b++) {
+        let kb = pat[params.off_col_idx + b];
+        for (var kc = 0u; kc < BK; kc += KC) {
+            let key0 = kb * BK + kc;
+            // A ragged last block's rest holds no keys; the cache bound is the planner's, kept
+            // here so a longer row can never write past it.
+            if (key0 >= params.seq_kv || len + KC > RC) {
+                break;
+            }
+            stage_k(t, key0, lid);
+            workgroupBarrier();
+            let s = chunk_scores(t, b, kc, key0, ty, tx);
+            for (var r = 0u; r < RQ; r++) { // @unroll
+                for (var j = 0u; j < NK; j++) { // @unroll
+                    p_tile[(ty * RQ + r) * PS + len + tx + j * TX] = s[r * NK + j];
+                }
+            }
+            len += KC;
+            workgroupBarrier(); // the next chunk's K overwrites what these scores read
+        }
+    }
+    // ---- τ per row over its cached scores ---------------------------------------------------
+    var mx = NEG_BIG;
+    var n = 0.0;
+    for (var kk = lane; kk < len; kk += TPR) {
+        let x = p_tile[row * PS + kk];
+        mx = max(mx, x);
+        n += select(0.0, 1.0, x > NEG_BIG);
+    }
+    // Its first barrier publishes the cache.
+    let rs = row_reduce(lid, vec4<f32>(mx, n, NEG_BIG, 0.0), true);
+    let m = rs.x;
+    // τ lies in [-1, the top for n scores] (shifted space: the row max has p = (-τ)^e <= 1).
+    var tick = 0u;
+    let st = solve_tau(lid, row, lane, len, m, Search(-1.0, -1.0, tau_top(rs.y), rs.y > 0.0), &tick);
+    // ---- scores become p in place; each row's Σp; which chunks hold a p > 0 -----------------
+    var psum = 0.0;
+    for (var kk = lane; kk < len; kk += TPR) {
+        let p = moments(p_tile[row * PS + kk], m, st.tau).x;
+        p_tile[row * PS + kk] = p;
+        psum += p;
+        if (p > 0.0) {
+            atomicStore(&chunk_live[kk / KC], 1u);
+        }
+    }
+    let total_of_row = row_reduce(lid, vec4<f32>(psum, 0.0, 0.0, 0.0), false).x;
+    // fused_tiles.wgsl's `red` hands each row's Σp to the register-tile layout.
+    if (lane == 0u) {
+        red[row] = total_of_row;
+    }
+    workgroupBarrier();
+    var total: array<f32, RQ>;
+    for (var r = 0u; r < RQ; r++) { // @unroll
+        total[r] = red[ty * RQ + r];
+    }
+    // ---- pass 2: O += P·V over the chunks with a p > 0 --------------------------------------
+    var acc: array<vec4<f32>, RQ * NC>;
+    var at = 0u;
+    for (var b = t.first; b < t.last; b++) {
+        let kb = pat[params.off_col_idx + b];
+        for (var kc = 0u; kc < BK; kc += KC) {
+            let key0 = kb * BK + kc;
+            if (key0 >= params.seq_kv || at + KC > RC) {
+                break;
+            }
+            if (workgroupUniformLoad(&chunk_live[at / KC]) != 0u) {
+                stage_v(t, key0, lid);
+                workgroupBarrier();
+                accumulate_pv(ty, tx, at, &acc);
+                workgroupBarrier(); // the next chunk's V overwrites what this one read
+            }
+            at += KC;
+        }
+    }
+    store_rows(t, ty, tx, &acc, total);
+}

@@ -1,0 +1,89 @@
+// Shared by the fused entmax kernels (fused_entmax.wgsl: pooled candidates;
+// fused_entmax_cached.wgsl: every score cached): the per-score layout (TPR threads per query
+// row), the row reductions, the workgroup vote and the threshold search over on-chip scores.
+// Each kernel defines `lane_moments`: the moments at τ of one (row, lane)'s share of the
+// scores it keeps on chip.
+
+const TPR: u32 = WG / TQ; // threads per query row in the per-score work
+
+var<workgroup> vote: atomic<u32>;
+
+// (Σ x^e, Σ x^(e-1), Σ x^(e-2)) contribution of one score at threshold tau (shifted by the row
+// max m); 0 for disallowed entries and those at or below τ.
+fn moments(s: f32, m: f32, tau: f32) -> vec4<f32> {
+    let x = (params.alpha - 1.0) * (s - m) - tau;
+    if (s <= NEG_BIG || x <= 0.0) {
+        return vec4<f32>(0.0);
+    }
+    let px = pow_e(x);
+    return vec4<f32>(px, px / x, px / (x * x), 0.0);
+}
+
+// Sum of k_tile's entries of this thread's row over its TPR lanes, in lane order; `at` is this
+// thread's entry (lid, plus an offset that is a multiple of WG).
+fn lane_total(at: u32) -> vec4<f32> {
+    let first = (at / TPR) * TPR;
+    var a = k_tile[first];
+    for (var u = 1u; u < TPR; u++) {
+        a += k_tile[first + u];
+    }
+    return a;
+}
+
+// This thread's row's per-lane values combined over its TPR lanes in lane order: sums, or with
+// `maxes` (max, sum, max, sum) by component. k_tile is the scratch, so call it between chunks,
+// from uniform control flow.
+fn row_reduce(lid: u32, x: vec4<f32>, maxes: bool) -> vec4<f32> {
+    workgroupBarrier();
+    k_tile[lid] = x;
+    workgroupBarrier();
+    let first = (lid / TPR) * TPR;
+    var a = k_tile[first];
+    for (var u = 1u; u < TPR; u++) {
+        let b = k_tile[first + u];
+        if (maxes) {
+            a = vec4<f32>(max(a.x, b.x), a.y + b.y, max(a.z, b.z), a.w + b.w);
+        } else {
+            a += b;
+        }
+    }
+    workgroupBarrier();
+    return a;
+}
+
+// Whether `a` holds on any thread, as a uniform value. `tick` is the same on every thread and
+// grows with every call, so the vote word never needs resetting.
+fn any_thread(a: bool, tick: u32) -> bool {
+    if (a) {
+        atomicMax(&vote, tick);
+    }
+    return workgroupUniformLoad(&vote) == tick;
+}
+
+// τ per row over the scores each (row, lane) keeps on chip (`count` of them, as
+// `lane_moments` reads them), from `start`, rows in lockstep. Each iteration's moments and the
+// vote on whether any row still searches share one uniform load (its barriers publish both).
+// The moments alternate between two halves of k_tile, so the next iteration's writes never
+// meet this one's reads and no third barrier is needed. Call from uniform control flow.
+fn solve_tau(lid: u32, row: u32, lane: u32, count: u32, m: f32, start: Search, tick: ptr<function, u32>) -> Search {
+    var st = start;
+    var iterations = 0u;
+    loop {
+        var sums = vec4<f32>(0.0);
+        if (st.searching) {
+            sums = lane_moments(row, lane, count, m, st.tau);
+            atomicMax(&vote, *tick + 1u);
+        }
+        let half = (iterations % 2u) * WG;
+        k_tile[half + lid] = sums;
+        *tick += 1u;
+        if (workgroupUniformLoad(&vote) != *tick || iterations >= params.max_iterations) {
+            break;
+        }
+        iterations++;
+        if (st.searching) {
+            st = search_update(st, lane_total(half + lid));
+        }
+    }
+    return st;
+}
