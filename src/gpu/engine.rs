@@ -279,12 +279,8 @@ impl Engine {
     /// and for entmax also the score-caching tiles when the pattern's longest row fits them
     /// (the tuner's candidate set for this call).
     pub fn fused_tile_candidates_for(&self, pattern: &BlockPattern, head_dim: usize, normalizer: Normalizer) -> Vec<FusedTile> {
-        let (bq, bk) = (pattern.block_q(), pattern.block_k());
-        let mut tiles = self.fused_tile_candidates(bq, bk, head_dim, normalizer);
-        if normalizer.alpha().is_some() {
-            tiles.extend(tiles::cached_candidates(bq, bk, head_dim as u32, pattern.max_row_blocks(), &self.device.limits()));
-        }
-        tiles
+        let entmax = normalizer.alpha().is_some();
+        tiles::call_candidates(pattern.block_q(), pattern.block_k(), head_dim as u32, entmax, Some(pattern.max_row_blocks()), &self.device.limits())
     }
 
     /// Fused tiles this adapter can run for a problem with these blocks (the softmax tiles, or
@@ -410,12 +406,8 @@ impl Engine {
         let mut best: Option<(f64, FusedTile)> = None;
         // Every fitting candidate: the sets are small (10 at most, 12 for entmax rows that fit a
         // score cache), and a cut would silently drop the last ones as candidates are added.
-        let limits = self.device.limits();
-        let mut tiles = tiles::candidates(key.block_q, key.block_k, key.head_dim, key.entmax, &limits);
-        if key.entmax && key.row_blocks > 0 {
-            tiles.extend(tiles::cached_candidates(key.block_q, key.block_k, key.head_dim, key.row_blocks, &limits));
-        }
-        for tile in tiles {
+        let row_blocks = (key.row_blocks > 0).then_some(key.row_blocks);
+        for tile in tiles::call_candidates(key.block_q, key.block_k, key.head_dim, key.entmax, row_blocks, &self.device.limits()) {
             let o = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), return_probabilities: false, return_row_stats: false, ..*opts };
             let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
             let timed = self.prepare_attention(&q, &k, &v, &pattern, &o).and_then(|p| p.time(1, TUNE_REPEATS));

@@ -141,17 +141,39 @@ fn register_tile((wg, tq, rq, kc): (u32, u32, u32, u32), block_q: u32, block_k: 
     (registers <= REGISTER_BUDGET).then_some(tile)
 }
 
+/// The register tiles of an entmax candidate set that fit this problem and the entmax
+/// kernels' per-score layout (whole keys per thread; `red` doubles as per-lane and per-row
+/// scratch), before their pool or cache is sized.
+fn entmax_register_tiles<'a>(
+    set: &'a [(u32, u32, u32, u32)],
+    block_q: u32,
+    block_k: u32,
+    head_dim: u32,
+    limits: &'a wgpu::Limits,
+) -> impl Iterator<Item = FusedTile> + 'a {
+    set.iter()
+        .filter_map(move |&c| register_tile(c, block_q, block_k, head_dim, limits))
+        .filter(|t| t.kc % t.threads_per_row() == 0 && t.tq * t.lanes() >= t.wg)
+}
+
+/// Every tile a call may run, best guess first within each kernel: `candidates`, and for
+/// entmax with `row_blocks` given (the longest row, in stored blocks) also the score-caching
+/// tiles that hold such rows.
+pub fn call_candidates(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, row_blocks: Option<u32>, limits: &wgpu::Limits) -> Vec<FusedTile> {
+    let mut tiles = candidates(block_q, block_k, head_dim, entmax, limits);
+    if let (true, Some(rows)) = (entmax, row_blocks) {
+        tiles.extend(cached_candidates(block_q, block_k, head_dim, rows, limits));
+    }
+    tiles
+}
+
 /// Tiles that fit this adapter for (block_q, block_k, head_dim), best guess first.
 pub fn candidates(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, limits: &wgpu::Limits) -> Vec<FusedTile> {
     let fits = |t: &FusedTile| t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size;
     if !entmax {
         return SOFTMAX_CANDIDATES.iter().filter_map(|&c| register_tile(c, block_q, block_k, head_dim, limits)).filter(fits).collect();
     }
-    ENTMAX_CANDIDATES
-        .iter()
-        .filter_map(|&c| register_tile(c, block_q, block_k, head_dim, limits))
-        // Per-score work: whole keys per thread; `red` doubles as per-lane and per-row scratch.
-        .filter(|t| t.kc % t.threads_per_row() == 0 && t.tq * t.lanes() >= t.wg)
+    entmax_register_tiles(&ENTMAX_CANDIDATES, block_q, block_k, head_dim, limits)
         .filter_map(|t| {
             (1..=ENTMAX_POOL_MAX / ENTMAX_POOL_STEP).rev().map(|n| FusedTile { cap: n * ENTMAX_POOL_STEP * t.threads_per_row(), ..t }).find(fits)
         })
@@ -181,10 +203,7 @@ pub fn cached_row_keys(row_blocks: u32, block_k: u32, kc: u32) -> u32 {
 /// pipeline serves every pattern whose rows fit, at the price of that much workgroup memory
 /// even for short rows.
 pub fn cached_candidates(block_q: u32, block_k: u32, head_dim: u32, row_blocks: u32, limits: &wgpu::Limits) -> Vec<FusedTile> {
-    CACHED_CANDIDATES
-        .iter()
-        .filter_map(|&c| register_tile(c, block_q, block_k, head_dim, limits))
-        .filter(|t| t.kc % t.threads_per_row() == 0 && t.tq * t.lanes() >= t.wg)
+    entmax_register_tiles(&CACHED_CANDIDATES, block_q, block_k, head_dim, limits)
         .filter_map(|t| {
             (1..=ENTMAX_CACHE_MAX / t.kc)
                 .rev()
