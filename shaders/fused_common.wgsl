@@ -1,7 +1,8 @@
 // Shared by the fused kernels: one workgroup per TQ query rows of one query block; key blocks
 // are walked in chunks of KC keys staged in workgroup memory.
 // Host-provided constants: BQ, BK, DP (head_dim padded to a multiple of 4), TQ, KC, WG, RQ,
-// CAP (entmax candidates per row), KT and VT (k_tile and v_tile lengths in vec4s).
+// CAP (entmax candidates per row), KVT and VO (kv_tile's length and where V starts in it, vec4s),
+// PS and RC (see fused_tiles.wgsl, fused_entmax_cached.wgsl).
 
 // Q, K, V bindings and their 4-wide loads come from fused_io_scalar.wgsl or
 // fused_io_vec4.wgsl (vectorised, when head_dim % 4 == 0).

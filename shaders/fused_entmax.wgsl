@@ -32,8 +32,8 @@ var<workgroup> pool_kept: array<u32, WG>; // slots used per (row, lane)
 // each lane's count of keys collected from the current chunk ([0, WG), phase 1) and the rows'
 // Σp after phase 3 ([0, TQ)).
 
-// Pool slot `c` of (tile row `row`, lane `lane`): (score, key) share a vec2 of v_tile, which
-// no pass stages V into until the fallback's last walk. Keys are kept as f32, exact below 2^24
+// Pool slot `c` of (tile row `row`, lane `lane`): (score, key) share a vec2 of kv_tile from
+// VO, where no pass stages V until the fallback's last walk. Keys are kept as f32, exact below 2^24
 // (the planner's limit for this kernel).
 fn pool_slot(row: u32, lane: u32, c: u32) -> u32 {
     return (row * TPR + lane) * CAPL + c;
@@ -41,16 +41,16 @@ fn pool_slot(row: u32, lane: u32, c: u32) -> u32 {
 
 fn pool_set(i: u32, s: f32, key: u32) {
     let o = (i & 1u) * 2u;
-    v_tile[i >> 1u][o] = s;
-    v_tile[i >> 1u][o + 1u] = f32(key);
+    kv_tile[VO + (i >> 1u)][o] = s;
+    kv_tile[VO + (i >> 1u)][o + 1u] = f32(key);
 }
 
 fn pool_score(i: u32) -> f32 {
-    return v_tile[i >> 1u][(i & 1u) * 2u];
+    return kv_tile[VO + (i >> 1u)][(i & 1u) * 2u];
 }
 
 fn pool_key(i: u32) -> u32 {
-    return u32(v_tile[i >> 1u][(i & 1u) * 2u + 1u]);
+    return u32(kv_tile[VO + (i >> 1u)][(i & 1u) * 2u + 1u]);
 }
 
 // Moments at τ of a lane's first `kept` pooled scores (solve_tau's per-lane sum).
@@ -74,7 +74,7 @@ struct LanePool {
 // Newton steps per shrink of the row pools.
 const SHRINK_STEPS: u32 = 2u;
 
-// Makes room in the row's lane pools (all rows at once, from uniform control flow; k_tile is
+// Makes room in the row's lane pools (all rows at once, from uniform control flow; kv_tile is
 // the scratch, so call it between a chunk's scoring and the next chunk's staging). In score
 // space the row's threshold θ (p_i > 0 iff x_i > θ) is at least the threshold of any subset of
 // the row, and Newton's method from the left on a convex decreasing function of t whose root

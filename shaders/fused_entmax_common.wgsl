@@ -19,28 +19,28 @@ fn moments(s: f32, m: f32, tau: f32) -> vec4<f32> {
     return vec4<f32>(px, px / x, px / (x * x), 0.0);
 }
 
-// Sum of k_tile's entries of this thread's row over its TPR lanes, in lane order; `at` is this
+// Sum of kv_tile's entries of this thread's row over its TPR lanes, in lane order; `at` is this
 // thread's entry (lid, plus an offset that is a multiple of WG).
 fn lane_total(at: u32) -> vec4<f32> {
     let first = (at / TPR) * TPR;
-    var a = k_tile[first];
+    var a = kv_tile[first];
     for (var u = 1u; u < TPR; u++) {
-        a += k_tile[first + u];
+        a += kv_tile[first + u];
     }
     return a;
 }
 
 // This thread's row's per-lane values combined over its TPR lanes in lane order: sums, or with
-// `maxes` (max, sum, max, sum) by component. k_tile is the scratch, so call it between chunks,
+// `maxes` (max, sum, max, sum) by component. kv_tile is the scratch, so call it between chunks,
 // from uniform control flow.
 fn row_reduce(lid: u32, x: vec4<f32>, maxes: bool) -> vec4<f32> {
     workgroupBarrier();
-    k_tile[lid] = x;
+    kv_tile[lid] = x;
     workgroupBarrier();
     let first = (lid / TPR) * TPR;
-    var a = k_tile[first];
+    var a = kv_tile[first];
     for (var u = 1u; u < TPR; u++) {
-        let b = k_tile[first + u];
+        let b = kv_tile[first + u];
         if (maxes) {
             a = vec4<f32>(max(a.x, b.x), a.y + b.y, max(a.z, b.z), a.w + b.w);
         } else {
@@ -63,7 +63,7 @@ fn any_thread(a: bool, tick: u32) -> bool {
 // τ per row over the scores each (row, lane) keeps on chip (`count` of them, as
 // `lane_moments` reads them), from `start`, rows in lockstep. Each iteration's moments and the
 // vote on whether any row still searches share one uniform load (its barriers publish both).
-// The moments alternate between two halves of k_tile, so the next iteration's writes never
+// The moments alternate between two halves of kv_tile, so the next iteration's writes never
 // meet this one's reads and no third barrier is needed. Call from uniform control flow.
 fn solve_tau(lid: u32, row: u32, lane: u32, count: u32, m: f32, start: Search, tick: ptr<function, u32>) -> Search {
     var st = start;
@@ -75,7 +75,7 @@ fn solve_tau(lid: u32, row: u32, lane: u32, count: u32, m: f32, start: Search, t
             atomicMax(&vote, *tick + 1u);
         }
         let half = (iterations % 2u) * WG;
-        k_tile[half + lid] = sums;
+        kv_tile[half + lid] = sums;
         *tick += 1u;
         if (workgroupUniformLoad(&vote) != *tick || iterations >= params.max_iterations) {
             break;

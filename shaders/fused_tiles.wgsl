@@ -10,15 +10,17 @@ const TY: u32 = TQ / RQ;
 const TX: u32 = WG / TY;
 const NK: u32 = KC / TX;
 const NC: u32 = (DP4 + TX - 1u) / TX;
-const KS: u32 = DP4 + 1u; // padded row stride (vec4s) of q_tile and k_tile
+const KS: u32 = DP4 + 1u; // padded row stride (vec4s) of q_tile and the K chunk
 // PS (host constant): padded row stride of p_tile, KC + 1, or for the score-caching entmax
 // kernel RC + 1.
 
 var<workgroup> q_tile: array<vec4<f32>, TQ * KS>;
-// KT >= KC·KS and VT >= KC·DP4 (host constants): the entmax kernel also keeps its row
-// reductions in k_tile and its candidate pool in v_tile between walks over the row.
-var<workgroup> k_tile: array<vec4<f32>, KT>;
-var<workgroup> v_tile: array<vec4<f32>, VT>;
+// K chunks (row stride KS) from kv_tile[0], V chunks (row stride DP4) from kv_tile[VO] (host
+// constants, KVT >= VO + KC·DP4): VO >= KC·KS when K and V are live together; 0 in the
+// score-caching entmax kernel, whose pass 1 reads only K and pass 2 only V, so its score cache
+// gets the room. The entmax kernels also keep their row reductions from kv_tile[0] and the
+// pooling kernel its candidate pool from kv_tile[VO] between walks over the row.
+var<workgroup> kv_tile: array<vec4<f32>, KVT>;
 var<workgroup> p_tile: array<f32, TQ * PS>;
 var<workgroup> red: array<f32, TQ * TX>;
 
@@ -34,14 +36,14 @@ fn stage_q(t: Tile, lid: u32) {
 fn stage_k(t: Tile, key0: u32, lid: u32) {
     for (var idx = lid; idx < KC * DP4; idx += WG) {
         let key = key0 + idx / DP4;
-        k_tile[(idx / DP4) * KS + idx % DP4] = load_k4((t.kv_row0 + key) * params.head_dim, (idx % DP4) * 4u, key < params.seq_kv);
+        kv_tile[(idx / DP4) * KS + idx % DP4] = load_k4((t.kv_row0 + key) * params.head_dim, (idx % DP4) * 4u, key < params.seq_kv);
     }
 }
 
 fn stage_v(t: Tile, key0: u32, lid: u32) {
     for (var idx = lid; idx < KC * DP4; idx += WG) {
         let key = key0 + idx / DP4;
-        v_tile[idx] = load_v4((t.kv_row0 + key) * params.head_dim, (idx % DP4) * 4u, key < params.seq_kv);
+        kv_tile[VO + idx] = load_v4((t.kv_row0 + key) * params.head_dim, (idx % DP4) * 4u, key < params.seq_kv);
     }
 }
 
@@ -58,7 +60,7 @@ fn chunk_scores(t: Tile, b: u32, kc: u32, key0: u32, ty: u32, tx: u32) -> array<
     for (var d4 = 0u; d4 < DP4; d4++) {
         var kv: array<vec4<f32>, NK>;
         for (var j = 0u; j < NK; j++) { // @unroll
-            kv[j] = k_tile[(tx + j * TX) * KS + d4];
+            kv[j] = kv_tile[(tx + j * TX) * KS + d4];
         }
         for (var r = 0u; r < RQ; r++) { // @unroll
             let qv = q_tile[(ty * RQ + r) * KS + d4];
@@ -83,14 +85,14 @@ fn chunk_scores(t: Tile, b: u32, kc: u32, key0: u32, ty: u32, tx: u32) -> array<
 }
 
 // O += P·V over the staged chunk: p_tile rows of this thread's row group (from column p0) ×
-// v_tile.
+// the staged V.
 fn accumulate_pv(ty: u32, tx: u32, p0: u32, acc: ptr<function, array<vec4<f32>, RQ * NC>>) {
     for (var kk = 0u; kk < KC; kk++) {
         var vv: array<vec4<f32>, NC>;
         for (var c = 0u; c < NC; c++) { // @unroll
             let col = tx + c * TX;
             if (col < DP4) {
-                vv[c] = v_tile[kk * DP4 + col];
+                vv[c] = kv_tile[VO + kk * DP4 + col];
             }
         }
         for (var r = 0u; r < RQ; r++) { // @unroll

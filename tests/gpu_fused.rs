@@ -306,39 +306,45 @@ fn key_splits_with_chunked_bindings_match_reference() {
 #[test]
 fn entmax_score_cache_rows_at_capacity_empty_rows_and_skipped_chunks() {
     let Some(engine) = engine() else { return };
-    // Block rows of 5 key blocks (the last ragged: 20 of 32 keys), none, and one partial block:
-    // the longest row fills a 160-key cache (that of (32, 16, 4, 32) in 32 KiB, as on
-    // llvmpipe) and the other rows leave it part empty. Every
-    // query has +4 in column 0 and keys 64..96 have −4 there: those scores sit far below the
-    // rest, no row gives them p > 0, and pass 2 must skip that chunk (their V rows are huge, so
-    // taking them in would show).
+    // Per score-caching tile: a block row as long as its cache holds (the last block ragged:
+    // 20 of 32 keys), one with no blocks, and one partial block, so the longest row fills the
+    // cache and the others leave it part empty. Every query has +4 in column 0 and keys 64..96
+    // have −4 there: those scores sit far below the rest, no row gives them p > 0, and pass 2
+    // must skip that chunk (their V rows are huge, so taking them in would show).
     use sparse_attn::pattern::{BlockMask, PatternAccumulator, PatternGeometry};
-    let (seq_q, seq_kv, d) = (96, 180, 32);
-    let g = PatternGeometry { block_q: 32, block_k: 32, seq_q: seq_q as u32, seq_kv: seq_kv as u32, slices: 1 };
-    let mut acc = PatternAccumulator::new(g).unwrap();
-    acc.push_row((1..6).map(|b| (b, BlockMask::Full)));
-    acc.push_row(std::iter::empty());
-    let mut bits = vec![0u32; g.mask_words()];
-    for r in (0..32).step_by(3) {
-        bits[r] = 0x0f0f_0f0f;
+    let (seq_q, d) = (96, 64);
+    let short = PatternGeometry { block_q: 32, block_k: 32, seq_q: seq_q as u32, seq_kv: 96, slices: 1 };
+    let mut acc = PatternAccumulator::new(short).unwrap();
+    for _ in 0..3 {
+        acc.push_row([(0, BlockMask::Full)]);
     }
-    acc.push_row([(2, BlockMask::Bits(bits))]);
-    let pattern = acc.finish().unwrap();
-    assert_eq!(pattern.max_row_blocks(), 5);
-    let mut q = random4((1, 2, seq_q, d), 51, 2.0);
-    let mut k = random4((1, 2, seq_kv, d), 52, 2.0);
-    let mut v = random4((1, 2, seq_kv, d), 53, 1.0);
-    q.slice_mut(ndarray::s![.., .., .., 0]).fill(4.0);
-    for j in 64..96 {
-        k.slice_mut(ndarray::s![.., .., j, 0]).fill(-4.0);
-        v.slice_mut(ndarray::s![.., .., j, ..]).fill(1e4);
-    }
-    let cached: Vec<_> = engine.fused_tile_candidates_for(&pattern, d, Normalizer::ENTMAX15).into_iter().filter(|t| t.rc > 0).collect();
-    assert!(!cached.is_empty(), "no score-caching tile fits rows of 5 blocks of 32");
-    for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.3 }] {
-        let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
-        for &tile in &cached {
-            assert!(tile.rc >= 5 * 32, "{tile:?}");
+    let cached: Vec<_> = engine.fused_tile_candidates_for(&acc.finish().unwrap(), d, Normalizer::ENTMAX15).into_iter().filter(|t| t.rc > 0).collect();
+    assert!(!cached.is_empty(), "no score-caching tile for rows of one block of 32 at head_dim {d}");
+    for &tile in &cached {
+        let blocks = (tile.rc / 32) as usize;
+        assert!(blocks >= 3, "{tile:?} caches fewer than 3 blocks of 32");
+        let seq_kv = blocks * 32 + 20;
+        let g = PatternGeometry { seq_kv: seq_kv as u32, ..short };
+        let mut acc = PatternAccumulator::new(g).unwrap();
+        acc.push_row((1..=blocks as u32).map(|b| (b, BlockMask::Full)));
+        acc.push_row(std::iter::empty());
+        let mut bits = vec![0u32; g.mask_words()];
+        for r in (0..32).step_by(3) {
+            bits[r] = 0x0f0f_0f0f;
+        }
+        acc.push_row([(2, BlockMask::Bits(bits))]);
+        let pattern = acc.finish().unwrap();
+        assert_eq!(pattern.max_row_blocks() as usize, blocks);
+        let mut q = random4((1, 2, seq_q, d), 51, 2.0);
+        let mut k = random4((1, 2, seq_kv, d), 52, 2.0);
+        let mut v = random4((1, 2, seq_kv, d), 53, 1.0);
+        q.slice_mut(ndarray::s![.., .., .., 0]).fill(4.0);
+        for j in 64..96 {
+            k.slice_mut(ndarray::s![.., .., j, 0]).fill(-4.0);
+            v.slice_mut(ndarray::s![.., .., j, ..]).fill(1e4);
+        }
+        for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.3 }] {
+            let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
             let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(normalizer) };
             let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap_or_else(|e| panic!("{tile:?}: {e}"));
             assert_close(&format!("score cache {} tile {tile:?}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));

@@ -29,3 +29,41 @@ fn every_shader_file_is_used() {
         assert!(all.contains(first_line), "{} is not part of any validated kernel", path.display());
     }
 }
+
+#[test]
+fn fused_tiles_workgroup_memory_model_matches_the_shaders() {
+    // tiles::FusedTile::workgroup_bytes decides which tiles fit an adapter; it must count what
+    // the WGSL declares (a model that undercounts would compile tiles the adapter rejects, or
+    // that overlap K, V and the score cache).
+    use sparse_attn::gpu::kernels::{shader_source, KernelKey, KernelKind};
+    use sparse_attn::gpu::plan::DType;
+    use sparse_attn::gpu::tiles;
+    let limits = wgpu::Limits { max_compute_workgroup_storage_size: 48 << 10, max_compute_invocations_per_workgroup: 256, max_compute_workgroup_size_x: 256, ..wgpu::Limits::default() };
+    let mut checked = [0usize; 3];
+    for (bq, bk) in [(16, 16), (32, 32), (64, 64)] {
+        for d in [32u32, 64, 100, 256] {
+            let sets = [
+                (KernelKind::FusedSoftmax, tiles::candidates(bq, bk, d, false, &limits)),
+                (KernelKind::FusedEntmax, tiles::candidates(bq, bk, d, true, &limits)),
+                (KernelKind::FusedEntmaxCached, tiles::cached_candidates(bq, bk, d, 1, &limits)),
+            ];
+            for (n, (kind, set)) in sets.into_iter().enumerate() {
+                for tile in set {
+                    let key = KernelKey { kind, dtype: DType::F32, block_q: bq, block_k: bk, d_chunk: 0, fused: Some(tile), subgroups: false, vec4: d % 4 == 0 };
+                    let src = shader_source(&key);
+                    let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{tile:?}: {}", e.emit_to_string(&src)));
+                    let declared: u32 = module
+                        .global_variables
+                        .iter()
+                        .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+                        .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
+                        .sum();
+                    assert_eq!(declared, tile.workgroup_bytes(), "{} {bq}x{bk} d {d} {tile:?}: WGSL declares {declared} bytes", kind.name());
+                    assert!(declared <= limits.max_compute_workgroup_storage_size, "{tile:?}");
+                    checked[n] += 1;
+                }
+            }
+        }
+    }
+    assert!(checked.iter().all(|&c| c > 0), "tiles checked per kernel: {checked:?}");
+}

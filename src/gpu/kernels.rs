@@ -187,15 +187,15 @@ pub fn shader_source(key: &KernelKey) -> String {
     ));
     if let Some(t) = key.fused {
         s.push_str(&format!(
-            "const DP: u32 = {}u;\nconst TQ: u32 = {}u;\nconst KC: u32 = {}u;\nconst WG: u32 = {}u;\nconst CAP: u32 = {}u;\nconst RQ: u32 = {}u;\nconst KT: u32 = {}u;\nconst VT: u32 = {}u;\nconst PS: u32 = {}u;\nconst RC: u32 = {}u;\n",
+            "const DP: u32 = {}u;\nconst TQ: u32 = {}u;\nconst KC: u32 = {}u;\nconst WG: u32 = {}u;\nconst CAP: u32 = {}u;\nconst RQ: u32 = {}u;\nconst KVT: u32 = {}u;\nconst VO: u32 = {}u;\nconst PS: u32 = {}u;\nconst RC: u32 = {}u;\n",
             t.dp,
             t.tq,
             t.kc,
             t.wg,
             t.cap.max(1),
             t.rq.max(1),
-            t.k_tile_len(),
-            t.v_tile_len(),
+            t.kv_tile_len(),
+            t.v_offset(),
             t.p_stride(),
             t.rc.max(t.kc)
         ));

@@ -56,8 +56,8 @@ impl FusedTile {
         self.kc.max(self.rc) + 1
     }
 
-    /// Length in vec4s of `k_tile`: the padded K chunk, and for entmax also the row reductions
-    /// (two vec4s per thread: the τ search alternates halves).
+    /// Vec4s of `kv_tile` the K side needs: the padded K chunk, and for entmax also the row
+    /// reductions (two vec4s per thread: the τ search alternates halves).
     pub fn k_tile_len(&self) -> u32 {
         let k = self.kc * (self.dp / 4 + 1);
         if self.is_entmax() {
@@ -67,17 +67,32 @@ impl FusedTile {
         }
     }
 
-    /// Length in vec4s of `v_tile`: the V chunk, and for entmax also the candidate pool (one
-    /// (score, key) pair per vec2).
+    /// Vec4s the V side needs: the V chunk, and for the pooling kernel also the candidate pool
+    /// (one (score, key) pair per vec2).
     pub fn v_tile_len(&self) -> u32 {
         (self.kc * (self.dp / 4)).max((self.tq * self.cap).div_ceil(2))
+    }
+
+    /// Where V starts in `kv_tile`: after K, or at 0 in the score-caching kernel, which never
+    /// holds K (pass 1) and V (pass 2) at once.
+    pub fn v_offset(&self) -> u32 {
+        if self.rc > 0 {
+            0
+        } else {
+            self.k_tile_len()
+        }
+    }
+
+    /// Length in vec4s of `kv_tile`.
+    pub fn kv_tile_len(&self) -> u32 {
+        self.k_tile_len().max(self.v_offset() + self.v_tile_len())
     }
 
     /// Workgroup memory in bytes (mirrors the arrays of shaders/fused_tiles.wgsl, and the entmax
     /// kernels' vote word with the pool counts or the chunk flags).
     pub fn workgroup_bytes(&self) -> u32 {
         let dp4 = self.dp / 4;
-        let vec4s = self.tq * (dp4 + 1) + self.k_tile_len() + self.v_tile_len();
+        let vec4s = self.tq * (dp4 + 1) + self.kv_tile_len();
         let floats = self.tq * self.p_stride() + self.tq * self.lanes();
         let entmax_words = if self.cap > 0 {
             1 + self.wg
