@@ -6,6 +6,7 @@ mod common;
 use common::{assert_close, engine, random4, tolerance};
 use sparse_attn::data::{fixture_path, AttentionData};
 use sparse_attn::gpu::plan::PlanLimits;
+use sparse_attn::gpu::tiles;
 use sparse_attn::patterns::mra::MraConfig;
 use sparse_attn::patterns::{Causal, Dense, RandomBlocks, Window};
 use sparse_attn::{reference, AttentionOptions, AttentionShape, DType, Engine, ExecPath, Normalizer};
@@ -306,23 +307,28 @@ fn key_splits_with_chunked_bindings_match_reference() {
 #[test]
 fn entmax_score_cache_rows_at_capacity_empty_rows_and_skipped_chunks() {
     let Some(engine) = engine() else { return };
-    // Per score-caching tile: a block row as long as its cache holds (the last block ragged:
-    // 20 of 32 keys), one with no blocks, and one partial block, so the longest row fills the
-    // cache and the others leave it part empty. Every query has +4 in column 0 and keys 64..96
-    // have −4 there: those scores sit far below the rest, no row gives them p > 0, and pass 2
-    // must skip that chunk (their V rows are huge, so taking them in would show).
+    // Per score-caching tile and cache size (the power-of-two buckets and the tile's most,
+    // sizes as the candidates pick them): a block row that ends within the cache's last 32
+    // keys (the last block ragged: 20 of 32 keys), one with no blocks, and one partial block,
+    // so the longest row fills the cache and the others leave it part empty. Every query has
+    // +4 in column 0 and keys 64..96 have −4 there: those scores sit far below the rest, no
+    // row gives them p > 0, and pass 2 must skip that chunk (their V rows are huge, so taking
+    // them in would show).
     use sparse_attn::pattern::{BlockMask, PatternAccumulator, PatternGeometry};
     let (seq_q, d) = (96, 64);
-    let short = PatternGeometry { block_q: 32, block_k: 32, seq_q: seq_q as u32, seq_kv: 96, slices: 1 };
-    let mut acc = PatternAccumulator::new(short).unwrap();
-    for _ in 0..3 {
-        acc.push_row([(0, BlockMask::Full)]);
+    let limits = engine.device().limits();
+    let mut cases: Vec<(tiles::FusedTile, usize)> = Vec::new();
+    for blocks in 3..=(tiles::ENTMAX_CACHE_MAX / 32) {
+        for tile in tiles::cached_candidates(32, 32, d as u32, blocks, &limits) {
+            if tile.rc - blocks * 32 < 32 && !cases.iter().any(|(t, _)| *t == tile) {
+                cases.push((tile, blocks as usize));
+            }
+        }
     }
-    let cached: Vec<_> = engine.fused_tile_candidates_for(&acc.finish().unwrap(), d, Normalizer::ENTMAX15).into_iter().filter(|t| t.rc > 0).collect();
-    assert!(!cached.is_empty(), "no score-caching tile for rows of one block of 32 at head_dim {d}");
-    for &tile in &cached {
-        let blocks = (tile.rc / 32) as usize;
-        assert!(blocks >= 3, "{tile:?} caches fewer than 3 blocks of 32");
+    assert!(!cases.is_empty(), "no score-caching tile for rows of 3 or more blocks of 32 at head_dim {d}");
+    assert!(cases.iter().any(|(t, _)| t.rc > tiles::ENTMAX_CACHE_MIN), "only the smallest cache size was checked: {cases:?}");
+    let short = PatternGeometry { block_q: 32, block_k: 32, seq_q: seq_q as u32, seq_kv: 96, slices: 1 };
+    for &(tile, blocks) in &cases {
         let seq_kv = blocks * 32 + 20;
         let g = PatternGeometry { seq_kv: seq_kv as u32, ..short };
         let mut acc = PatternAccumulator::new(g).unwrap();

@@ -45,7 +45,8 @@ fn fused_tiles_workgroup_memory_model_matches_the_shaders() {
             let sets = [
                 (KernelKind::FusedSoftmax, tiles::candidates(bq, bk, d, false, &limits)),
                 (KernelKind::FusedEntmax, tiles::candidates(bq, bk, d, true, &limits)),
-                (KernelKind::FusedEntmaxCached, tiles::cached_candidates(bq, bk, d, 1, &limits)),
+                // Each cache size: the smallest bucket, a middle one and the longest that fits.
+                (KernelKind::FusedEntmaxCached, [1, 8, 1024 / bk].iter().flat_map(|&rows| tiles::cached_candidates(bq, bk, d, rows, &limits)).collect()),
             ];
             for (n, (kind, set)) in sets.into_iter().enumerate() {
                 for tile in set {

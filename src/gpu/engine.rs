@@ -341,7 +341,7 @@ impl Engine {
         let fitting = self.fused_tile_candidates_for(pattern, shape.head_dim, opts.normalizer);
         let cached: Vec<FusedTile> = fitting.iter().copied().filter(|t| t.rc > 0).collect();
         if let Some(t) = opts.fused_tile {
-            if !fitting.contains(&t) {
+            if !tiles::accepts(&fitting, &t, &limits) {
                 return Err(Error::Unsupported(format!("fused tile {t:?} does not fit this problem or adapter")));
             }
             return Ok(t);

@@ -211,22 +211,42 @@ pub fn cached_row_keys(row_blocks: u32, block_k: u32, kc: u32) -> u32 {
     row_blocks * block_k.div_ceil(kc.max(1)) * kc
 }
 
+/// Shortest score cache a tile is given, in keys per row: rows up to this long share one
+/// pipeline per tile.
+pub const ENTMAX_CACHE_MIN: u32 = 128;
+
 /// Score-caching entmax tiles (fused_entmax_cached.wgsl) that fit this adapter and hold rows
 /// of `row_blocks` stored blocks, best guess first; empty when none does (long rows take the
-/// pooling kernel). Each tile's cache is the most keys (a multiple of its chunk, at most
-/// `ENTMAX_CACHE_MAX`) its workgroup memory leaves room for: fixed per adapter, so one
-/// pipeline serves every pattern whose rows fit, at the price of that much workgroup memory
-/// even for short rows.
+/// pooling kernel). A tile's cache is the row's keys rounded up to a power of two (at least
+/// `ENTMAX_CACHE_MIN`), or the most keys its workgroup memory leaves room for (a multiple of
+/// its chunk, at most `ENTMAX_CACHE_MAX`) when that is less: a few pipelines per tile serve
+/// every row length, and short rows leave the rest of the workgroup memory to other
+/// workgroups (occupancy on a GPU) instead of reserving the whole cache.
 pub fn cached_candidates(block_q: u32, block_k: u32, head_dim: u32, row_blocks: u32, limits: &wgpu::Limits) -> Vec<FusedTile> {
     entmax_register_tiles(&CACHED_CANDIDATES, block_q, block_k, head_dim, limits)
         .filter_map(|t| {
-            (1..=ENTMAX_CACHE_MAX / t.kc)
+            let capacity = (1..=ENTMAX_CACHE_MAX / t.kc)
                 .rev()
                 .map(|n| FusedTile { rc: n * t.kc, ..t })
-                .find(|c| c.workgroup_bytes() <= limits.max_compute_workgroup_storage_size)
+                .find(|c| c.workgroup_bytes() <= limits.max_compute_workgroup_storage_size)?;
+            let need = cached_row_keys(row_blocks.max(1), block_k, t.kc);
+            // Powers of two at least kc are multiples of it.
+            let bucket = need.next_power_of_two().max(ENTMAX_CACHE_MIN).max(t.kc);
+            (need <= capacity.rc).then(|| FusedTile { rc: bucket.min(capacity.rc), ..t })
         })
-        .filter(|t| cached_row_keys(row_blocks.max(1), block_k, t.kc) <= t.rc)
         .collect()
+}
+
+/// Whether a caller's forced tile may run where `fitting` are the call's candidates: one of
+/// them, or one of their score-caching tiles with a longer cache (a multiple of its chunk, at
+/// most `ENTMAX_CACHE_MAX`) that still fits the adapter's workgroup memory.
+pub fn accepts(fitting: &[FusedTile], t: &FusedTile, limits: &wgpu::Limits) -> bool {
+    fitting.contains(t)
+        || (t.rc > 0
+            && t.rc.is_multiple_of(t.kc.max(1))
+            && t.rc <= ENTMAX_CACHE_MAX
+            && t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size
+            && fitting.iter().any(|f| f.rc > 0 && f.rc <= t.rc && FusedTile { rc: t.rc, ..*f } == *t))
 }
 
 /// The tile used without tuning: the first candidate, or a typed error naming the limit.
@@ -328,5 +348,47 @@ impl TileCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llvmpipe's limits: 32 KiB of workgroup memory.
+    fn limits() -> wgpu::Limits {
+        wgpu::Limits { max_compute_workgroup_storage_size: 32 << 10, max_compute_invocations_per_workgroup: 256, max_compute_workgroup_size_x: 256, ..wgpu::Limits::default() }
+    }
+
+    fn fast_cache_tile(row_blocks: u32) -> Option<FusedTile> {
+        cached_candidates(32, 32, 64, row_blocks, &limits()).into_iter().find(|t| (t.wg, t.tq, t.rq, t.kc) == (32, 16, 4, 32))
+    }
+
+    #[test]
+    fn score_caches_round_rows_up_to_a_power_of_two_within_the_tiles_capacity() {
+        // (32, 16, 4, 32) at head_dim 64 holds 288 keys per row in 32 KiB (K and V share one
+        // staging area).
+        let rcs: Vec<Option<u32>> = [1, 4, 5, 8, 9, 10].into_iter().map(|b| fast_cache_tile(b).map(|t| t.rc)).collect();
+        assert_eq!(rcs, [Some(128), Some(128), Some(256), Some(256), Some(288), None]);
+        for blocks in 1..=(ENTMAX_CACHE_MAX / 32) {
+            for t in cached_candidates(32, 32, 64, blocks, &limits()) {
+                assert!(t.rc >= blocks * 32 && t.rc % t.kc == 0 && t.rc <= ENTMAX_CACHE_MAX, "{blocks} blocks: {t:?}");
+                assert!(t.workgroup_bytes() <= 32 << 10, "{t:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_forced_score_cache_may_be_longer_than_its_bucket_but_must_fit() {
+        let l = limits();
+        let fitting = call_candidates(32, 32, 64, true, Some(1), &l);
+        let Some(short) = fast_cache_tile(1) else { panic!("no fast cache tile") };
+        assert!(accepts(&fitting, &short, &l));
+        assert!(accepts(&fitting, &FusedTile { rc: 288, ..short }, &l));
+        assert!(!accepts(&fitting, &FusedTile { rc: 320, ..short }, &l), "320 keys exceed 32 KiB");
+        assert!(!accepts(&fitting, &FusedTile { rc: 200, ..short }, &l), "not a multiple of the chunk");
+        assert!(!accepts(&fitting, &FusedTile { rc: 288, tq: 32, ..short }, &l), "not a candidate's register tile");
+        let pool = fitting.iter().copied().find(|t| t.cap > 0).unwrap_or_else(|| panic!("no pool tile"));
+        assert!(!accepts(&fitting, &FusedTile { cap: pool.cap + 4, ..pool }, &l), "pool tiles are taken only as listed");
     }
 }
