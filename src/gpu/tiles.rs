@@ -199,11 +199,15 @@ pub fn candidates(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, limit
 pub const ENTMAX_CACHE_MAX: u32 = 1024;
 
 /// The score-caching entmax kernel's register tiles, same layout as the other sets, best guess
-/// first: (32, 16, 4, 32) was the fastest on llvmpipe at low density; the last ones fit block
-/// 16 and small workgroup memory (and cache longer rows). (32, 8, 2, 32), with twice the cache,
-/// lost to the pooling kernel on the rows only it could hold (llvmpipe, seq 1024 and 2048 at
-/// ρ 0.1), so it is not a candidate.
-const CACHED_CANDIDATES: [(u32, u32, u32, u32); 4] = [(32, 16, 4, 32), (64, 16, 2, 32), (64, 16, 2, 16), (32, 8, 2, 8)];
+/// first. (32, 32, 4, 16) stages each K and V chunk once for 32 rows (the softmax's reuse) and
+/// holds rows up to 144 keys in 32 KiB at head_dim 64 (272 in 48 KiB): on llvmpipe it beat
+/// (32, 16, 4, 32) by 10–25 % on rows of 2–4 blocks; (32, 16, 4, 32) holds 288 keys there;
+/// (128, 16, 2, 32) is the register tile the H200 chose for the softmax (untimed for this
+/// kernel on a GPU; 2× slower on llvmpipe); the last ones fit block 16 and small workgroup
+/// memory (and cache longer rows). (32, 8, 2, 32), with twice the cache, lost to the pooling
+/// kernel on the rows only it could hold (llvmpipe, seq 1024 and 2048 at ρ 0.1), and
+/// (64, 16, 2, 32) lost to (32, 16, 4, 32) everywhere on llvmpipe, so neither is a candidate.
+const CACHED_CANDIDATES: [(u32, u32, u32, u32); 5] = [(32, 32, 4, 16), (32, 16, 4, 32), (128, 16, 2, 32), (64, 16, 2, 16), (32, 8, 2, 8)];
 
 /// Keys per row the score-caching entmax kernel must cache for rows of `row_blocks` stored
 /// blocks: each block is walked in whole chunks of `kc` keys.
@@ -370,6 +374,12 @@ mod tests {
         // staging area).
         let rcs: Vec<Option<u32>> = [1, 4, 5, 8, 9, 10].into_iter().map(|b| fast_cache_tile(b).map(|t| t.rc)).collect();
         assert_eq!(rcs, [Some(128), Some(128), Some(256), Some(256), Some(288), None]);
+        // (32, 32, 4, 16) holds 144 keys: rows of up to 4 blocks, in one 128-key bucket.
+        let wide: Vec<Option<u32>> = [1, 4, 5]
+            .into_iter()
+            .map(|b| cached_candidates(32, 32, 64, b, &limits()).into_iter().find(|t| (t.wg, t.tq, t.rq, t.kc) == (32, 32, 4, 16)).map(|t| t.rc))
+            .collect();
+        assert_eq!(wide, [Some(128), Some(128), None]);
         for blocks in 1..=(ENTMAX_CACHE_MAX / 32) {
             for t in cached_candidates(32, 32, 64, blocks, &limits()) {
                 assert!(t.rc >= blocks * 32 && t.rc % t.kc == 0 && t.rc <= ENTMAX_CACHE_MAX, "{blocks} blocks: {t:?}");
