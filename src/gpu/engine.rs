@@ -374,10 +374,11 @@ impl Engine {
         Ok(best)
     }
 
-    /// Times each candidate tile (median of `TUNE_REPEATS` runs after one warm-up) on a
-    /// synthetic dense problem standing in for the key's bucket and returns the fastest; None
-    /// when no candidate ran. The stand-in has at most `TUNE_MAX_SEQ` tokens (tuning must stay
-    /// cheap on slow adapters) and seeded data whose scores spread like real attention (std ≈ 1 in one head, ≈ 0.45 in the other), so entmax
+    /// Times each candidate tile (median of `TUNE_REPEATS` runs after one warm-up, in rounds
+    /// that interleave the candidates) on a synthetic problem standing in for the key's bucket
+    /// and returns the fastest; None when no candidate ran. The stand-in has at most
+    /// `TUNE_MAX_SEQ` tokens (tuning must stay cheap on slow adapters) and seeded data whose
+    /// scores spread like real attention (std ≈ 1 in one head, ≈ 0.45 in the other), so entmax
     /// rows have realistic supports, narrow and broad.
     fn tune(&self, key: &TuneKey, opts: &AttentionOptions) -> Option<FusedTile> {
         const TUNE_MAX_SEQ: usize = 1024;
@@ -403,21 +404,38 @@ impl Engine {
         // broad heads of real models do, so an entmax tile whose pools cannot hold such rows
         // pays for its fallback here rather than on the caller's data.
         q.index_axis_mut(ndarray::Axis(1), 1).mapv_inplace(|x| x * 0.47);
-        let mut best: Option<(f64, FusedTile)> = None;
         // Every fitting candidate: the sets are small (10 at most, 12 for entmax rows that fit a
         // score cache), and a cut would silently drop the last ones as candidates are added.
         let row_blocks = (key.row_blocks > 0).then_some(key.row_blocks);
+        let mut prepared = Vec::new();
         for tile in tiles::call_candidates(key.block_q, key.block_k, key.head_dim, key.entmax, row_blocks, &self.device.limits()) {
             let o = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), return_probabilities: false, return_row_stats: false, ..*opts };
             let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-            let timed = self.prepare_attention(&q, &k, &v, &pattern, &o).and_then(|p| p.time(1, TUNE_REPEATS));
+            let warm = self.prepare_attention(&q, &k, &v, &pattern, &o).and_then(|p| p.time(1, 0).map(|_| p));
             let failed = pollster::block_on(scope.pop()).is_some();
-            if let (Ok(t), false) = (timed, failed) {
-                let ms = t.median_ms();
-                tracing::debug!(?tile, ms, "tile candidate");
-                if best.is_none_or(|(b, _)| ms < b) {
-                    best = Some((ms, tile));
+            if let (Ok(p), false) = (warm, failed) {
+                prepared.push((tile, p, Vec::with_capacity(TUNE_REPEATS)));
+            }
+        }
+        // Rounds over all candidates, one run each, so a drift in the adapter's speed (frequent
+        // on shared or CPU adapters) hits every candidate alike instead of favouring the ones
+        // timed in a fast spell.
+        for _ in 0..TUNE_REPEATS {
+            for (_, p, runs) in prepared.iter_mut() {
+                if let Ok(t) = p.time(0, 1) {
+                    runs.push(t.median_ms());
                 }
+            }
+        }
+        let mut best: Option<(f64, FusedTile)> = None;
+        for (tile, _, runs) in &prepared {
+            if runs.len() < TUNE_REPEATS {
+                continue;
+            }
+            let ms = median(runs);
+            tracing::debug!(?tile, ms, "tile candidate");
+            if best.is_none_or(|(b, _)| ms < b) {
+                best = Some((ms, *tile));
             }
         }
         best.map(|(_, t)| t)
