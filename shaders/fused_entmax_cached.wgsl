@@ -12,6 +12,35 @@ const CHUNKS: u32 = RC / KC;
 // Per cached chunk: whether any of the tile's rows has a p > 0 there.
 var<workgroup> chunk_live: array<atomic<u32>, CHUNKS>;
 
+// O += P·V over the staged chunk (p_tile columns from p0), only for keys where one of this
+// thread's RQ rows has p > 0: a row keeps a few percent of its keys, so most keys cost RQ
+// compares instead of NC loads and RQ·NC multiply-adds. A skipped key would add p·v = 0, so
+// the sums are accumulate_pv's, in its order.
+fn accumulate_support_pv(ty: u32, tx: u32, p0: u32, acc: ptr<function, array<vec4<f32>, RQ * NC>>) {
+    for (var kk = 0u; kk < KC; kk++) {
+        var p: array<f32, RQ>;
+        var live = false;
+        for (var r = 0u; r < RQ; r++) { // @unroll
+            p[r] = p_tile[(ty * RQ + r) * PS + p0 + kk];
+            live = live | (p[r] > 0.0);
+        }
+        if (live) {
+            var vv: array<vec4<f32>, NC>;
+            for (var c = 0u; c < NC; c++) { // @unroll
+                let col = tx + c * TX;
+                if (col < DP4) {
+                    vv[c] = kv_tile[VO + kk * DP4 + col];
+                }
+            }
+            for (var r = 0u; r < RQ; r++) { // @unroll
+                for (var c = 0u; c < NC; c++) { // @unroll
+                    (*acc)[r * NC + c] += p[r] * vv[c];
+                }
+            }
+        }
+    }
+}
+
 // Moments at τ of the cached scores lane, lane + TPR, … of the row's first `len` keys.
 fn lane_moments(row: u32, lane: u32, len: u32, m: f32, tau: f32) -> vec4<f32> {
     var sums = vec4<f32>(0.0);
@@ -107,7 +136,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             if (workgroupUniformLoad(&chunk_live[at / KC]) != 0u) {
                 stage_v(t, key0, lid);
                 workgroupBarrier();
-                accumulate_pv(ty, tx, at, &acc);
+                accumulate_support_pv(ty, tx, at, &acc);
                 workgroupBarrier(); // the next chunk's V overwrites what this one read
             }
             at += KC;
