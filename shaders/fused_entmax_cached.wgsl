@@ -18,25 +18,13 @@ var<workgroup> chunk_live: array<atomic<u32>, CHUNKS>;
 // the sums are accumulate_pv's, in its order.
 fn accumulate_support_pv(ty: u32, tx: u32, p0: u32, acc: ptr<function, array<vec4<f32>, RQ * NC>>) {
     for (var kk = 0u; kk < KC; kk++) {
-        var p: array<f32, RQ>;
+        let p = row_group_p(ty, p0 + kk);
         var live = false;
         for (var r = 0u; r < RQ; r++) { // @unroll
-            p[r] = p_tile[(ty * RQ + r) * PS + p0 + kk];
             live = live | (p[r] > 0.0);
         }
         if (live) {
-            var vv: array<vec4<f32>, NC>;
-            for (var c = 0u; c < NC; c++) { // @unroll
-                let col = tx + c * TX;
-                if (col < DP4) {
-                    vv[c] = kv_tile[VO + kk * DP4 + col];
-                }
-            }
-            for (var r = 0u; r < RQ; r++) { // @unroll
-                for (var c = 0u; c < NC; c++) { // @unroll
-                    (*acc)[r * NC + c] += p[r] * vv[c];
-                }
-            }
+            accumulate_key_pv(tx, kk, p, acc);
         }
     }
 }

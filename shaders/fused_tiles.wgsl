@@ -88,18 +88,31 @@ fn chunk_scores(t: Tile, b: u32, kc: u32, key0: u32, ty: u32, tx: u32) -> array<
 // the staged V.
 fn accumulate_pv(ty: u32, tx: u32, p0: u32, acc: ptr<function, array<vec4<f32>, RQ * NC>>) {
     for (var kk = 0u; kk < KC; kk++) {
-        var vv: array<vec4<f32>, NC>;
-        for (var c = 0u; c < NC; c++) { // @unroll
-            let col = tx + c * TX;
-            if (col < DP4) {
-                vv[c] = kv_tile[VO + kk * DP4 + col];
-            }
+        accumulate_key_pv(tx, kk, row_group_p(ty, p0 + kk), acc);
+    }
+}
+
+// p_tile column `col` of this thread's RQ rows.
+fn row_group_p(ty: u32, col: u32) -> array<f32, RQ> {
+    var p: array<f32, RQ>;
+    for (var r = 0u; r < RQ; r++) { // @unroll
+        p[r] = p_tile[(ty * RQ + r) * PS + col];
+    }
+    return p;
+}
+
+// O += p·v of staged key kk for this thread's RQ rows and NC output columns.
+fn accumulate_key_pv(tx: u32, kk: u32, p: array<f32, RQ>, acc: ptr<function, array<vec4<f32>, RQ * NC>>) {
+    var vv: array<vec4<f32>, NC>;
+    for (var c = 0u; c < NC; c++) { // @unroll
+        let col = tx + c * TX;
+        if (col < DP4) {
+            vv[c] = kv_tile[VO + kk * DP4 + col];
         }
-        for (var r = 0u; r < RQ; r++) { // @unroll
-            let p = p_tile[(ty * RQ + r) * PS + p0 + kk];
-            for (var c = 0u; c < NC; c++) { // @unroll
-                (*acc)[r * NC + c] += p * vv[c];
-            }
+    }
+    for (var r = 0u; r < RQ; r++) { // @unroll
+        for (var c = 0u; c < NC; c++) { // @unroll
+            (*acc)[r * NC + c] += p[r] * vv[c];
         }
     }
 }
