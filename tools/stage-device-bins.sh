@@ -5,7 +5,7 @@
 # `.device` and `.gl` can execute tools/device-check.sh there without a Rust toolchain:
 #
 #   bash tools/stage-device-bins.sh
-#   run(command="bash tools/device-check.sh", carry=[".device", ".gl"], timeout_s=560)
+#   run(command="bash tools/device-check.sh", carry=[".device", ".gl"], timeout_s=580)
 #
 # The binaries find the shaders, fixtures and bundled model through this checkout's path
 # (CARGO_MANIFEST_DIR), recorded in .device/manifest_dir; device-check.sh links it there.
