@@ -72,6 +72,23 @@ fn pow_e(x: f32) -> f32 {
     return exp2(params.exponent * log2(x));
 }
 
+// (x^e, x^(e-1), x^(e-2)) for x > 0: the terms of Σp and of the threshold step's moments
+// (`tau_step`). 1.5-entmax (e = 2) and sparsemax (e = 1) take them without a division or a
+// power (the search's inner loop runs this per cached score; a division costs many
+// multiply-adds), other α one reciprocal and one exp2/log2. Sparsemax's third term is 0:
+// Michelot's step reads only the count, and the Halley fallback runs only on an empty support.
+fn moment_terms(x: f32) -> vec3<f32> {
+    if (params.exponent == 2.0) {
+        return vec3<f32>(x * x, x, 1.0);
+    }
+    if (params.exponent == 1.0) {
+        return vec3<f32>(x, 1.0, 0.0);
+    }
+    let inv = 1.0 / x;
+    let px = exp2(params.exponent * log2(x));
+    return vec3<f32>(px, px * inv, px * inv * inv);
+}
+
 // Top of the entmax threshold bracket for n allowed scores at most the row max (shifted space):
 // Σp <= n·(-τ)^e, which is 1 at τ = -(1/n)^(α-1).
 fn tau_top(n: f32) -> f32 {

@@ -15,8 +15,7 @@ fn moments(s: f32, m: f32, tau: f32) -> vec4<f32> {
     if (s <= NEG_BIG || x <= 0.0) {
         return vec4<f32>(0.0);
     }
-    let px = pow_e(x);
-    return vec4<f32>(px, px / x, px / (x * x), 0.0);
+    return vec4<f32>(moment_terms(x), 0.0);
 }
 
 // Sum of kv_tile's entries of this thread's row over its TPR lanes, in lane order; `at` is this

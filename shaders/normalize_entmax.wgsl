@@ -31,10 +31,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             if (element_allowed(ctx, el)) {
                 let x = am1 * (scores[score_index(ctx, el)] - m) - st.tau;
                 if (x > 0.0) {
-                    let px = pow_e(x);
-                    s0 += px;
-                    s1 += px / x;
-                    s2 += px / (x * x);
+                    let t = moment_terms(x);
+                    s0 += t.x;
+                    s1 += t.y;
+                    s2 += t.z;
                 }
             }
         }
