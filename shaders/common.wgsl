@@ -38,8 +38,8 @@ struct Params {
     tolerance: f32,
     max_iterations: u32,
     key_splits: u32,
-    pad1: u32,
-    pad2: u32,
+    min_row_blocks: u32,
+    max_row_blocks: u32,
 }
 
 const FULL_BLOCK: u32 = 0xffffffffu;

@@ -20,6 +20,14 @@ struct Tile {
     kv_row0: u32, // global K/V row of the kv slice's key 0
 }
 
+// Whether the tile's query-block row belongs to this dispatch's row class (the fused entmax
+// path may run short and long rows on different tiles, one dispatch each): a uniform test,
+// so a workgroup of another class returns before its first barrier.
+fn in_row_class(t: Tile) -> bool {
+    let blocks = t.last - t.first;
+    return blocks >= params.min_row_blocks && blocks <= params.max_row_blocks;
+}
+
 fn tile_of_workgroup(w: u32) -> Tile {
     let per_block = BQ / TQ;
     let vrow = params.row_base + w / per_block;

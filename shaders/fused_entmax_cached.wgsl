@@ -46,6 +46,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         return;
     }
     let t = tile_of_workgroup(w);
+    if (!in_row_class(t)) {
+        return;
+    }
     let ty = lid / TX; // register-tile layout
     let tx = lid % TX;
     let row = lid / TPR; // per-score layout

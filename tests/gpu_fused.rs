@@ -379,17 +379,62 @@ fn score_caching_tiles_refuse_rows_longer_than_their_cache_and_long_rows_pool() 
         tolerance: 1e-6,
         max_iterations: 50,
         fused: Some(tile),
+        row_classes: Vec::new(),
         key_splits: None,
     };
     match sparse_attn::gpu::plan::plan(&shape, &long, &plan_opts, &engine.plan_limits()) {
         Err(sparse_attn::Error::Unsupported(msg)) => assert!(msg.contains("longest row"), "{msg}"),
         other => panic!("expected Unsupported, got {other:?}"),
     }
-    let softmax = sparse_attn::gpu::plan::PlanOptions { normalizer: Normalizer::Softmax, ..plan_opts };
+    let softmax = sparse_attn::gpu::plan::PlanOptions { normalizer: Normalizer::Softmax, ..plan_opts.clone() };
     assert!(matches!(sparse_attn::gpu::plan::plan(&shape, &short, &softmax, &engine.plan_limits()), Err(sparse_attn::Error::Unsupported(_))));
     // By default the long rows take the pooling kernel and the short ones the score cache.
     let auto = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(Normalizer::ENTMAX15) };
     let long_tile = engine.plan(&shape, &long, &auto).unwrap().fused.unwrap();
     assert!(long_tile.cap > 0 && long_tile.rc == 0, "{long_tile:?}");
     assert!(engine.plan(&shape, &short, &auto).unwrap().fused.unwrap().rc > 0);
+}
+
+#[test]
+fn entmax_rows_of_different_lengths_run_in_row_classes_on_their_own_tiles() {
+    let Some(engine) = engine() else { return };
+    // Per-slice rows (batch 2 × 2 heads over 1 kv head) of 0, 2, 5, 9 and 36 stored blocks of
+    // 32 keys, rotated per slice, the last query block ragged: the score-cache buckets 128,
+    // 256 and 512 keys and rows longer than any cache. Flat scores give large supports.
+    use sparse_attn::pattern::{BlockMask, PatternAccumulator, PatternGeometry};
+    let (seq_q, seq_kv, d) = (150, 36 * 32 - 10, 32);
+    let shape = AttentionShape::new(2, 2, seq_q, d).with_kv_heads(1).with_seq_kv(seq_kv);
+    let g = PatternGeometry { block_q: 32, block_k: 32, seq_q: seq_q as u32, seq_kv: seq_kv as u32, slices: 4 };
+    let lengths = [0u32, 2, 5, 9, 36];
+    let mut acc = PatternAccumulator::new(g).unwrap();
+    for slice in 0..4 {
+        for qb in 0..5 {
+            let blocks = lengths[(qb + slice) % 5];
+            acc.push_row((0..blocks).map(|b| ((b * 7 + qb as u32) % 36, BlockMask::Full)).collect::<std::collections::BTreeMap<_, _>>());
+        }
+    }
+    let pattern = acc.finish().unwrap();
+    assert_eq!(tiles::row_class_bounds(&pattern), [2, 5, 9, 36]);
+    let q = random4((2, 2, seq_q, d), 61, 0.6);
+    let k = random4((2, 1, seq_kv, d), 62, 0.6);
+    let v = random4((2, 1, seq_kv, d), 63, 1.0);
+    let auto = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(Normalizer::ENTMAX15) };
+    let plan = engine.plan(&shape, &pattern, &auto).unwrap();
+    let classes = &plan.row_classes;
+    assert!(classes.len() >= 2, "rows of 2 to 36 blocks should split into classes: {classes:?}");
+    assert!(classes[0].tile.rc > 0 && classes[0].max_blocks >= 2, "short rows take a score cache: {classes:?}");
+    assert!(classes.last().is_some_and(|c| c.tile.cap > 0 && c.max_blocks == 36), "rows past every cache take the pools: {classes:?}");
+    for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.3 }] {
+        let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
+        for dtype in [DType::F32, DType::F16] {
+            if dtype == DType::F16 && !engine.capabilities().f16 {
+                continue;
+            }
+            let opts = AttentionOptions { dtype, ..AttentionOptions::new(normalizer) };
+            let fused = AttentionOptions { path: ExecPath::Fused, ..opts };
+            assert_eq!(engine.plan(&shape, &pattern, &fused).unwrap().row_classes.len(), classes.len());
+            let got = engine.attention_with(&q, &k, &v, &pattern, &fused).unwrap();
+            assert_close(&format!("row classes {} {dtype:?}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(dtype));
+        }
+    }
 }

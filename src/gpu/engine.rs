@@ -4,7 +4,7 @@
 
 use super::device::{self, Capabilities};
 use super::kernels::{Kernel, KernelCache, KernelKey, KernelKind};
-use super::plan::{self, DType, ExecPath, Plan, PlanLimits, PlanOptions, Window};
+use super::plan::{self, DType, ExecPath, Plan, PlanLimits, PlanOptions, RowClass, Window};
 use super::tiles::{self, FusedTile, TileCache, TuneKey};
 use crate::error::{Error, Result};
 use crate::pattern::BlockPattern;
@@ -302,18 +302,19 @@ impl Engine {
         }
         opts.normalizer.validate()?;
         let wants_outputs = opts.return_probabilities || opts.return_row_stats;
-        let fused = match opts.path {
-            ExecPath::ThreeKernel => None,
+        let classes = match opts.path {
+            ExecPath::ThreeKernel => Vec::new(),
             ExecPath::Fused if wants_outputs => {
                 return Err(Error::Unsupported(
                     "the fused path does not materialise probabilities or row stats; use ExecPath::ThreeKernel or Auto".into(),
                 ))
             }
-            ExecPath::Fused => Some(self.fused_tile(shape, pattern, opts)?),
+            ExecPath::Fused => self.fused_classes(shape, pattern, opts)?,
             // Auto: fused when it can run, the three-kernel path otherwise (guaranteed fallback).
-            ExecPath::Auto if wants_outputs => None,
-            ExecPath::Auto => self.fused_tile(shape, pattern, opts).ok(),
+            ExecPath::Auto if wants_outputs => Vec::new(),
+            ExecPath::Auto => self.fused_classes(shape, pattern, opts).unwrap_or_default(),
         };
+        let fused = classes.last().map(|c| c.tile);
         Ok(PlanOptions {
             normalizer: opts.normalizer,
             scale: opts.scale.unwrap_or_else(|| shape.default_scale()),
@@ -321,11 +322,34 @@ impl Engine {
             tolerance: opts.tolerance,
             max_iterations: opts.max_iterations,
             fused,
+            row_classes: if classes.len() > 1 { classes } else { Vec::new() },
             key_splits: opts.key_splits,
         })
     }
 
-    fn fused_tile(&self, shape: &AttentionShape, pattern: &BlockPattern, opts: &AttentionOptions) -> Result<FusedTile> {
+    /// The fused path's tiles by row class: one tile for every row, except for entmax without
+    /// a forced tile, where each score-cache bucket of row lengths present in the pattern
+    /// ([`tiles::row_class_bounds`]) gets the tile tuned (or picked) for its longest row, and
+    /// neighbouring buckets that got the same tile run as one class. So a few long rows no
+    /// longer send every row to the pooling kernel or to a slower cache tile.
+    fn fused_classes(&self, shape: &AttentionShape, pattern: &BlockPattern, opts: &AttentionOptions) -> Result<Vec<RowClass>> {
+        if opts.normalizer.alpha().is_none() || opts.fused_tile.is_some() {
+            return Ok(vec![RowClass { max_blocks: u32::MAX, tile: self.fused_tile(shape, pattern, opts, pattern.max_row_blocks())? }]);
+        }
+        let mut classes: Vec<RowClass> = Vec::new();
+        for longest in tiles::row_class_bounds(pattern) {
+            let tile = self.fused_tile(shape, pattern, opts, longest)?;
+            match classes.last_mut() {
+                Some(c) if c.tile == tile => c.max_blocks = longest,
+                _ => classes.push(RowClass { max_blocks: longest, tile }),
+            }
+        }
+        Ok(classes)
+    }
+
+    /// The fused tile for rows of at most `row_blocks` stored blocks of `pattern` (a forced
+    /// tile is checked against the whole pattern).
+    fn fused_tile(&self, shape: &AttentionShape, pattern: &BlockPattern, opts: &AttentionOptions, row_blocks: u32) -> Result<FusedTile> {
         let entmax = opts.normalizer.alpha().is_some();
         let limits = self.device.limits();
         let (bq, bk, d) = (pattern.block_q(), pattern.block_k(), shape.head_dim as u32);
@@ -337,8 +361,7 @@ impl Engine {
             )));
         }
         // Entmax rows that fit a score cache may take the score-caching kernel as well.
-        let row_blocks = pattern.max_row_blocks();
-        let fitting = self.fused_tile_candidates_for(pattern, shape.head_dim, opts.normalizer);
+        let fitting = tiles::call_candidates(bq, bk, d, entmax, Some(row_blocks), &limits);
         let cached: Vec<FusedTile> = fitting.iter().copied().filter(|t| t.rc > 0).collect();
         if let Some(t) = opts.fused_tile {
             if !tiles::accepts(&fitting, &t, &limits) {
@@ -505,8 +528,13 @@ impl Engine {
     }
 
     fn kernel(&self, kind: KernelKind, plan: &Plan) -> Result<std::sync::Arc<Kernel>> {
+        self.kernel_with_tile(kind, plan, plan.fused)
+    }
+
+    /// `kind`'s pipeline for `plan` with the fused tile `tile` (a row class's).
+    fn kernel_with_tile(&self, kind: KernelKind, plan: &Plan, tile: Option<FusedTile>) -> Result<std::sync::Arc<Kernel>> {
         let d_chunk = if matches!(kind, KernelKind::Spmm | KernelKind::SpmmMra) { plan.d_chunk } else { 0 };
-        let fused = if kind.is_fused() { plan.fused } else { None };
+        let fused = if kind.is_fused() { tile } else { None };
         let subgroups = self.caps.subgroups && matches!(kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax | KernelKind::NormalizeSoftmaxMra);
         let vec4 = kind.is_fused() && plan.shape.head_dim.is_multiple_of(4);
         self.kernels.get(&self.device, KernelKey { kind, dtype: plan.dtype, block_q: plan.block_q, block_k: plan.block_k, d_chunk, fused, subgroups, vec4 })
@@ -517,7 +545,19 @@ impl Engine {
         for kind in Self::kinds(plan, false) {
             self.kernel(kind, plan)?;
         }
+        for class in &plan.row_classes {
+            self.kernel_with_tile(Self::entmax_kind(class.tile), plan, Some(class.tile))?;
+        }
         Ok(())
+    }
+
+    /// The fused entmax kernel that runs `tile`: the score cache's or the pooling one.
+    fn entmax_kind(tile: FusedTile) -> KernelKind {
+        if tile.rc > 0 {
+            KernelKind::FusedEntmaxCached
+        } else {
+            KernelKind::FusedEntmax
+        }
     }
 
     /// Kernels a plan runs, in order (`mra`: the variants that merge an MRA remainder).
@@ -534,8 +574,7 @@ impl Engine {
         match (plan.path, softmax) {
             (ExecPath::Fused, true) if split => vec![KernelKind::FusedSoftmax, KernelKind::MergeSplits],
             (ExecPath::Fused, true) => vec![KernelKind::FusedSoftmax],
-            (ExecPath::Fused, false) if plan.fused.is_some_and(|t| t.rc > 0) => vec![KernelKind::FusedEntmaxCached],
-            (ExecPath::Fused, false) => vec![KernelKind::FusedEntmax],
+            (ExecPath::Fused, false) => plan.fused.map(Self::entmax_kind).into_iter().collect(),
             (_, true) => vec![KernelKind::Sddmm, KernelKind::NormalizeSoftmax, KernelKind::Spmm],
             (_, false) => vec![KernelKind::Sddmm, KernelKind::NormalizeEntmax, KernelKind::Spmm],
         }
@@ -659,37 +698,53 @@ impl Engine {
         mut timer: Option<&mut super::timing::PassTimer>,
         mra: Option<&MraBuffers>,
     ) -> Result<()> {
+        let softmax = plan.normalizer == Normalizer::Softmax;
         let kinds = Self::kinds(plan, mra.is_some());
-        let kernel = self.kernel(kinds[0], plan)?;
+        // One kernel per row class (softmax plans have one); each class's dispatch covers the
+        // chunk's rows and its workgroups skip the rows of other classes.
+        let kernels = plan
+            .row_classes
+            .iter()
+            .map(|c| {
+                let kind = if softmax { kinds[0] } else { Self::entmax_kind(c.tile) };
+                self.kernel_with_tile(kind, plan, Some(c.tile))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let merge = match kinds.get(1) {
             Some(&kind) => Some(self.kernel(kind, plan)?),
             None => None,
         };
         for (ci, chunk) in plan.chunks.iter().enumerate() {
-            if chunk.fused.is_empty() {
-                continue;
-            }
-            let uniform = self.params_buffer(&chunk.params);
-            let mut resources = vec![
-                uniform.as_entire_binding(),
-                bind(buffers.q, chunk.q),
-                bind(buffers.k, chunk.kv),
-                bind(buffers.v, chunk.kv),
-                pattern.buffer.as_entire_binding(),
-                bind(buffers.o, chunk.o),
-            ];
-            if let Some(m) = mra {
-                resources.push(m.rows.as_entire_binding());
-            }
-            if !matches!(kernel.key.kind, KernelKind::FusedEntmax | KernelKind::FusedEntmaxCached) {
-                resources.push(workspace.partials.as_entire_binding());
-            }
-            let bind_group = self.bind_group(&kernel, ci, resources);
-            dispatch(encoder, timer.as_deref_mut(), &kernel, &bind_group, chunk.fused);
-            // Split-K: combine the chunk's splits into O (the partials are reused by the next chunk).
-            if let (Some(merge), false) = (&merge, chunk.merge.is_empty()) {
-                let bind_group = self.bind_group(merge, ci, vec![uniform.as_entire_binding(), workspace.partials.as_entire_binding(), bind(buffers.o, chunk.o)]);
-                dispatch(encoder, timer.as_deref_mut(), merge, &bind_group, chunk.merge);
+            let mut min_row_blocks = 0;
+            for ((class, kernel), &grid) in plan.row_classes.iter().zip(&kernels).zip(&chunk.fused) {
+                let (min, max) = (min_row_blocks, class.max_blocks);
+                min_row_blocks = class.max_blocks.saturating_add(1);
+                if grid.is_empty() {
+                    continue;
+                }
+                let params = if plan.row_classes.len() > 1 { plan::Params { min_row_blocks: min, max_row_blocks: max, ..chunk.params } } else { chunk.params };
+                let uniform = self.params_buffer(&params);
+                let mut resources = vec![
+                    uniform.as_entire_binding(),
+                    bind(buffers.q, chunk.q),
+                    bind(buffers.k, chunk.kv),
+                    bind(buffers.v, chunk.kv),
+                    pattern.buffer.as_entire_binding(),
+                    bind(buffers.o, chunk.o),
+                ];
+                if let Some(m) = mra {
+                    resources.push(m.rows.as_entire_binding());
+                }
+                if softmax {
+                    resources.push(workspace.partials.as_entire_binding());
+                }
+                let bind_group = self.bind_group(kernel, ci, resources);
+                dispatch(encoder, timer.as_deref_mut(), kernel, &bind_group, grid);
+                // Split-K: combine the chunk's splits into O (the partials are reused by the next chunk).
+                if let (Some(merge), false) = (&merge, chunk.merge.is_empty()) {
+                    let bind_group = self.bind_group(merge, ci, vec![uniform.as_entire_binding(), workspace.partials.as_entire_binding(), bind(buffers.o, chunk.o)]);
+                    dispatch(encoder, timer.as_deref_mut(), merge, &bind_group, chunk.merge);
+                }
             }
         }
         Ok(())
@@ -970,7 +1025,9 @@ impl PreparedAttention<'_> {
     /// Runs `iters` times after `warmup` runs, waiting for the GPU after each run.
     pub fn time(&self, warmup: usize, iters: usize) -> Result<RunTimes> {
         let e = self.engine;
-        let passes = (self.plan.chunks.len() * 3) as u32;
+        // Three-kernel: 3 passes per chunk; fused: one per row class, or the kernel and its
+        // split merge.
+        let passes = (self.plan.chunks.len() * self.plan.row_classes.len().max(3)) as u32;
         let mut timer = super::timing::PassTimer::new(&e.device, &e.queue, passes);
         let mut times = RunTimes::default();
         let mut stages: std::collections::BTreeMap<String, Vec<f64>> = Default::default();

@@ -127,7 +127,10 @@ pub struct Params {
     pub max_iterations: u32,
     /// Fused softmax: key splits per query tile (1 = the tile walks its whole row).
     pub key_splits: u32,
-    pub pad: [u32; 2],
+    /// Fused entmax row class of this dispatch: its workgroups skip query-block rows with
+    /// fewer or more stored blocks than these (0 and u32::MAX: every row).
+    pub min_row_blocks: u32,
+    pub max_row_blocks: u32,
 }
 
 /// Offsets (in u32 words) of the pattern arrays packed into one storage buffer:
@@ -171,7 +174,7 @@ pub fn pack_pattern(p: &BlockPattern) -> Vec<u32> {
 }
 
 /// Workgroups of a 1-D job laid out on a 2-D grid within the per-dimension limit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Grid {
     pub x: u32,
     pub y: u32,
@@ -191,6 +194,17 @@ impl Grid {
     }
 }
 
+/// One dispatch of the fused path: `tile` runs the query-block rows with at most `max_blocks`
+/// stored blocks that no earlier class of the plan took (classes are ordered by
+/// `max_blocks`). Entmax rows of different lengths thus run in one call on the tiles that suit
+/// them: short rows on a score cache sized for them, longer ones on a longer cache or the
+/// pooling kernel, instead of every row on the tile the longest one needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowClass {
+    pub max_blocks: u32,
+    pub tile: super::tiles::FusedTile,
+}
+
 /// One dispatch chunk: a contiguous range of virtual rows (query blocks of slices).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Chunk {
@@ -203,8 +217,9 @@ pub struct Chunk {
     pub sddmm: Grid,
     pub normalize: Grid,
     pub spmm: Grid,
-    /// Workgroups of the fused kernel (TQ query rows and one key split each).
-    pub fused: Grid,
+    /// Workgroups of the fused kernel per row class of the plan (TQ query rows and one key
+    /// split each; a class's workgroups cover every row of the chunk and skip the others').
+    pub fused: Vec<Grid>,
     /// Workgroups of the split merge (one per query row; empty without key splits).
     pub merge: Grid,
     pub params: Params,
@@ -215,8 +230,12 @@ pub struct Chunk {
 pub struct Plan {
     /// `Fused` or `ThreeKernel` (never `Auto`).
     pub path: ExecPath,
-    /// The fused kernels' tile when `path` is `Fused`.
+    /// The fused kernels' tile when `path` is `Fused` (of the longest rows' class when the
+    /// rows are split into classes).
     pub fused: Option<super::tiles::FusedTile>,
+    /// The fused path's dispatches, shortest rows first; one class of every row unless the
+    /// options split them. Empty on the three-kernel path.
+    pub row_classes: Vec<RowClass>,
     pub shape: AttentionShape,
     pub dtype: DType,
     pub normalizer: Normalizer,
@@ -237,7 +256,7 @@ pub struct Plan {
 }
 
 /// Settings that shape a plan.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct PlanOptions {
     pub normalizer: Normalizer,
     pub scale: f32,
@@ -247,6 +266,9 @@ pub struct PlanOptions {
     pub max_iterations: u32,
     /// `Some(tile)` plans the fused path with that tile; `None` the three-kernel path.
     pub fused: Option<super::tiles::FusedTile>,
+    /// Fused entmax: rows split into classes, each on its own tile (shortest first; the last
+    /// takes every row left, and its tile is `fused`'s). Empty: `fused` runs every row.
+    pub row_classes: Vec<RowClass>,
     /// Fused softmax key splits: `None` chooses ([`auto_key_splits`]), `Some(n)` forces `n`
     /// (clamped to [1, MAX_KEY_SPLITS]; entmax and the three-kernel path never split).
     pub key_splits: Option<u32>,
@@ -330,20 +352,24 @@ pub fn plan(
     let limits = &PlanLimits { binding_alignment: limits.binding_alignment.max(16), ..*limits };
     let (seq_q, seq_kv) = (shape.seq_q as u64, shape.seq_kv as u64);
     let kv_slice = |s: u32| shape.kv_slice(s as usize) as u64;
-    if let Some(t) = opts.fused.filter(|t| t.rc > 0) {
+    let row_classes = row_classes(pattern, opts)?;
+    for (i, class) in row_classes.iter().enumerate() {
+        let t = class.tile;
+        if t.rc == 0 {
+            continue;
+        }
         // The score-caching entmax kernel holds whole rows on chip; a longer row would lose keys.
-        let need = super::tiles::cached_row_keys(pattern.max_row_blocks(), bk, t.kc);
+        let longest = class.max_blocks.min(pattern.max_row_blocks());
+        let need = super::tiles::cached_row_keys(longest, bk, t.kc);
         if opts.normalizer == Normalizer::Softmax {
             return Err(Error::Unsupported(format!("fused tile {t:?} is a score-caching entmax tile; softmax has no such kernel")));
         }
         if need > t.rc {
-            return Err(Error::Unsupported(format!(
-                "score-caching entmax tile {t:?} caches {} keys per row; the pattern's longest row needs {need}",
-                t.rc
-            )));
+            let whose = if row_classes.len() > 1 { format!("row class {i}'s longest row") } else { "the pattern's longest row".to_string() };
+            return Err(Error::Unsupported(format!("score-caching entmax tile {t:?} caches {} keys per row; {whose} needs {need}", t.rc)));
         }
     }
-    let fused_per_row = opts.fused.map_or(1, |t| (bq / t.tq) as u64);
+    let fused_per_row: Vec<u64> = row_classes.iter().map(|c| (bq / c.tile.tq) as u64).collect();
     let key_splits = if opts.fused.is_some() && opts.normalizer == Normalizer::Softmax {
         match opts.key_splits {
             Some(n) => n.clamp(1, MAX_KEY_SPLITS),
@@ -353,7 +379,8 @@ pub fn plan(
                     .map(|(s, qb)| pattern.row_blocks(s, qb).len() as u64)
                     .max()
                     .unwrap_or(0);
-                auto_key_splits(rows_total * fused_per_row, max_row_blocks)
+                // Softmax plans have one row class.
+                auto_key_splits(rows_total * fused_per_row.first().copied().unwrap_or(1), max_row_blocks)
             }
         }
     } else {
@@ -398,11 +425,13 @@ pub fn plan(
         let stats = Window::covering(stats_lo, stats_hi, 4, limits.binding_alignment);
         let scores = (a.tile1 - a.tile0).max(1) * tile_bytes;
         let rows = r_last + 1 - a.r0;
+        let fused_grids: Option<Vec<Grid>> =
+            fused_per_row.iter().map(|per_row| Grid::for_count(rows * per_row * key_splits as u64, limits.max_workgroups_per_dim)).collect();
         let grids = (
             Grid::for_count(a.tile1 - a.tile0, limits.max_workgroups_per_dim),
             Grid::for_count(rows * bq as u64, limits.max_workgroups_per_dim),
             Grid::for_count(rows * d_chunks as u64, limits.max_workgroups_per_dim),
-            Grid::for_count(rows * fused_per_row * key_splits as u64, limits.max_workgroups_per_dim),
+            fused_grids,
             Grid::for_count(if key_splits > 1 { rows * bq as u64 } else { 0 }, limits.max_workgroups_per_dim),
         );
         let partial = rows * bq as u64 * partial_row_bytes;
@@ -494,7 +523,8 @@ pub fn plan(
             tolerance: opts.tolerance,
             max_iterations: opts.max_iterations,
             key_splits,
-            pad: [0; 2],
+            min_row_blocks: 0,
+            max_row_blocks: u32::MAX,
         };
         chunks.push(Chunk {
             rows: acc.r0 as u32..(last + 1) as u32,
@@ -506,7 +536,7 @@ pub fn plan(
             sddmm: g1.unwrap_or(Grid { x: 0, y: 0 }),
             normalize: g2.unwrap_or(Grid { x: 0, y: 0 }),
             spmm: g3.unwrap_or(Grid { x: 0, y: 0 }),
-            fused: g4.unwrap_or(Grid { x: 0, y: 0 }),
+            fused: g4.unwrap_or_default(),
             merge: g5.unwrap_or(Grid { x: 0, y: 0 }),
             params,
         });
@@ -521,6 +551,7 @@ pub fn plan(
     Ok(Plan {
         path: if fused.is_some() { ExecPath::Fused } else { ExecPath::ThreeKernel },
         fused,
+        row_classes,
         shape: *shape,
         dtype: opts.dtype,
         normalizer: opts.normalizer,
@@ -534,6 +565,33 @@ pub fn plan(
         total_tiles,
         layout,
     })
+}
+
+/// The fused path's row classes for `opts` (validated), or none for the three-kernel path.
+fn row_classes(pattern: &BlockPattern, opts: &PlanOptions) -> Result<Vec<RowClass>> {
+    let Some(tile) = opts.fused else {
+        if opts.row_classes.is_empty() {
+            return Ok(Vec::new());
+        }
+        return Err(Error::Unsupported("row classes split the fused path's rows; the plan has no fused tile".into()));
+    };
+    let classes = &opts.row_classes;
+    let Some(last) = classes.last() else {
+        return Ok(vec![RowClass { max_blocks: u32::MAX, tile }]);
+    };
+    if opts.normalizer == Normalizer::Softmax {
+        return Err(Error::Unsupported("row classes are for the fused entmax kernels; the softmax runs every row on one tile".into()));
+    }
+    if classes.windows(2).any(|w| w[0].max_blocks >= w[1].max_blocks) {
+        return Err(Error::Unsupported(format!("row classes must grow in max_blocks: {classes:?}")));
+    }
+    if last.tile != tile || last.max_blocks < pattern.max_row_blocks() {
+        return Err(Error::Unsupported(format!(
+            "the last row class must run the plan's fused tile {tile:?} on the longest rows ({} blocks), got {last:?}",
+            pattern.max_row_blocks()
+        )));
+    }
+    Ok(classes.clone())
 }
 
 #[cfg(test)]
@@ -551,5 +609,72 @@ mod split_tests {
         assert_eq!(auto_key_splits(512, 512), 2);
         assert_eq!(auto_key_splits(1, 100_000), MAX_KEY_SPLITS);
         assert_eq!(auto_key_splits(0, 100), 1);
+    }
+}
+
+#[cfg(test)]
+mod row_class_tests {
+    use super::*;
+    use crate::gpu::tiles::FusedTile;
+    use crate::pattern::{BlockMask, PatternAccumulator, PatternGeometry};
+
+    const LIMITS: PlanLimits = PlanLimits { max_binding_bytes: 1 << 30, max_workgroups_per_dim: 65535, binding_alignment: 256, max_buffer_bytes: 1 << 30 };
+    const CACHE: FusedTile = FusedTile { tq: 32, kc: 16, wg: 32, dp: 64, cap: 0, rq: 4, rc: 128 };
+    const POOL: FusedTile = FusedTile { tq: 16, kc: 32, wg: 32, dp: 64, cap: 128, rq: 4, rc: 0 };
+
+    /// Query-block rows of 0, 2, 4, 9 and 40 stored blocks of 32 keys.
+    fn pattern() -> (AttentionShape, BlockPattern) {
+        let g = PatternGeometry { block_q: 32, block_k: 32, seq_q: 160, seq_kv: 40 * 32, slices: 1 };
+        let mut acc = PatternAccumulator::new(g).unwrap_or_else(|e| panic!("{e}"));
+        for blocks in [0u32, 2, 4, 9, 40] {
+            acc.push_row((0..blocks).map(|b| (b, BlockMask::Full)));
+        }
+        let p = acc.finish().unwrap_or_else(|e| panic!("{e}"));
+        (AttentionShape::new(1, 2, 160, 64).with_seq_kv(40 * 32), p)
+    }
+
+    fn opts(normalizer: Normalizer, row_classes: Vec<RowClass>) -> PlanOptions {
+        PlanOptions { normalizer, scale: 0.125, dtype: DType::F32, tolerance: 1e-6, max_iterations: 50, fused: Some(POOL), row_classes, key_splits: None }
+    }
+
+    #[test]
+    fn classes_are_the_longest_row_of_each_cache_bucket() {
+        let (_, p) = pattern();
+        assert_eq!(crate::gpu::tiles::row_class_bounds(&p), [4, 9, 40]);
+        assert_eq!(crate::gpu::tiles::cache_bucket(0, 32), Some(128));
+        assert_eq!(crate::gpu::tiles::cache_bucket(5, 32), Some(256));
+        assert_eq!(crate::gpu::tiles::cache_bucket(32, 32), Some(1024));
+        assert_eq!(crate::gpu::tiles::cache_bucket(33, 32), None);
+    }
+
+    #[test]
+    fn each_class_gets_its_grid_and_bad_classes_are_refused() {
+        let (shape, p) = pattern();
+        let entmax = Normalizer::ENTMAX15;
+        let classes = vec![RowClass { max_blocks: 4, tile: CACHE }, RowClass { max_blocks: 40, tile: POOL }];
+        let classed = plan(&shape, &p, &opts(entmax, classes.clone()), &LIMITS).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(classed.row_classes, classes);
+        assert_eq!(classed.fused, Some(POOL));
+        for chunk in &classed.chunks {
+            let rows = (chunk.rows.end - chunk.rows.start) as u64;
+            // One query tile per 32-row block for the cache tile, two of 16 rows for the pools.
+            let counts: Vec<u64> = chunk.fused.iter().map(|g| g.x as u64 * g.y as u64).collect();
+            assert_eq!(counts, [rows, 2 * rows]);
+        }
+        // No classes: one class of every row.
+        let single = plan(&shape, &p, &opts(entmax, Vec::new()), &LIMITS).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(single.row_classes, [RowClass { max_blocks: u32::MAX, tile: POOL }]);
+        let refused = |classes: Vec<RowClass>, normalizer: Normalizer, want: &str| match plan(&shape, &p, &opts(normalizer, classes), &LIMITS) {
+            Err(Error::Unsupported(msg)) => assert!(msg.contains(want), "{msg}"),
+            other => panic!("expected Unsupported({want}), got {other:?}"),
+        };
+        refused(classes.clone(), Normalizer::Softmax, "softmax");
+        refused(vec![RowClass { max_blocks: 9, tile: CACHE }, RowClass { max_blocks: 4, tile: POOL }], entmax, "grow");
+        refused(vec![RowClass { max_blocks: 4, tile: CACHE }, RowClass { max_blocks: 9, tile: POOL }], entmax, "longest rows");
+        refused(vec![RowClass { max_blocks: 4, tile: POOL }, RowClass { max_blocks: 40, tile: CACHE }], entmax, "fused tile");
+        // A 128-key cache cannot take the class of 9-block rows.
+        refused(vec![RowClass { max_blocks: 9, tile: CACHE }, RowClass { max_blocks: 40, tile: POOL }], entmax, "row class 0");
+        let three_kernel = PlanOptions { fused: None, ..opts(entmax, classes) };
+        assert!(matches!(plan(&shape, &p, &three_kernel, &LIMITS), Err(Error::Unsupported(_))));
     }
 }

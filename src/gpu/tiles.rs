@@ -2,6 +2,7 @@
 //! adapter, and the cache of tuned choices (in memory, optionally on disk).
 
 use crate::error::{Error, Result};
+use crate::pattern::BlockPattern;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -239,6 +240,28 @@ pub fn cached_candidates(block_q: u32, block_k: u32, head_dim: u32, row_blocks: 
             (need <= capacity.rc).then(|| FusedTile { rc: bucket.min(capacity.rc), ..t })
         })
         .collect()
+}
+
+/// Score-cache bucket of rows of `blocks` stored blocks of `block_k` keys: their keys rounded
+/// up to a power of two, at least `ENTMAX_CACHE_MIN`; `None` past `ENTMAX_CACHE_MAX`, which no
+/// cache holds.
+pub fn cache_bucket(blocks: u32, block_k: u32) -> Option<u32> {
+    let keys = blocks as u64 * block_k as u64;
+    (keys <= ENTMAX_CACHE_MAX as u64).then(|| (keys as u32).next_power_of_two().max(ENTMAX_CACHE_MIN))
+}
+
+/// The fused entmax path's row classes for `pattern`: the longest row (in stored blocks) of
+/// each score-cache bucket present, increasing; rows longer than any cache form the last
+/// class. Empty rows join the first.
+pub fn row_class_bounds(pattern: &BlockPattern) -> Vec<u32> {
+    let mut longest: std::collections::BTreeMap<u32, u32> = Default::default();
+    for w in pattern.row_ptr().windows(2) {
+        let blocks = w[1].saturating_sub(w[0]);
+        let bucket = cache_bucket(blocks, pattern.block_k()).unwrap_or(u32::MAX);
+        let l = longest.entry(bucket).or_insert(0);
+        *l = (*l).max(blocks);
+    }
+    longest.into_values().collect()
 }
 
 /// Whether a caller's forced tile may run where `fitting` are the call's candidates: one of

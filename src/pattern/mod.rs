@@ -213,12 +213,12 @@ impl BlockPattern {
         (self.row_ptr[(slice + 1) * qb] - self.row_ptr[slice * qb]) as usize
     }
 
-    /// Block range `[start, end)` of query-block row `qb` in pattern slice `slice`.
     /// Most stored blocks in any one query block row (0 for an empty pattern).
     pub fn max_row_blocks(&self) -> u32 {
         self.row_ptr.windows(2).map(|w| w[1].saturating_sub(w[0])).max().unwrap_or(0)
     }
 
+    /// Block range `[start, end)` of query-block row `qb` in pattern slice `slice`.
     pub fn row_blocks(&self, slice: usize, qb: usize) -> std::ops::Range<usize> {
         let r = slice * self.q_blocks() as usize + qb;
         self.row_ptr[r] as usize..self.row_ptr[r + 1] as usize

@@ -130,6 +130,8 @@ struct Row {
     status: &'static str,
     reason: String,
     stage_ms: std::collections::BTreeMap<String, f64>,
+    /// The fused tiles that ran, by row class (`tiles_label`); empty for the three-kernel path.
+    tiles: String,
 }
 
 pub fn run(g: &Globals, a: &SpeedArgs) -> BResult<()> {
@@ -355,9 +357,11 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
                             status: "ok",
                             reason: String::new(),
                             stage_ms: Default::default(),
+                            tiles: String::new(),
                         };
                         match time_cell(engine, &q, &k, &v, &case.pattern, case.mra.as_ref(), AttentionOptions { normalizer, dtype, path, key_splits: a.key_splits, ..Default::default() }, a.warmup, a.repeats) {
-                            Ok(t) => {
+                            Ok((t, tiles)) => {
+                                row.tiles = tiles;
                                 row.attention_ms = t.median_ms();
                                 row.wall_ms = median(&t.wall_ms);
                                 row.timer = if t.gpu_ms.is_empty() { "wall-clock" } else { "gpu-timestamps" };
@@ -395,7 +399,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
     let elapsed_s = started.elapsed().as_secs_f64();
 
     // CSV + JSON.
-    let mut csv = format!("{SPEED_COLUMNS},label,requested_density,status,reason,timer,wall_ms,batch,{}\n", Provenance::csv_header());
+    let mut csv = format!("{SPEED_COLUMNS},label,requested_density,status,reason,timer,wall_ms,batch,tiles,{}\n", Provenance::csv_header());
     let mut json_rows: Vec<Value> = Vec::new();
     for r in &rows {
         csv.push_str(
@@ -419,6 +423,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
                 r.timer.to_string(),
                 num(r.wall_ms),
                 a.batch.to_string(),
+                csv_cell(&r.tiles),
                 prov.csv_cells(),
             ]
             .join(","),
@@ -430,7 +435,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
             "build_ms": r.build_ms, "attention_ms": jnum(r.attention_ms), "gflops": jnum(r.gflops),
             "label": r.label, "requested_density": r.requested_density, "status": r.status,
             "reason": if r.reason.is_empty() { Value::Null } else { json!(r.reason) },
-            "timer": r.timer, "wall_ms": jnum(r.wall_ms), "stage_ms": r.stage_ms, "batch": a.batch,
+            "timer": r.timer, "wall_ms": jnum(r.wall_ms), "stage_ms": r.stage_ms, "batch": a.batch, "tiles": r.tiles,
         }));
     }
     let csv_path = out.join("speed.csv");
@@ -614,10 +619,31 @@ fn time_cell(
     opts: AttentionOptions,
     warmup: usize,
     repeats: usize,
-) -> Result<sparse_attn::RunTimes, Error> {
+) -> Result<(sparse_attn::RunTimes, String), Error> {
     let prepared = match mra {
         Some(m) => engine.prepare_attention_mra(q, k, v, m, &opts)?,
         None => engine.prepare_attention(q, k, v, pattern, &opts)?,
     };
-    prepared.time(warmup, repeats)
+    Ok((prepared.time(warmup, repeats)?, tiles_label(prepared.plan())))
+}
+
+/// The fused tiles of a plan as `wg/tq/rq/kc` plus `/c<keys>` (score cache) or `/p<slots>`
+/// (entmax pools), one per row class as `rows<=N:tile` joined by `;` when the rows are split;
+/// empty for the three-kernel path.
+fn tiles_label(plan: &sparse_attn::gpu::plan::Plan) -> String {
+    let tile = |t: &sparse_attn::gpu::tiles::FusedTile| {
+        let kind = if t.rc > 0 {
+            format!("/c{}", t.rc)
+        } else if t.cap > 0 {
+            format!("/p{}", t.cap)
+        } else {
+            String::new()
+        };
+        format!("{}/{}/{}/{}{kind}", t.wg, t.tq, t.rq, t.kc)
+    };
+    match plan.row_classes.as_slice() {
+        [] => String::new(),
+        [only] => tile(&only.tile),
+        classes => classes.iter().map(|c| format!("rows<={}:{}", c.max_blocks, tile(&c.tile))).collect::<Vec<_>>().join(";"),
+    }
 }
