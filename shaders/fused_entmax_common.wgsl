@@ -60,13 +60,28 @@ fn any_thread(a: bool, tick: u32) -> bool {
 }
 
 // τ per row over the scores each (row, lane) keeps on chip (`count` of them, as
-// `lane_moments` reads them), from `start`, rows in lockstep. Each iteration's moments and the
-// vote on whether any row still searches share one uniform load (its barriers publish both).
-// The moments alternate between two halves of kv_tile, so the next iteration's writes never
-// meet this one's reads and no third barrier is needed. Call from uniform control flow.
+// `lane_moments` reads them), from `start`, rows in lockstep (a row of one thread searches
+// alone). Each iteration's moments and the vote on whether any row still searches share one
+// uniform load (its barriers publish both). The moments alternate between two halves of
+// kv_tile, so the next iteration's writes never meet this one's reads and no third barrier is
+// needed. Call from uniform control flow.
 fn solve_tau(lid: u32, row: u32, lane: u32, count: u32, m: f32, start: Search, tick: ptr<function, u32>) -> Search {
     var st = start;
     var iterations = 0u;
+    if (TPR == 1u) {
+        // One thread per row: nothing to combine, so each row searches on its own, without
+        // barriers or votes, and stops when it converges (a SIMD group waits for its slowest
+        // row, not the workgroup for the slowest of all). With more lanes per row, one lane
+        // searching alone would idle the others in its SIMD group: slower on llvmpipe.
+        loop {
+            if (!st.searching || iterations >= params.max_iterations) {
+                break;
+            }
+            iterations++;
+            st = search_update(st, lane_moments(row, lane, count, m, st.tau));
+        }
+        return st;
+    }
     loop {
         var sums = vec4<f32>(0.0);
         if (st.searching) {
