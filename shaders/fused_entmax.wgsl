@@ -40,17 +40,15 @@ fn pool_slot(row: u32, lane: u32, c: u32) -> u32 {
 }
 
 fn pool_set(i: u32, s: f32, key: u32) {
-    let o = (i & 1u) * 2u;
-    kv_tile[VO + (i >> 1u)][o] = s;
-    kv_tile[VO + (i >> 1u)][o + 1u] = f32(key);
+    pair_set(VO, i, s, f32(key));
 }
 
 fn pool_score(i: u32) -> f32 {
-    return kv_tile[VO + (i >> 1u)][(i & 1u) * 2u];
+    return pair_get(VO, i).x;
 }
 
 fn pool_key(i: u32) -> u32 {
-    return u32(kv_tile[VO + (i >> 1u)][(i & 1u) * 2u + 1u]);
+    return u32(pair_get(VO, i).y);
 }
 
 // Moments at τ of a lane's first `kept` pooled scores (solve_tau's per-lane sum).

@@ -2,15 +2,53 @@
 // stays on chip: p_tile is the score cache (row stride PS > RC, the cached keys per row; the
 // planner picks this kernel only when the pattern's longest row fits). Pass 1 stages K chunk
 // by chunk and caches the scores; τ is solved per row over the cache (solve_tau, the same
-// search as the pooling kernel, rows in lockstep); the scores become p in place; pass 2 stages
-// V only for chunks that hold a p > 0 and accumulates p·V in the register tile, every V load
-// shared by the tile's rows. Each score is computed once and nothing is gathered row by row.
-// Sums run in a fixed order: deterministic.
+// search as the pooling kernel); the scores become p in place, and each (row, lane) lists its
+// keys with p > 0 while they are few. Pass 2 then gathers p·V from those keys' V rows when
+// every list held its support (peaked rows: a few keys each), else stages V only for chunks
+// that hold a p > 0 and accumulates p·V in the register tile, every V load shared by the
+// tile's rows. Each score is computed once. Sums run in a fixed order: deterministic.
 
 const CHUNKS: u32 = RC / KC;
 
 // Per cached chunk: whether any of the tile's rows has a p > 0 there.
 var<workgroup> chunk_live: array<atomic<u32>, CHUNKS>;
+
+// Support lists for the gathered p·V: each (row, lane) keeps up to SUPPORT_SLOTS (p, cache
+// position) pairs in kv_tile after the row reductions' scratch (no chunk is staged between the
+// passes), at most an eighth of its share of the cache: small supports, where reading only
+// their V rows beats staging every chunk that one of the tile's rows needs.
+const SUPPORT_SLOTS: u32 = min(((KVT - WG) * 2u) / WG, max(1u, RC / (8u * TPR)));
+var<workgroup> support_count: array<u32, WG>;
+
+fn support_slot(row: u32, lane: u32, c: u32) -> u32 {
+    return (row * TPR + lane) * SUPPORT_SLOTS + c;
+}
+
+// Key of cache position `pos`: pass 1 caches whole chunks of the row's blocks in order and
+// stops only at the ragged tail of the last block, so positions map back by arithmetic.
+fn cached_key(t: Tile, pos: u32) -> u32 {
+    let chunk = pos / KC;
+    let b = t.first + chunk / (BK / KC);
+    return pat[params.off_col_idx + b] * BK + (chunk % (BK / KC)) * KC + pos % KC;
+}
+
+// O += p·v over the support lists of this thread's RQ rows (lane by lane, in key order within
+// a lane), reading V rows from memory: a row with p > 0 for a few keys reads only theirs.
+fn accumulate_gathered_pv(t: Tile, ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, RQ * NC>>) {
+    for (var r = 0u; r < RQ; r++) { // @unroll
+        let rr = ty * RQ + r;
+        for (var u = 0u; u < TPR; u++) {
+            let kept = min(support_count[rr * TPR + u], SUPPORT_SLOTS);
+            for (var c = 0u; c < kept; c++) {
+                let pk = pair_get(WG, support_slot(rr, u, c));
+                let base = (t.kv_row0 + cached_key(t, u32(pk.y))) * params.head_dim;
+                for (var cc = 0u; cc < NC; cc++) { // @unroll
+                    (*acc)[r * NC + cc] += pk.x * load_v4(base, (tx + cc * TX) * 4u, true);
+                }
+            }
+        }
+    }
+}
 
 // O += P·V over the staged chunk (p_tile columns from p0), only for keys where one of this
 // thread's RQ rows has p > 0: a row keeps a few percent of its keys, so most keys cost RQ
@@ -94,16 +132,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     // τ lies in [-1, the top for n scores] (shifted space: the row max has p = (-τ)^e <= 1).
     var tick = 0u;
     let st = solve_tau(lid, row, lane, len, m, Search(-1.0, -1.0, tau_top(rs.y), rs.y > 0.0), &tick);
-    // ---- scores become p in place; each row's Σp; which chunks hold a p > 0 -----------------
+    // ---- scores become p in place; each row's Σp; which chunks hold a p > 0; the supports ----
     var psum = 0.0;
+    var support = 0u;
     for (var kk = lane; kk < len; kk += TPR) {
         let p = moments(p_tile[row * PS + kk], m, st.tau).x;
         p_tile[row * PS + kk] = p;
         psum += p;
         if (p > 0.0) {
             atomicStore(&chunk_live[kk / KC], 1u);
+            if (support < SUPPORT_SLOTS) {
+                pair_set(WG, support_slot(row, lane, support), p, f32(kk));
+            }
+            support++;
         }
     }
+    support_count[lid] = support;
     let total_of_row = row_reduce(lid, vec4<f32>(psum, 0.0, 0.0, 0.0), false).x;
     // fused_tiles.wgsl's `red` hands each row's Σp to the register-tile layout.
     if (lane == 0u) {
@@ -114,8 +158,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (var r = 0u; r < RQ; r++) { // @unroll
         total[r] = red[ty * RQ + r];
     }
-    // ---- pass 2: O += P·V over the chunks with a p > 0 --------------------------------------
     var acc: array<vec4<f32>, RQ * NC>;
+    // ---- pass 2: O += P·V, gathered when every support fits its slots (the vote's uniform
+    // load publishes the lists) ...
+    tick++;
+    if (!any_thread(support > SUPPORT_SLOTS, tick)) {
+        accumulate_gathered_pv(t, ty, tx, &acc);
+        store_rows(t, ty, tx, &acc, total);
+        return;
+    }
+    // ... else over the staged chunks with a p > 0.
     var at = 0u;
     for (var b = t.first; b < t.last; b++) {
         let kb = pat[params.off_col_idx + b];

@@ -8,6 +8,19 @@ const TPR: u32 = WG / TQ; // threads per query row in the per-score work
 
 var<workgroup> vote: atomic<u32>;
 
+// (a, b) pair `i` of kv_tile from vec4 `base` (two pairs per vec4): the entmax kernels keep
+// (score or p, key) lists there while no K or V chunk is staged.
+fn pair_set(base: u32, i: u32, a: f32, b: f32) {
+    let o = (i & 1u) * 2u;
+    kv_tile[base + (i >> 1u)][o] = a;
+    kv_tile[base + (i >> 1u)][o + 1u] = b;
+}
+
+fn pair_get(base: u32, i: u32) -> vec2<f32> {
+    let v = kv_tile[base + (i >> 1u)];
+    return select(v.xy, v.zw, (i & 1u) == 1u);
+}
+
 // (Σ x^e, Σ x^(e-1), Σ x^(e-2)) contribution of one score at threshold tau (shifted by the row
 // max m); 0 for disallowed entries and those at or below τ.
 fn moments(s: f32, m: f32, tau: f32) -> vec4<f32> {

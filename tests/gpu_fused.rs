@@ -438,3 +438,36 @@ fn entmax_rows_of_different_lengths_run_in_row_classes_on_their_own_tiles() {
         }
     }
 }
+
+#[test]
+fn score_cache_gathers_small_supports_and_stages_large_ones() {
+    let Some(engine) = engine() else { return };
+    // Per score-caching tile, rows of 4 blocks (the last ragged): sharp scores (supports of one
+    // or two keys: p·V gathered from their V rows), equal scores (every key has p > 0, more
+    // than the support lists hold: V staged chunk by chunk), and both kinds of row in every
+    // workgroup (the whole workgroup stages).
+    let (seq_q, seq_kv, d) = (96, 120, 64);
+    let shape = AttentionShape::new(1, 2, seq_q, d).with_seq_kv(seq_kv);
+    let pattern = Dense::new().with_blocks(32, 32).build(&shape).unwrap();
+    let base = random4((1, 2, seq_q, d), 71, 1.0);
+    let k = random4((1, 2, seq_kv, d), 72, 1.0);
+    let v = random4((1, 2, seq_kv, d), 73, 1.0);
+    let sharp = &base * 40.0;
+    let flat = &base * 0.0;
+    let mut mixed = sharp.clone();
+    for i in (1..seq_q).step_by(2) {
+        mixed.slice_mut(ndarray::s![.., .., i, ..]).fill(0.0);
+    }
+    let tiles: Vec<_> = engine.fused_tile_candidates_for(&pattern, d, Normalizer::ENTMAX15).into_iter().filter(|t| t.rc > 0).collect();
+    assert!(!tiles.is_empty(), "no score-caching tile for rows of 4 blocks");
+    for tile in tiles {
+        for (name, q) in [("sharp", &sharp), ("flat", &flat), ("mixed", &mixed)] {
+            for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.3 }] {
+                let want = reference::attention(q, &k, &v, &pattern, normalizer).unwrap();
+                let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(normalizer) };
+                let got = engine.attention_with(q, &k, &v, &pattern, &opts).unwrap();
+                assert_close(&format!("{name} rows, {} tile {tile:?}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+            }
+        }
+    }
+}

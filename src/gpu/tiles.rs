@@ -90,7 +90,7 @@ impl FusedTile {
     }
 
     /// Workgroup memory in bytes (mirrors the arrays of shaders/fused_tiles.wgsl, and the entmax
-    /// kernels' vote word with the pool counts or the chunk flags).
+    /// kernels' vote word with the pool counts, or the chunk flags and support counts).
     pub fn workgroup_bytes(&self) -> u32 {
         let dp4 = self.dp / 4;
         let vec4s = self.tq * (dp4 + 1) + self.kv_tile_len();
@@ -98,7 +98,7 @@ impl FusedTile {
         let entmax_words = if self.cap > 0 {
             1 + self.wg
         } else if self.rc > 0 {
-            1 + self.rc / self.kc.max(1)
+            1 + self.rc / self.kc.max(1) + self.wg
         } else {
             0
         };
