@@ -243,15 +243,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                         at += select(0u, c, u < lane);
                         fill += c;
                     }
-                    for (var kk = lane; kk < KC; kk += TPR) {
-                        let x = p_tile[row * PS + kk];
-                        if (walking && am1 * (x - m) > st.tau) {
-                            if (at < CAP) {
-                                pool_set(row * CAP + at, x, key0 + kk);
-                            } else {
-                                lp.dropped = max(lp.dropped, x);
+                    // Even slots, then odd: neighbouring lanes' slots can share a vec4, and
+                    // WGSL lets a write to one component of a vector write all of it.
+                    for (var parity = 0u; parity < 2u; parity++) {
+                        var slot = at;
+                        for (var kk = lane; kk < KC; kk += TPR) {
+                            let x = p_tile[row * PS + kk];
+                            if (walking && am1 * (x - m) > st.tau) {
+                                if (slot >= CAP) {
+                                    lp.dropped = max(lp.dropped, x);
+                                } else if ((slot & 1u) == parity) {
+                                    pool_set(row * CAP + slot, x, key0 + kk);
+                                }
+                                slot++;
                             }
-                            at++;
+                        }
+                        if (parity == 0u) {
+                            workgroupBarrier();
                         }
                     }
                 }

@@ -16,8 +16,10 @@ var<workgroup> chunk_live: array<atomic<u32>, CHUNKS>;
 // Support lists for the gathered p·V: each (row, lane) keeps up to SUPPORT_SLOTS (p, cache
 // position) pairs in kv_tile after the row reductions' scratch (no chunk is staged between the
 // passes), at most an eighth of its share of the cache: small supports, where reading only
-// their V rows beats staging every chunk that one of the tile's rows needs.
-const SUPPORT_SLOTS: u32 = min(((KVT - WG) * 2u) / WG, max(1u, RC / (8u * TPR)));
+// their V rows beats staging every chunk that one of the tile's rows needs. Even, so each list
+// starts on a vec4 of its own: WGSL lets a write to one component of a vector write all of it,
+// and two threads' pairs in one vec4 would race.
+const SUPPORT_SLOTS: u32 = min(((KVT - WG) * 2u) / WG, max(2u, RC / (8u * TPR))) & ~1u;
 var<workgroup> support_count: array<u32, WG>;
 
 fn support_slot(row: u32, lane: u32, c: u32) -> u32 {
