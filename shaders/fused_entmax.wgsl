@@ -214,7 +214,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 }
                 tick++;
                 if (workgroupUniformLoad(&vote) == tick) {
-                    lp = shrink(lid, row, lane, reach, lp);
+                    // Shrink only if some lane would fill up with what this chunk really offers
+                    // (counted against the max before the chunk: a superset of what `consider`
+                    // keeps). A pool that holds mostly support (flat rows) gains little from a
+                    // shrink, and re-shrinking it every chunk cost more than the scoring.
+                    var fills = false;
+                    if (lp.kept + KC / TPR > CAPL) {
+                        var offered = 0u;
+                        for (var kk = lane; kk < KC; kk += TPR) {
+                            let x = p_tile[row * PS + kk];
+                            offered += select(0u, 1u, x > NEG_BIG && x > lp.m - reach && x > lp.floor);
+                        }
+                        fills = lp.kept + offered > CAPL;
+                    }
+                    tick++;
+                    if (any_thread(fills, tick)) {
+                        lp = shrink(lid, row, lane, reach, lp);
+                    }
                 }
                 var any_p = false;
                 var count = 0u;
