@@ -446,6 +446,7 @@ fn score_cache_gathers_small_supports_and_stages_large_ones() {
     // or two keys: p·V gathered from their V rows), equal scores (every key has p > 0, more
     // than the support lists hold: V staged chunk by chunk), and both kinds of row in every
     // workgroup (the whole workgroup stages). seq_q is ragged too: rows past it list no keys.
+    // f16 storage too, where the adapter has it (V rows gathered through the f16 loads).
     let (seq_q, seq_kv, d) = (90, 120, 64);
     let shape = AttentionShape::new(1, 2, seq_q, d).with_seq_kv(seq_kv);
     let pattern = Dense::new().with_blocks(32, 32).build(&shape).unwrap();
@@ -464,9 +465,14 @@ fn score_cache_gathers_small_supports_and_stages_large_ones() {
         for (name, q) in [("sharp", &sharp), ("flat", &flat), ("mixed", &mixed)] {
             for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.3 }] {
                 let want = reference::attention(q, &k, &v, &pattern, normalizer).unwrap();
-                let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(normalizer) };
-                let got = engine.attention_with(q, &k, &v, &pattern, &opts).unwrap();
-                assert_close(&format!("{name} rows, {} tile {tile:?}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+                for dtype in [DType::F32, DType::F16] {
+                    if dtype == DType::F16 && !engine.capabilities().f16 {
+                        continue;
+                    }
+                    let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), dtype, ..AttentionOptions::new(normalizer) };
+                    let got = engine.attention_with(q, &k, &v, &pattern, &opts).unwrap();
+                    assert_close(&format!("{name} rows, {} {dtype:?} tile {tile:?}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(dtype));
+                }
             }
         }
     }
