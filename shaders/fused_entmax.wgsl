@@ -119,13 +119,18 @@ fn shrink(lid: u32, row: u32, lane: u32, reach: f32, before: LanePool) -> LanePo
     return lp;
 }
 
+// Whether pass 1 keeps score `x` against a lane's running max `m` and floor: scores more than
+// 1/(α-1) below the max, or at or below the floor, have p = 0.
+fn may_keep(x: f32, m: f32, floor: f32, reach: f32) -> bool {
+    return x > NEG_BIG && x > m - reach && x > floor;
+}
+
 // Pass 1 for one score `x` of key `key`: the running max and count, the pool, the drop record.
-// Scores more than 1/(α-1) below the running max, or at or below the floor, have p = 0.
 fn consider(row: u32, lane: u32, x: f32, key: u32, reach: f32, before: LanePool) -> LanePool {
     var lp = before;
     lp.m = max(lp.m, x);
     lp.n += select(0.0, 1.0, x > NEG_BIG);
-    if (x > NEG_BIG && x > lp.m - reach && x > lp.floor) {
+    if (may_keep(x, lp.m, lp.floor, reach)) {
         if (lp.kept < CAPL) {
             pool_set(pool_slot(row, lane, lp.kept), x, key);
             lp.kept++;
@@ -209,7 +214,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 }
                 // Pass 1: shrink the pools when a lane might fill up in this chunk. The vote's
                 // uniform load is also the barrier that publishes p_tile.
-                if (phase == 0u && lp.kept + KC / TPR > CAPL) {
+                let might_fill = phase == 0u && lp.kept + KC / TPR > CAPL;
+                if (might_fill) {
                     atomicMax(&vote, tick + 1u);
                 }
                 tick++;
@@ -219,11 +225,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                     // keeps). A pool that holds mostly support (flat rows) gains little from a
                     // shrink, and re-shrinking it every chunk cost more than the scoring.
                     var fills = false;
-                    if (lp.kept + KC / TPR > CAPL) {
+                    if (might_fill) {
                         var offered = 0u;
                         for (var kk = lane; kk < KC; kk += TPR) {
-                            let x = p_tile[row * PS + kk];
-                            offered += select(0u, 1u, x > NEG_BIG && x > lp.m - reach && x > lp.floor);
+                            offered += select(0u, 1u, may_keep(p_tile[row * PS + kk], lp.m, lp.floor, reach));
                         }
                         fills = lp.kept + offered > CAPL;
                     }

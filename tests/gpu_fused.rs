@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, engine, random4, tolerance};
+use common::{assert_close, engine, random4, storage_dtypes, tolerance};
 use sparse_attn::data::{fixture_path, AttentionData};
 use sparse_attn::gpu::plan::PlanLimits;
 use sparse_attn::gpu::tiles;
@@ -426,10 +426,7 @@ fn entmax_rows_of_different_lengths_run_in_row_classes_on_their_own_tiles() {
     assert!(classes.last().is_some_and(|c| c.tile.cap > 0 && c.max_blocks == 36), "rows past every cache take the pools: {classes:?}");
     for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.3 }] {
         let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
-        for dtype in [DType::F32, DType::F16] {
-            if dtype == DType::F16 && !engine.capabilities().f16 {
-                continue;
-            }
+        for dtype in storage_dtypes(engine) {
             let opts = AttentionOptions { dtype, ..AttentionOptions::new(normalizer) };
             let fused = AttentionOptions { path: ExecPath::Fused, ..opts };
             assert_eq!(engine.plan(&shape, &pattern, &fused).unwrap().row_classes.len(), classes.len());
@@ -465,10 +462,7 @@ fn score_cache_gathers_small_supports_and_stages_large_ones() {
         for (name, q) in [("sharp", &sharp), ("flat", &flat), ("mixed", &mixed)] {
             for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.3 }] {
                 let want = reference::attention(q, &k, &v, &pattern, normalizer).unwrap();
-                for dtype in [DType::F32, DType::F16] {
-                    if dtype == DType::F16 && !engine.capabilities().f16 {
-                        continue;
-                    }
+                for dtype in storage_dtypes(engine) {
                     let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), dtype, ..AttentionOptions::new(normalizer) };
                     let got = engine.attention_with(q, &k, &v, &pattern, &opts).unwrap();
                     assert_close(&format!("{name} rows, {} {dtype:?} tile {tile:?}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(dtype));

@@ -46,6 +46,15 @@ pub fn random4(shape: (usize, usize, usize, usize), seed: u64, range: f32) -> Ar
 }
 
 /// (rel, abs) tolerance per dtype.
+/// Storage types this engine runs: f32, and f16 where the adapter has SHADER_F16.
+pub fn storage_dtypes(engine: &Engine) -> Vec<DType> {
+    let mut dtypes = vec![DType::F32];
+    if engine.capabilities().f16 {
+        dtypes.push(DType::F16);
+    }
+    dtypes
+}
+
 pub fn tolerance(dtype: DType) -> (f32, f32) {
     match dtype {
         DType::F32 => (1e-4, 1e-5),
