@@ -234,7 +234,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                     }
                     tick++;
                     if (any_thread(fills, tick)) {
+                        count_path(lid, PATH_POOL_SHRINKS);
                         lp = shrink(lid, row, lane, reach, lp);
+                    } else {
+                        count_path(lid, PATH_POOL_SHRINKS_DECLINED);
                     }
                 }
                 var any_p = false;
@@ -333,6 +336,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if (any_thread(inexact, tick)) {
             if (collects < COLLECT_WALKS) {
                 // Each collect raises the bound: its pool's τ counts more of the row's keys.
+                count_path(lid, PATH_POOL_COLLECT_WALKS);
                 collects++;
                 phase = 1u;
                 walking = inexact;
@@ -340,6 +344,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 lp.dropped = NEG_BIG;
             } else {
                 // The search goes on over the whole row in [bound, the row's own top].
+                count_path(lid, PATH_POOL_RECOMPUTED);
                 phase = 2u;
                 st = Search(st.tau, st.tau, hi0, inexact);
                 iterations = 0u;
@@ -347,6 +352,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             continue;
         }
         // ---- O = Σ p·v / Σ p over each row's pooled keys (its whole support) ----------------
+        count_path(lid, PATH_POOL_GATHERED);
         // Each lane turns its slots into (p, key) and packs those with p > 0 to the front, in
         // order (writes never pass reads), so the gather visits only the support.
         var nonzero = 0u;

@@ -13,13 +13,11 @@ const CHUNKS: u32 = RC / KC;
 // Per cached chunk: whether any of the tile's rows has a p > 0 there.
 var<workgroup> chunk_live: array<atomic<u32>, CHUNKS>;
 
-// Support lists for the gathered p·V: each (row, lane) keeps up to SUPPORT_SLOTS (p, cache
-// position) pairs in kv_tile after the row reductions' scratch (no chunk is staged between the
-// passes), at most an eighth of its share of the cache: small supports, where reading only
-// their V rows beats staging every chunk that one of the tile's rows needs. Even, so each list
-// starts on a vec4 of its own: WGSL lets a write to one component of a vector write all of it,
-// and two threads' pairs in one vec4 would race.
-const SUPPORT_SLOTS: u32 = min(((KVT - WG) * 2u) / WG, max(2u, RC / (8u * TPR))) & ~1u;
+// Support lists for the gathered p·V: each (row, lane) keeps up to SUPPORT_SLOTS (host
+// constant, `FusedTile::support_slots`: even, at most an eighth of its share of the cache) (p,
+// cache position) pairs in kv_tile after the row reductions' scratch (no chunk is staged
+// between the passes): small supports, where reading only their V rows beats staging every
+// chunk that one of the tile's rows needs.
 var<workgroup> support_count: array<u32, WG>;
 
 fn support_slot(row: u32, lane: u32, c: u32) -> u32 {
@@ -165,11 +163,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     // load publishes the lists) ...
     tick++;
     if (!any_thread(support > SUPPORT_SLOTS, tick)) {
+        count_path(lid, PATH_CACHE_GATHERED);
         accumulate_gathered_pv(t, ty, tx, &acc);
         store_rows(t, ty, tx, &acc, total);
         return;
     }
     // ... else over the staged chunks with a p > 0.
+    count_path(lid, PATH_CACHE_STAGED);
     var at = 0u;
     for (var b = t.first; b < t.last; b++) {
         let kb = pat[params.off_col_idx + b];

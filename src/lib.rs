@@ -30,7 +30,7 @@ pub mod reference;
 pub mod shape;
 
 pub use error::{Error, Result};
-pub use gpu::engine::{AttentionBuffers, AttentionOptions, AttentionOutput, Engine, RowStats, SparseProbabilities, Workspace};
+pub use gpu::engine::{AttentionBuffers, AttentionOptions, AttentionOutput, Engine, EntmaxPaths, RowStats, SparseProbabilities, Workspace};
 pub use gpu::engine::{PreparedAttention, RunTimes};
 pub use gpu::plan::{DType, ExecPath};
 pub use normalizer::Normalizer;

@@ -319,6 +319,14 @@ fn speed_on_a_tiny_sweep() {
             "ok" => {
                 ran += 1;
                 assert!(f(&r["attention_ms"]) > 0.0 && f(&r["gflops"]) > 0.0, "{r}");
+                // Fused entmax cells report which branches their tiles took (every tile ends once).
+                let paths = &r["entmax_paths"];
+                if r["path"] == "fused" && r["normalizer"] != "softmax" {
+                    let ends: f64 = ["cache_gathered", "cache_staged", "pool_gathered", "pool_recomputed"].iter().map(|k| f(&paths[*k])).sum();
+                    assert!(ends > 0.0, "{r}");
+                } else {
+                    assert!(paths.is_null(), "{r}");
+                }
             }
             "skipped" => assert!(r["reason"].is_string(), "a skipped cell says why: {r}"),
             other => panic!("cell status {other}: {r}"),

@@ -41,20 +41,24 @@ fn every_candidate_tile_matches_reference() {
 #[test]
 fn entmax_rows_with_more_candidates_than_fit_on_chip_recompute() {
     let Some(engine) = engine() else { return };
-    // Near-uniform scores: every key is within 1/(α-1) of the row max, so rows of 300 keys
-    // overflow the 64 on-chip candidates and take the recompute path.
+    // Near-uniform scores (spread in proportion to 1/(α-1), so every α has as large a
+    // support): every key is within 1/(α-1) of the row max, and the supports of rows of 300
+    // keys overflow the row's whole pool, so the tiles take the recompute path.
     let shape = AttentionShape::new(1, 2, 40, 16).with_seq_kv(300);
     let q = random4((1, 2, 40, 16), 5, 0.3);
     let k = random4((1, 2, 300, 16), 6, 0.3);
     let v = random4((1, 2, 300, 16), 7, 1.0);
     let pattern = Dense::new().with_blocks(16, 64).build(&shape).unwrap();
     for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.3 }] {
+        let q = q.mapv(|x| x * (0.5 / (normalizer.alpha().unwrap() - 1.0)) as f32);
         let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
         // The pooling kernel (these rows would also fit a score cache, which has no fallback).
         let pooling = engine.fused_tile_candidates(16, 64, 16, normalizer)[0];
         let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(pooling), ..AttentionOptions::new(normalizer) };
         let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap();
         assert_close(&format!("overflow {}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+        let paths = got.entmax_paths.unwrap();
+        assert!(paths.pool_recomputed > 0 && paths.pool_recomputed as u64 == paths.tiles(), "{}: every tile recomputes: {paths:?}", normalizer.label());
     }
 }
 
@@ -92,6 +96,8 @@ fn entmax_pools_shrink_on_flat_rows_whose_candidates_exceed_the_pool() {
             let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(normalizer) };
             let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap();
             assert_close(&format!("flat {} tile {tile:?}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+            let paths = got.entmax_paths.unwrap();
+            assert!(paths.pool_shrinks > 0, "flat {} tile {tile:?}: no pool shrank: {paths:?}", normalizer.label());
         }
     }
 }
@@ -146,8 +152,21 @@ fn entmax_pool_collect_and_recompute_rows_share_a_workgroup() {
     for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.25 }] {
         let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
         let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(normalizer) };
-        let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap().o;
-        assert_close(&format!("mixed rows {}", normalizer.label()), got.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+        let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap();
+        assert_close(&format!("mixed rows {}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+        if normalizer == Normalizer::ENTMAX15 {
+            // The rows above were sorted for 1.5-entmax: both heads collect, head 1 recomputes.
+            let paths = got.entmax_paths.unwrap();
+            assert!(paths.pool_collect_walks > 0 && paths.pool_recomputed > 0 && paths.pool_gathered > 0, "mixed rows: {paths:?}");
+            // Head 0 alone: its tiles end in the gather, some after collecting.
+            let head0 = ndarray::s![.., 0..1, .., ..];
+            let shape0 = AttentionShape::new(1, 1, seq_q, d).with_seq_kv(seq_kv);
+            let pattern0 = Dense::new().with_blocks(16, 64).build(&shape0).unwrap();
+            let got0 = engine.attention_with(q.slice(head0), k.slice(head0), v.slice(head0), &pattern0, &opts).unwrap();
+            let paths0 = got0.entmax_paths.unwrap();
+            assert!(paths0.pool_collect_walks > 0 && paths0.pool_recomputed == 0, "head 0: {paths0:?}");
+            assert_eq!(paths0.pool_gathered as usize, seq_q.div_ceil(tile.tq as usize), "head 0: {paths0:?}");
+        }
     }
 }
 
@@ -432,6 +451,10 @@ fn entmax_rows_of_different_lengths_run_in_row_classes_on_their_own_tiles() {
             assert_eq!(engine.plan(&shape, &pattern, &fused).unwrap().row_classes.len(), classes.len());
             let got = engine.attention_with(&q, &k, &v, &pattern, &fused).unwrap();
             assert_close(&format!("row classes {} {dtype:?}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(dtype));
+            // Both kernels ran, and every tile ran once, in its own class.
+            let paths = got.entmax_paths.unwrap();
+            assert!(paths.cache_gathered + paths.cache_staged > 0 && paths.pool_gathered + paths.pool_recomputed > 0, "{paths:?}");
+            assert_eq!(paths.tiles(), common::entmax_tiles(&engine.plan(&shape, &pattern, &fused).unwrap(), &pattern), "{paths:?}");
         }
     }
 }
@@ -439,11 +462,13 @@ fn entmax_rows_of_different_lengths_run_in_row_classes_on_their_own_tiles() {
 #[test]
 fn score_cache_gathers_small_supports_and_stages_large_ones() {
     let Some(engine) = engine() else { return };
-    // Per score-caching tile, rows of 4 blocks (the last ragged): sharp scores (supports of one
-    // or two keys: p·V gathered from their V rows), equal scores (every key has p > 0, more
-    // than the support lists hold: V staged chunk by chunk), and both kinds of row in every
-    // workgroup (the whole workgroup stages). seq_q is ragged too: rows past it list no keys.
-    // f16 storage too, where the adapter has it (V rows gathered through the f16 loads).
+    // Per score-caching tile, rows of 4 blocks (the last ragged): sharp scores (supports of a
+    // few keys: p·V gathered from their V rows where every (row, lane)'s support fits its
+    // list), equal scores (every key has p > 0, more than the support lists hold: V staged
+    // chunk by chunk), and both kinds of row in every workgroup (the whole workgroup stages).
+    // seq_q is ragged too: rows past it list no keys. f16 storage too, where the adapter has
+    // it (V rows gathered through the f16 loads). The kernel's path counts must match what the
+    // reference's supports predict, tile by tile.
     let (seq_q, seq_kv, d) = (90, 120, 64);
     let shape = AttentionShape::new(1, 2, seq_q, d).with_seq_kv(seq_kv);
     let pattern = Dense::new().with_blocks(32, 32).build(&shape).unwrap();
@@ -465,7 +490,25 @@ fn score_cache_gathers_small_supports_and_stages_large_ones() {
                 for dtype in storage_dtypes(engine) {
                     let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), dtype, ..AttentionOptions::new(normalizer) };
                     let got = engine.attention_with(q, &k, &v, &pattern, &opts).unwrap();
+                    // Tiles whose (row, lane) supports all fit: lane u lists cache positions (= keys
+                    // here) u, u + lanes, …; rows past seq_q list none.
+                    let stored = |a: &ndarray::Array4<f32>| if dtype == DType::F16 { a.mapv(|x| half::f16::from_f32(x).to_f32()) } else { a.clone() };
+                    let (qs, ks) = (stored(q), stored(&k));
+                    let (lanes, slots) = (tile.threads_per_row() as usize, tile.support_slots() as usize);
+                    let mask = pattern.to_dense_mask(0);
+                    let mut gathering = 0u32;
+                    for h in 0..2 {
+                        let p = reference::probabilities(&qs.slice(ndarray::s![0, h, .., ..]), &ks.slice(ndarray::s![0, h, .., ..]), &mask, shape.default_scale() as f64, normalizer);
+                        let fits = |i: usize| i >= seq_q || (0..lanes).all(|u| p.row(i).iter().skip(u).step_by(lanes).filter(|&&x| x > 0.0).count() <= slots);
+                        gathering += (0..seq_q.div_ceil(32) * 32).step_by(tile.tq as usize).filter(|&r0| (r0..r0 + tile.tq as usize).all(fits)).count() as u32;
+                    }
                     assert_close(&format!("{name} rows, {} {dtype:?} tile {tile:?}", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(dtype));
+                    let paths = got.entmax_paths.unwrap();
+                    let tiles = (2 * seq_q.div_ceil(32) * (32 / tile.tq as usize)) as u32;
+                    let what = format!("{name} rows, {} {dtype:?} tile {tile:?} ({slots} slots per lane)", normalizer.label());
+                    assert_eq!((paths.cache_gathered, paths.cache_staged), (gathering, tiles - gathering), "{what}: gathered, staged tiles: {paths:?}");
+                    // The data reaches both ends: sharp tiles gather, a tile with a flat row stages.
+                    assert_eq!(gathering > 0, name == "sharp", "{what}: {gathering} of {tiles} tiles gather");
                 }
             }
         }

@@ -100,6 +100,15 @@ fn run_case(normalizer: Normalizer, kind: &str, dtype: DType, bq: u32, bk: u32) 
                 continue;
             }
             let got = got.unwrap_or_else(|e| panic!("{kind} {path:?} {shape:?}: {e}"));
+            // The fused entmax kernels count their tiles' paths: every tile of every row class
+            // runs to exactly one end (no tile skipped or run by two classes).
+            if entmax && path == ExecPath::Fused {
+                let plan = engine.plan(&shape, &pattern, &opts).expect("plan");
+                let paths = got.entmax_paths.unwrap_or_else(|| panic!("{kind} {shape:?}: fused entmax returned no path counts"));
+                assert_eq!(paths.tiles(), common::entmax_tiles(&plan, &pattern), "{kind} {shape:?} tile {fused_tile:?}: tiles by path {paths:?}");
+            } else {
+                assert!(got.entmax_paths.is_none(), "{kind} {path:?}: path counts are the fused entmax kernels'");
+            }
             assert_close(
                 &format!("{kind} {} {path:?} tile {fused_tile:?} {dtype:?} {bq}x{bk} shape {shape:?}", normalizer.label()),
                 got.o.as_slice().expect("contiguous"),

@@ -103,12 +103,70 @@ pub struct RowStats {
     pub iterations: Array2<u32>,
 }
 
+/// Which branches the fused entmax kernels took in one call, counted per workgroup (a tile of
+/// query rows of one slice). Every tile ends in exactly one of `cache_gathered`,
+/// `cache_staged`, `pool_gathered` and `pool_recomputed`; the other fields count events
+/// inside the pooling kernel's tiles. For tests and tuning: which path ran is data-dependent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EntmaxPaths {
+    /// Score-cache tiles whose p·V read only their support's V rows.
+    pub cache_gathered: u32,
+    /// Score-cache tiles that staged V for every chunk holding a p > 0.
+    pub cache_staged: u32,
+    /// Pooling tiles whose τ was exact over their pools, with O gathered from the pooled keys.
+    pub pool_gathered: u32,
+    /// Pooling tiles that fell back to recomputing the threshold search over the whole row.
+    pub pool_recomputed: u32,
+    /// Pool shrinks (all rows of a tile at once), summed over tiles.
+    pub pool_shrinks: u32,
+    /// Chunks where a lane might have filled its pool but none would: no shrink.
+    pub pool_shrinks_declined: u32,
+    /// Collect walks (rows whose lane pools overflowed re-walk the row), summed over tiles.
+    pub pool_collect_walks: u32,
+}
+
+impl std::fmt::Display for EntmaxPaths {
+    /// `name=count` pairs joined by `;` (the bench's `entmax_paths` column).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cache_gathered={};cache_staged={};pool_gathered={};pool_recomputed={};pool_shrinks={};pool_shrinks_declined={};pool_collect_walks={}",
+            self.cache_gathered, self.cache_staged, self.pool_gathered, self.pool_recomputed, self.pool_shrinks, self.pool_shrinks_declined, self.pool_collect_walks
+        )
+    }
+}
+
+impl EntmaxPaths {
+    /// Counter words the kernels write (`PATH_*` in fused_entmax_common.wgsl, in this order).
+    pub const WORDS: usize = 7;
+
+    fn from_words(w: &[u32]) -> Self {
+        let at = |i: usize| w.get(i).copied().unwrap_or(0);
+        Self {
+            cache_gathered: at(0),
+            cache_staged: at(1),
+            pool_gathered: at(2),
+            pool_recomputed: at(3),
+            pool_shrinks: at(4),
+            pool_shrinks_declined: at(5),
+            pool_collect_walks: at(6),
+        }
+    }
+
+    /// Tiles that ran to the end, over both kernels.
+    pub fn tiles(&self) -> u64 {
+        [self.cache_gathered, self.cache_staged, self.pool_gathered, self.pool_recomputed].iter().map(|&x| x as u64).sum()
+    }
+}
+
 /// Output of [`Engine::attention_with`].
 #[derive(Clone, Debug)]
 pub struct AttentionOutput {
     pub o: Array4<f32>,
     pub probabilities: Option<SparseProbabilities>,
     pub row_stats: Option<RowStats>,
+    /// The fused entmax kernels' branch counts (fused entmax calls only).
+    pub entmax_paths: Option<EntmaxPaths>,
 }
 
 /// A pattern uploaded for the kernels (see [`plan::pack_pattern`]).
@@ -118,13 +176,15 @@ pub struct GpuPattern {
     pub layout: plan::PackedPatternLayout,
 }
 
-/// Scratch: score tiles of the largest chunk and row stats (three-kernel path), and the
-/// key-split partials of the fused softmax (split-K).
+/// Scratch: score tiles of the largest chunk and row stats (three-kernel path), the
+/// key-split partials of the fused softmax (split-K), and the fused entmax kernels' branch
+/// counts ([`EntmaxPaths`], cleared by each encode that runs them).
 #[derive(Debug)]
 pub struct Workspace {
     pub scores: wgpu::Buffer,
     pub stats: wgpu::Buffer,
     pub partials: wgpu::Buffer,
+    pub entmax_paths: wgpu::Buffer,
 }
 
 /// The caller's tensors for [`Engine::encode`], in the plan's dtype, row-major as in DESIGN.md,
@@ -519,6 +579,12 @@ impl Engine {
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
             }),
+            entmax_paths: self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("sparse-attn entmax path counts"),
+                size: (EntmaxPaths::WORDS * 4).next_multiple_of(16) as u64,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
         }
     }
 
@@ -714,6 +780,9 @@ impl Engine {
             Some(&kind) => Some(self.kernel(kind, plan)?),
             None => None,
         };
+        if !softmax {
+            encoder.clear_buffer(&workspace.entmax_paths, 0, None);
+        }
         for (ci, chunk) in plan.chunks.iter().enumerate() {
             let mut min_row_blocks = 0;
             for ((class, kernel), &grid) in plan.row_classes.iter().zip(&kernels).zip(&chunk.fused) {
@@ -735,9 +804,7 @@ impl Engine {
                 if let Some(m) = mra {
                     resources.push(m.rows.as_entire_binding());
                 }
-                if softmax {
-                    resources.push(workspace.partials.as_entire_binding());
-                }
+                resources.push(if softmax { &workspace.partials } else { &workspace.entmax_paths }.as_entire_binding());
                 let bind_group = self.bind_group(kernel, ci, resources);
                 dispatch(encoder, timer.as_deref_mut(), kernel, &bind_group, grid);
                 // Split-K: combine the chunk's splits into O (the partials are reused by the next chunk).
@@ -1060,6 +1127,21 @@ impl PreparedAttention<'_> {
         Ok(times)
     }
 
+    /// The fused entmax kernels' branch counts of the last run (`time` or `run_and_read`);
+    /// `None` for other plans.
+    pub fn entmax_paths(&self) -> Result<Option<EntmaxPaths>> {
+        if self.plan.path != ExecPath::Fused || self.plan.normalizer == Normalizer::Softmax {
+            return Ok(None);
+        }
+        let e = self.engine;
+        let paths = &self.workspace.entmax_paths;
+        let read = e.buffer("sparse-attn entmax path counts readback", paths.size(), wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ);
+        let mut encoder = e.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sparse-attn entmax path counts") });
+        encoder.copy_buffer_to_buffer(paths, 0, &read, 0, paths.size());
+        e.queue.submit([encoder.finish()]);
+        Ok(Some(EntmaxPaths::from_words(bytemuck::cast_slice(&e.read_buffer(&read)?))))
+    }
+
     /// Runs once and reads O (and, if asked, probabilities and row stats) back.
     pub fn run_and_read(&self, probabilities: bool, row_stats: bool) -> Result<AttentionOutput> {
         let e = self.engine;
@@ -1118,6 +1200,6 @@ impl PreparedAttention<'_> {
             }
             None => None,
         };
-        Ok(AttentionOutput { o, probabilities, row_stats })
+        Ok(AttentionOutput { o, probabilities, row_stats, entmax_paths: self.entmax_paths()? })
     }
 }

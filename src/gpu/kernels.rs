@@ -130,8 +130,8 @@ impl KernelKind {
             KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax => &[Uniform, Read, ReadWrite, ReadWrite],
             // params, v, pattern, scores, o
             KernelKind::Spmm => &[Uniform, Read, Read, Read, ReadWrite],
-            // params, q, k, v, pattern, o
-            KernelKind::FusedEntmax | KernelKind::FusedEntmaxCached => &[Uniform, Read, Read, Read, Read, ReadWrite],
+            // params, q, k, v, pattern, o, path counts
+            KernelKind::FusedEntmax | KernelKind::FusedEntmaxCached => &[Uniform, Read, Read, Read, Read, ReadWrite, ReadWrite],
             // params, q, k, v, pattern, o, key-split partials
             KernelKind::FusedSoftmax => &[Uniform, Read, Read, Read, Read, ReadWrite, ReadWrite],
             // params, x, w, b, y
@@ -187,7 +187,7 @@ pub fn shader_source(key: &KernelKey) -> String {
     ));
     if let Some(t) = key.fused {
         s.push_str(&format!(
-            "const DP: u32 = {}u;\nconst TQ: u32 = {}u;\nconst KC: u32 = {}u;\nconst WG: u32 = {}u;\nconst CAP: u32 = {}u;\nconst RQ: u32 = {}u;\nconst KVT: u32 = {}u;\nconst VO: u32 = {}u;\nconst PS: u32 = {}u;\nconst RC: u32 = {}u;\n",
+            "const DP: u32 = {}u;\nconst TQ: u32 = {}u;\nconst KC: u32 = {}u;\nconst WG: u32 = {}u;\nconst CAP: u32 = {}u;\nconst RQ: u32 = {}u;\nconst KVT: u32 = {}u;\nconst VO: u32 = {}u;\nconst PS: u32 = {}u;\nconst RC: u32 = {}u;\nconst SUPPORT_SLOTS: u32 = {}u;\n",
             t.dp,
             t.tq,
             t.kc,
@@ -197,7 +197,8 @@ pub fn shader_source(key: &KernelKey) -> String {
             t.kv_tile_len(),
             t.v_offset(),
             t.p_stride(),
-            t.rc.max(t.kc)
+            t.rc.max(t.kc),
+            t.support_slots()
         ));
     }
     s.push_str(COMMON);

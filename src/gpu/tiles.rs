@@ -47,6 +47,21 @@ impl FusedTile {
         [("RQ", self.rq.max(1)), ("NK", self.kc / lanes), ("NC", (self.dp / 4).div_ceil(lanes))]
     }
 
+    /// Support-list slots per (row, lane) of the score-caching kernel (`SUPPORT_SLOTS` in
+    /// fused_entmax_cached.wgsl; 0 for other tiles): at most an eighth of a lane's share of the
+    /// cache (small supports, where reading only their V rows beats staging every chunk), as
+    /// many as fit in `kv_tile` after the row reductions' scratch, and even, so each list
+    /// starts on a vec4 of its own (WGSL lets a write to one component of a vector write all of
+    /// it, and two threads' pairs in one vec4 would race). A tile gathers p·V only when every
+    /// (row, lane)'s support fits.
+    pub fn support_slots(&self) -> u32 {
+        if self.rc == 0 || self.wg == 0 {
+            return 0;
+        }
+        let room = (self.kv_tile_len().saturating_sub(self.wg) * 2) / self.wg;
+        room.min((self.rc / (8 * self.threads_per_row().max(1))).max(2)) & !1
+    }
+
     /// Whether this is a tile of an entmax kernel (pooling or score-caching).
     pub fn is_entmax(&self) -> bool {
         self.cap > 0 || self.rc > 0

@@ -4,7 +4,8 @@
 
 use ndarray::Array4;
 use rand::{Rng, SeedableRng};
-use sparse_attn::{DType, Engine};
+use sparse_attn::gpu::plan::Plan;
+use sparse_attn::{BlockPattern, DType, Engine};
 use std::sync::OnceLock;
 
 /// The shared engine, or None with a one-line reason (a failure when CI=true).
@@ -45,7 +46,6 @@ pub fn random4(shape: (usize, usize, usize, usize), seed: u64, range: f32) -> Ar
     })
 }
 
-/// (rel, abs) tolerance per dtype.
 /// Storage types this engine runs: f32, and f16 where the adapter has SHADER_F16.
 pub fn storage_dtypes(engine: &Engine) -> Vec<DType> {
     let mut dtypes = vec![DType::F32];
@@ -55,6 +55,24 @@ pub fn storage_dtypes(engine: &Engine) -> Vec<DType> {
     dtypes
 }
 
+/// Workgroups a fused entmax call of `plan` runs to the end: per query-block row of every
+/// problem slice, block_q / tq of the tile of the row class its length falls in. Each ends in
+/// exactly one of `EntmaxPaths`' terminal paths.
+pub fn entmax_tiles(plan: &Plan, pattern: &BlockPattern) -> u64 {
+    let repeat = if pattern.slices() == 1 { plan.shape.slices() as u64 } else { 1 };
+    let per_row: u64 = pattern
+        .row_ptr()
+        .windows(2)
+        .map(|w| {
+            let blocks = w[1] - w[0];
+            let class = plan.row_classes.iter().find(|c| blocks <= c.max_blocks).expect("every row length has a class");
+            (plan.block_q / class.tile.tq) as u64
+        })
+        .sum();
+    per_row * repeat
+}
+
+/// (rel, abs) tolerance per dtype.
 pub fn tolerance(dtype: DType) -> (f32, f32) {
     match dtype {
         DType::F32 => (1e-4, 1e-5),

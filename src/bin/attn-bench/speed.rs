@@ -132,6 +132,8 @@ struct Row {
     stage_ms: std::collections::BTreeMap<String, f64>,
     /// The fused tiles that ran, by row class (`tiles_label`); empty for the three-kernel path.
     tiles: String,
+    /// Fused entmax: the kernels' branch counts in the last timed run.
+    entmax_paths: Option<sparse_attn::EntmaxPaths>,
 }
 
 pub fn run(g: &Globals, a: &SpeedArgs) -> BResult<()> {
@@ -358,10 +360,12 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
                             reason: String::new(),
                             stage_ms: Default::default(),
                             tiles: String::new(),
+                            entmax_paths: None,
                         };
                         match time_cell(engine, &q, &k, &v, &case.pattern, case.mra.as_ref(), AttentionOptions { normalizer, dtype, path, key_splits: a.key_splits, ..Default::default() }, a.warmup, a.repeats) {
-                            Ok((t, tiles)) => {
+                            Ok((t, tiles, entmax_paths)) => {
                                 row.tiles = tiles;
+                                row.entmax_paths = entmax_paths;
                                 row.attention_ms = t.median_ms();
                                 row.wall_ms = median(&t.wall_ms);
                                 row.timer = if t.gpu_ms.is_empty() { "wall-clock" } else { "gpu-timestamps" };
@@ -399,7 +403,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
     let elapsed_s = started.elapsed().as_secs_f64();
 
     // CSV + JSON.
-    let mut csv = format!("{SPEED_COLUMNS},label,requested_density,status,reason,timer,wall_ms,batch,tiles,{}\n", Provenance::csv_header());
+    let mut csv = format!("{SPEED_COLUMNS},label,requested_density,status,reason,timer,wall_ms,batch,tiles,entmax_paths,{}\n", Provenance::csv_header());
     let mut json_rows: Vec<Value> = Vec::new();
     for r in &rows {
         csv.push_str(
@@ -424,6 +428,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
                 num(r.wall_ms),
                 a.batch.to_string(),
                 csv_cell(&r.tiles),
+                csv_cell(&r.entmax_paths.map(|p| p.to_string()).unwrap_or_default()),
                 prov.csv_cells(),
             ]
             .join(","),
@@ -436,6 +441,7 @@ fn run_with(g: &Globals, a: &SpeedArgs, engine: &Engine, seqs_text: &str, autotu
             "label": r.label, "requested_density": r.requested_density, "status": r.status,
             "reason": if r.reason.is_empty() { Value::Null } else { json!(r.reason) },
             "timer": r.timer, "wall_ms": jnum(r.wall_ms), "stage_ms": r.stage_ms, "batch": a.batch, "tiles": r.tiles,
+            "entmax_paths": r.entmax_paths,
         }));
     }
     let csv_path = out.join("speed.csv");
@@ -619,12 +625,13 @@ fn time_cell(
     opts: AttentionOptions,
     warmup: usize,
     repeats: usize,
-) -> Result<(sparse_attn::RunTimes, String), Error> {
+) -> Result<(sparse_attn::RunTimes, String, Option<sparse_attn::EntmaxPaths>), Error> {
     let prepared = match mra {
         Some(m) => engine.prepare_attention_mra(q, k, v, m, &opts)?,
         None => engine.prepare_attention(q, k, v, pattern, &opts)?,
     };
-    Ok((prepared.time(warmup, repeats)?, tiles_label(prepared.plan())))
+    let times = prepared.time(warmup, repeats)?;
+    Ok((times, tiles_label(prepared.plan()), prepared.entmax_paths()?))
 }
 
 /// The fused tiles of a plan as `wg/tq/rq/kc` plus `/c<keys>` (score cache) or `/p<slots>`
