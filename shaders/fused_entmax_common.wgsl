@@ -9,15 +9,9 @@ const TPR: u32 = WG / TQ; // threads per query row in the per-score work
 var<workgroup> vote: atomic<u32>;
 
 // Which branches the call's workgroups took (read back as `EntmaxPaths`; the host clears it
-// before each call). Integer counts, one atomic per workgroup and event: deterministic.
+// before each call and declares the word indices `PATH_*`). Integer counts, one atomic per
+// workgroup and event: deterministic.
 @group(0) @binding(6) var<storage, read_write> path_counts: array<atomic<u32>>;
-const PATH_CACHE_GATHERED: u32 = 0u;
-const PATH_CACHE_STAGED: u32 = 1u;
-const PATH_POOL_GATHERED: u32 = 2u;
-const PATH_POOL_RECOMPUTED: u32 = 3u;
-const PATH_POOL_SHRINKS: u32 = 4u;
-const PATH_POOL_SHRINKS_DECLINED: u32 = 5u;
-const PATH_POOL_COLLECT_WALKS: u32 = 6u;
 
 // Counts one event of the workgroup (call from uniform control flow: thread 0 counts).
 fn count_path(lid: u32, which: u32) {

@@ -128,17 +128,21 @@ pub struct EntmaxPaths {
 impl std::fmt::Display for EntmaxPaths {
     /// `name=count` pairs joined by `;` (the bench's `entmax_paths` column).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "cache_gathered={};cache_staged={};pool_gathered={};pool_recomputed={};pool_shrinks={};pool_shrinks_declined={};pool_collect_walks={}",
-            self.cache_gathered, self.cache_staged, self.pool_gathered, self.pool_recomputed, self.pool_shrinks, self.pool_shrinks_declined, self.pool_collect_walks
-        )
+        let pairs: Vec<String> = Self::NAMES.iter().zip(self.counts()).map(|(name, n)| format!("{name}={n}")).collect();
+        f.write_str(&pairs.join(";"))
     }
 }
 
 impl EntmaxPaths {
-    /// Counter words the kernels write (`PATH_*` in fused_entmax_common.wgsl, in this order).
-    pub const WORDS: usize = 7;
+    /// The counters in the order of their words in `Workspace::entmax_paths`; the kernels'
+    /// header declares `PATH_<NAME>` as each one's index (src/gpu/kernels.rs).
+    pub const NAMES: [&'static str; 7] =
+        ["cache_gathered", "cache_staged", "pool_gathered", "pool_recomputed", "pool_shrinks", "pool_shrinks_declined", "pool_collect_walks"];
+
+    /// The counts in `NAMES` order.
+    pub fn counts(&self) -> [u32; 7] {
+        [self.cache_gathered, self.cache_staged, self.pool_gathered, self.pool_recomputed, self.pool_shrinks, self.pool_shrinks_declined, self.pool_collect_walks]
+    }
 
     fn from_words(w: &[u32]) -> Self {
         let at = |i: usize| w.get(i).copied().unwrap_or(0);
@@ -581,7 +585,7 @@ impl Engine {
             }),
             entmax_paths: self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("sparse-attn entmax path counts"),
-                size: (EntmaxPaths::WORDS * 4).next_multiple_of(16) as u64,
+                size: (EntmaxPaths::NAMES.len() * 4).next_multiple_of(16) as u64,
                 usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),
@@ -1201,5 +1205,24 @@ impl PreparedAttention<'_> {
             None => None,
         };
         Ok(AttentionOutput { o, probabilities, row_stats, entmax_paths: self.entmax_paths()? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EntmaxPaths;
+
+    #[test]
+    fn entmax_path_words_map_to_their_names() {
+        // Word i (the shader's PATH_<NAMES[i]>) lands in the field named NAMES[i].
+        let words: Vec<u32> = (10..10 + EntmaxPaths::NAMES.len() as u32).collect();
+        let paths = EntmaxPaths::from_words(&words);
+        assert_eq!(paths.counts().to_vec(), words);
+        let json = serde_json::to_value(paths).expect("serialize");
+        for (i, name) in EntmaxPaths::NAMES.iter().enumerate() {
+            assert_eq!(json[name], words[i], "{name}");
+        }
+        assert_eq!(paths.tiles(), 10 + 11 + 12 + 13);
+        assert!(paths.to_string().starts_with("cache_gathered=10;cache_staged=11;"), "{paths}");
     }
 }

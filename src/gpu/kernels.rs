@@ -216,6 +216,10 @@ pub fn shader_source(key: &KernelKey) -> String {
             s.push_str(&super::unroll::unroll(FUSED_TILES, &t.unroll_counts()));
         }
         if matches!(key.kind, KernelKind::FusedEntmax | KernelKind::FusedEntmaxCached) {
+            // The branch counters' word indices, from the host's one list.
+            for (i, name) in super::engine::EntmaxPaths::NAMES.iter().enumerate() {
+                s.push_str(&format!("const PATH_{}: u32 = {i}u;\n", name.to_uppercase()));
+            }
             s.push_str(FUSED_ENTMAX_COMMON);
         }
     }
