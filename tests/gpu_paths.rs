@@ -6,7 +6,7 @@ mod common;
 use common::{assert_close, engine, random4, tolerance};
 use sparse_attn::gpu::plan::PlanLimits;
 use sparse_attn::patterns::{Dense, RandomBlocks, Window};
-use sparse_attn::{reference, AttentionBuffers, AttentionOptions, AttentionShape, DType, Engine, Error, Normalizer};
+use sparse_attn::{reference, AttentionBuffers, AttentionOptions, AttentionShape, DType, Engine, Error, ExecPath, Normalizer};
 use wgpu::util::DeviceExt;
 
 #[test]
@@ -69,6 +69,32 @@ fn probabilities_and_row_stats_match_reference() {
             }
         }
     }
+}
+
+#[test]
+fn prepared_fused_calls_refuse_outputs_they_do_not_compute() {
+    // The fused kernels write no probabilities or row stats: asking a prepared fused call for
+    // them is a typed error, not the workspace's zeros; a three-kernel one returns them.
+    let Some(engine) = engine() else { return };
+    let shape = AttentionShape::new(1, 2, 64, 32);
+    let q = random4((1, 2, 64, 32), 7, 3.0);
+    let k = random4((1, 2, 64, 32), 8, 3.0);
+    let v = random4((1, 2, 64, 32), 9, 1.0);
+    let pattern = Dense::new().with_blocks(32, 32).build(&shape).unwrap();
+    let fused = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(Normalizer::ENTMAX15) };
+    let prepared = engine.prepare_attention(&q, &k, &v, &pattern, &fused).expect("prepare fused");
+    for (probabilities, row_stats) in [(false, true), (true, false)] {
+        match prepared.run_and_read(probabilities, row_stats) {
+            Err(Error::Unsupported(msg)) => assert!(msg.contains("fused"), "{msg}"),
+            other => panic!("fused run_and_read({probabilities}, {row_stats}): expected Unsupported, got {:?}", other.map(|o| o.row_stats.is_some())),
+        }
+    }
+    assert!(prepared.run_and_read(false, false).is_ok());
+    let three = AttentionOptions { path: ExecPath::ThreeKernel, ..fused };
+    let prepared = engine.prepare_attention(&q, &k, &v, &pattern, &three).expect("prepare three-kernel");
+    let stats = prepared.run_and_read(false, true).expect("three-kernel row stats").row_stats.expect("row stats");
+    assert!(stats.support.iter().all(|&n| (1..=64).contains(&n)), "every dense row has a support: {:?}", stats.support);
+    assert!(stats.iterations.iter().all(|&n| n >= 1), "every entmax row searched");
 }
 
 #[test]

@@ -1146,10 +1146,17 @@ impl PreparedAttention<'_> {
         Ok(Some(EntmaxPaths::from_words(bytemuck::cast_slice(&e.read_buffer(&read)?))))
     }
 
-    /// Runs once and reads O (and, if asked, probabilities and row stats) back.
+    /// Runs once and reads O back, and if asked the probabilities and row stats, which only
+    /// three-kernel plans compute (a fused plan refuses them with `Unsupported`).
     pub fn run_and_read(&self, probabilities: bool, row_stats: bool) -> Result<AttentionOutput> {
         let e = self.engine;
         let plan = &self.plan;
+        // The fused kernels write neither; reading the workspace would return its zeros.
+        if plan.path == ExecPath::Fused && (probabilities || row_stats) {
+            return Err(Error::Unsupported(
+                "the fused path does not materialise probabilities or row stats; prepare with ExecPath::ThreeKernel or Auto and ask for them in the options".into(),
+            ));
+        }
         let shape = plan.shape;
         let tile_bytes = (plan.block_q * plan.block_k) as u64 * 4;
         let probs = probabilities.then(|| {
