@@ -30,7 +30,9 @@ pub struct AttentionOptions {
     pub max_iterations: u32,
     /// Kernel path; `Auto` picks fused unless probabilities are requested.
     pub path: ExecPath,
-    /// Forces a fused tile (must fit the adapter); `None` uses the tuned or default tile.
+    /// Forces a fused tile (one of `gpu::tiles::call_candidates` for the problem and adapter);
+    /// one that does not fit is `Unsupported` on `Fused` and `Auto` alike (the error lists the
+    /// tiles that do). `None` uses the tuned or default tile.
     pub fused_tile: Option<FusedTile>,
     /// Fused softmax split-K: `None` splits rows along keys when there are too few query tiles
     /// to fill the GPU ([`plan::auto_key_splits`]); `Some(n)` forces `n` splits (1 = never).
@@ -376,6 +378,9 @@ impl Engine {
             ExecPath::Fused => self.fused_classes(shape, pattern, opts)?,
             // Auto: fused when it can run, the three-kernel path otherwise (guaranteed fallback).
             ExecPath::Auto if wants_outputs => Vec::new(),
+            // A forced tile asks for the fused path: one that cannot run is an error, not a
+            // silent switch to the (much slower) three-kernel path.
+            ExecPath::Auto if opts.fused_tile.is_some() => self.fused_classes(shape, pattern, opts)?,
             ExecPath::Auto => self.fused_classes(shape, pattern, opts).unwrap_or_default(),
         };
         let fused = classes.last().map(|c| c.tile);
@@ -429,7 +434,16 @@ impl Engine {
         let cached: Vec<FusedTile> = fitting.iter().copied().filter(|t| t.rc > 0).collect();
         if let Some(t) = opts.fused_tile {
             if !tiles::accepts(&fitting, &t, &limits) {
-                return Err(Error::Unsupported(format!("fused tile {t:?} does not fit this problem or adapter")));
+                let list: Vec<String> = fitting.iter().map(|f| format!("{f:?}")).collect();
+                return Err(Error::Unsupported(format!(
+                    "fused tile {t:?} is not one of the {} {} tiles for head_dim {d}, blocks {bq}x{bk}{} within max_compute_workgroup_storage_size = {} bytes (it needs {}): {}",
+                    fitting.len(),
+                    if entmax { "entmax" } else { "softmax" },
+                    if entmax { format!(", rows of up to {row_blocks} blocks") } else { String::new() },
+                    limits.max_compute_workgroup_storage_size,
+                    t.workgroup_bytes(),
+                    list.join(", ")
+                )));
             }
             return Ok(t);
         }
