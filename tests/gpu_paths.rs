@@ -105,19 +105,19 @@ fn a_forced_tile_that_does_not_fit_is_an_error_on_auto_too() {
     let shape = AttentionShape::new(1, 2, 64, 32);
     let pattern = Dense::new().with_blocks(32, 32).build(&shape).unwrap();
     let entmax = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(Normalizer::ENTMAX15) };
-    let fitting = engine.plan(&shape, &pattern, &entmax).expect("entmax plan").fused.expect("fused tile");
+    let entmax_tile = engine.plan(&shape, &pattern, &entmax).expect("entmax plan").fused.expect("fused tile");
     // The entmax pool tile is no softmax tile (its pool makes it an entmax tile).
     for path in [ExecPath::Auto, ExecPath::Fused] {
-        let softmax = AttentionOptions { path, fused_tile: Some(fitting), ..AttentionOptions::new(Normalizer::Softmax) };
+        let softmax = AttentionOptions { path, fused_tile: Some(entmax_tile), ..AttentionOptions::new(Normalizer::Softmax) };
         match engine.plan(&shape, &pattern, &softmax) {
             Err(Error::Unsupported(msg)) => assert!(msg.contains("softmax tiles") && msg.contains("FusedTile {"), "{path:?}: {msg}"),
             other => panic!("{path:?}: expected Unsupported, got {:?}", other.map(|p| p.path)),
         }
     }
     // The tile itself runs where it fits, on Auto as on Fused.
-    let auto = AttentionOptions { path: ExecPath::Auto, fused_tile: Some(fitting), ..entmax };
+    let auto = AttentionOptions { path: ExecPath::Auto, fused_tile: Some(entmax_tile), ..entmax };
     let plan = engine.plan(&shape, &pattern, &auto).expect("forced tile on Auto");
-    assert_eq!((plan.path, plan.fused), (ExecPath::Fused, Some(fitting)));
+    assert_eq!((plan.path, plan.fused), (ExecPath::Fused, Some(entmax_tile)));
 }
 
 #[test]

@@ -371,9 +371,7 @@ impl Engine {
         let classes = match opts.path {
             ExecPath::ThreeKernel => Vec::new(),
             ExecPath::Fused if wants_outputs => {
-                return Err(Error::Unsupported(
-                    "the fused path does not materialise probabilities or row stats; use ExecPath::ThreeKernel or Auto".into(),
-                ))
+                return Err(fused_has_no_outputs())
             }
             ExecPath::Fused => self.fused_classes(shape, pattern, opts)?,
             // Auto: fused when it can run, the three-kernel path otherwise (guaranteed fallback).
@@ -711,7 +709,7 @@ impl Engine {
         }
         if plan.path == ExecPath::Fused {
             if probabilities.is_some() {
-                return Err(Error::Unsupported("the fused path has no probabilities to copy".into()));
+                return Err(fused_has_no_outputs());
             }
             return self.encode_fused(encoder, plan, buffers, pattern, workspace, timer, mra);
         }
@@ -1167,9 +1165,7 @@ impl PreparedAttention<'_> {
         let plan = &self.plan;
         // The fused kernels write neither; reading the workspace would return its zeros.
         if plan.path == ExecPath::Fused && (probabilities || row_stats) {
-            return Err(Error::Unsupported(
-                "the fused path does not materialise probabilities or row stats; prepare with ExecPath::ThreeKernel or Auto and ask for them in the options".into(),
-            ));
+            return Err(fused_has_no_outputs());
         }
         let shape = plan.shape;
         let tile_bytes = (plan.block_q * plan.block_k) as u64 * 4;
@@ -1227,6 +1223,14 @@ impl PreparedAttention<'_> {
         };
         Ok(AttentionOutput { o, probabilities, row_stats, entmax_paths: self.entmax_paths()? })
     }
+}
+
+/// The fused kernels write neither probabilities nor row stats: the one refusal of the plan,
+/// encode and read-back layers when asked for them.
+fn fused_has_no_outputs() -> Error {
+    Error::Unsupported(
+        "the fused path does not materialise probabilities or row stats; use ExecPath::ThreeKernel (or Auto without a forced tile) and ask for them in the options".into(),
+    )
 }
 
 #[cfg(test)]
