@@ -1,12 +1,17 @@
 // Fused block-sparse softmax attention (FlashAttention-style online softmax) on the
 // register-tiled layout of fused_tiles.wgsl: no scores buffer, exp once per score, O written
 // once. A workgroup owns TQ query rows of one query block, or with split-K one share of the
-// row's stored blocks, whose (m, l, unnormalised O) merge_splits.wgsl combines. Sums run in a
-// fixed order, so results are deterministic.
+// row's stored blocks, whose (m, l, unnormalised O) merge_splits.wgsl combines. Row max and
+// sum across a row group's lanes use subgroup shuffles where the lanes share a subgroup
+// (fused_lanes_*.wgsl), else workgroup memory. Sums run in a fixed order, so results are
+// deterministic.
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
+        ids: LaneIds) {
+    let lid = ids.lid;
+    // Before the early return: every thread takes part in the check's vote.
+    let in_subgroups = row_lanes_in_subgroups(ids, TX);
     let w = linear_workgroup(wid, nwg);
     let splits = max(params.key_splits, 1u);
     if (w >= params.row_count * (BQ / TQ) * splits) {
@@ -37,22 +42,34 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             stage_kv(t, key0, lid);
             workgroupBarrier();
             let s = chunk_scores(t, b, kc, key0, ty, tx);
+            // The chunk's max of each row over its TX lanes (the same on every lane).
+            var chunk_max: array<f32, RQ>;
             for (var r = 0u; r < RQ; r++) { // @unroll
-                var part_max = NEG_BIG;
+                chunk_max[r] = NEG_BIG;
                 for (var j = 0u; j < NK; j++) { // @unroll
-                    part_max = max(part_max, s[r * NK + j]);
+                    chunk_max[r] = max(chunk_max[r], s[r * NK + j]);
                 }
-                red[(ty * RQ + r) * TX + tx] = part_max;
             }
-            workgroupBarrier();
-            // Online softmax: the row's max over its TX lanes (the same on every lane), p once
-            // per score, each lane's share of the row sum, and the rescaled accumulators.
+            if (in_subgroups) {
+                for (var r = 0u; r < RQ; r++) { // @unroll
+                    chunk_max[r] = lanes_max(chunk_max[r], TX);
+                }
+            } else {
+                for (var r = 0u; r < RQ; r++) { // @unroll
+                    red[(ty * RQ + r) * TX + tx] = chunk_max[r];
+                }
+                workgroupBarrier();
+                for (var r = 0u; r < RQ; r++) { // @unroll
+                    for (var u = 0u; u < TX; u++) {
+                        chunk_max[r] = max(chunk_max[r], red[(ty * RQ + r) * TX + u]);
+                    }
+                }
+            }
+            // Online softmax: p once per score, each lane's share of the row sum, and the
+            // rescaled accumulators.
             for (var r = 0u; r < RQ; r++) { // @unroll
                 let row = ty * RQ + r;
-                var m_new = m[r];
-                for (var u = 0u; u < TX; u++) {
-                    m_new = max(m_new, red[row * TX + u]);
-                }
+                let m_new = max(m[r], chunk_max[r]);
                 let corr = exp(m[r] - m_new);
                 var l_chunk = 0.0;
                 for (var j = 0u; j < NK; j++) { // @unroll
@@ -95,7 +112,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
     }
     // Each lane held its share of the row sum.
-    let total = row_sums(ty, tx, l);
+    var total = l;
+    if (in_subgroups) {
+        for (var r = 0u; r < RQ; r++) { // @unroll
+            total[r] = lanes_sum(l[r], TX);
+        }
+    } else {
+        total = row_sums(ty, tx, l);
+    }
     if (splits == 1u) {
         store_rows(t, ty, tx, &acc, total);
         return;

@@ -39,6 +39,42 @@ fn every_candidate_tile_matches_reference() {
 }
 
 #[test]
+fn fused_softmax_reduces_rows_with_subgroups_where_they_fit() {
+    let Some(engine) = engine() else { return };
+    // The same tiles on an engine with subgroups switched off: both variants match the
+    // reference. Where a tile's row groups (4 lanes or more) fit the adapter's subgroups, the
+    // subgroup variant must really run: its butterfly sums the lanes' shares in another order
+    // than the workgroup variant's lane-by-lane sum, so some outputs differ in their last bits
+    // (identical bits everywhere would mean the kernel fell back to workgroup memory).
+    let mut fallback = Engine::new().expect("engine");
+    fallback.set_autotune(false);
+    fallback.force_fallbacks(false, true);
+    let caps = engine.capabilities();
+    let d = 40;
+    let shape = AttentionShape::new(1, 2, 70, d).with_seq_kv(90);
+    let q = random4((1, 2, 70, d), 11, 2.0);
+    let k = random4((1, 2, 90, d), 12, 2.0);
+    let v = random4((1, 2, 90, d), 13, 1.0);
+    let pattern = RandomBlocks::new(0.7, 4).with_partial(0.4).with_blocks(32, 32).build(&shape).unwrap();
+    let want = reference::attention(&q, &k, &v, &pattern, Normalizer::Softmax).unwrap();
+    let mut subgroup_tiles = 0;
+    for tile in engine.fused_tile_candidates_for(&pattern, d, Normalizer::Softmax) {
+        let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(Normalizer::Softmax) };
+        let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap().o;
+        let plain = fallback.attention_with(&q, &k, &v, &pattern, &opts).unwrap().o;
+        assert_close(&format!("default engine, tile {tile:?}"), got.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+        assert_close(&format!("no subgroups, tile {tile:?}"), plain.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+        if caps.subgroups && tile.lanes() >= 4 && tile.row_groups_fit_subgroups(caps.subgroup_min_size) {
+            subgroup_tiles += 1;
+            assert!(got != plain, "tile {tile:?}: same bits with and without subgroups (subgroup min size {})", caps.subgroup_min_size);
+        }
+    }
+    if caps.subgroups {
+        eprintln!("{subgroup_tiles} softmax tiles reduced with subgroups (subgroup min size {})", caps.subgroup_min_size);
+    }
+}
+
+#[test]
 fn entmax_rows_with_more_candidates_than_fit_on_chip_recompute() {
     let Some(engine) = engine() else { return };
     // Near-uniform scores (spread in proportion to 1/(α-1), so every α has as large a

@@ -49,8 +49,10 @@ fn fused_tiles_workgroup_memory_model_matches_the_shaders() {
                 (KernelKind::FusedEntmaxCached, [1, 8, 1024 / bk].iter().flat_map(|&rows| tiles::cached_candidates(bq, bk, d, rows, &limits)).collect()),
             ];
             for (n, (kind, set)) in sets.into_iter().enumerate() {
-                for tile in set {
-                    let key = KernelKey { kind, dtype: DType::F32, block_q: bq, block_k: bk, d_chunk: 0, fused: Some(tile), subgroups: false, vec4: d % 4 == 0 };
+                // The softmax's subgroup variant declares the same workgroup memory.
+                let variants: &[bool] = if kind == KernelKind::FusedSoftmax { &[false, true] } else { &[false] };
+                for (tile, &subgroups) in set.iter().flat_map(|t| variants.iter().map(move |s| (*t, s))) {
+                    let key = KernelKey { kind, dtype: DType::F32, block_q: bq, block_k: bk, d_chunk: 0, fused: Some(tile), subgroups, vec4: d % 4 == 0 };
                     let src = shader_source(&key);
                     let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{tile:?}: {}", e.emit_to_string(&src)));
                     let declared: u32 = module
@@ -59,7 +61,7 @@ fn fused_tiles_workgroup_memory_model_matches_the_shaders() {
                         .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
                         .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
                         .sum();
-                    assert_eq!(declared, tile.workgroup_bytes(), "{} {bq}x{bk} d {d} {tile:?}: WGSL declares {declared} bytes", kind.name());
+                    assert_eq!(declared, tile.workgroup_bytes(), "{} {bq}x{bk} d {d} {tile:?} subgroups {subgroups}: WGSL declares {declared} bytes", kind.name());
                     assert!(declared <= limits.max_compute_workgroup_storage_size, "{tile:?}");
                     checked[n] += 1;
                 }

@@ -9,6 +9,9 @@ pub struct Capabilities {
     pub f16: bool,
     /// `SUBGROUP`: subgroup reductions.
     pub subgroups: bool,
+    /// The adapter's smallest subgroup (invocations; 0 without `subgroups`): the fused
+    /// softmax uses subgroups only for tiles whose row groups fit it.
+    pub subgroup_min_size: u32,
     /// `TIMESTAMP_QUERY`: GPU-side timing.
     pub timestamps: bool,
 }
@@ -57,10 +60,12 @@ pub fn wanted_features(available: wgpu::Features) -> wgpu::Features {
     f
 }
 
-pub fn capabilities(enabled: wgpu::Features) -> Capabilities {
+pub fn capabilities(enabled: wgpu::Features, info: &wgpu::AdapterInfo) -> Capabilities {
+    let subgroups = enabled.contains(wgpu::Features::SUBGROUP) && !env_flag(ENV_NO_SUBGROUPS);
     Capabilities {
         f16: enabled.contains(wgpu::Features::SHADER_F16) && !env_flag(ENV_NO_F16),
-        subgroups: enabled.contains(wgpu::Features::SUBGROUP) && !env_flag(ENV_NO_SUBGROUPS),
+        subgroups,
+        subgroup_min_size: if subgroups { info.subgroup_min_size } else { 0 },
         timestamps: enabled.contains(wgpu::Features::TIMESTAMP_QUERY),
     }
 }

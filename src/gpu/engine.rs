@@ -266,8 +266,8 @@ impl Engine {
     pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
         let limits = device.limits();
         device::required_limits_check(&limits)?;
-        let caps = device::capabilities(device.features());
         let info = device.adapter_info();
+        let caps = device::capabilities(device.features(), &info);
         tracing::info!(adapter = %info.name, backend = ?info.backend, ?caps, "sparse-attn engine ready");
         let autotune = std::env::var(ENV_AUTOTUNE).map_or(true, |v| v != "0");
         Ok(Self {
@@ -617,7 +617,12 @@ impl Engine {
     fn kernel_with_tile(&self, kind: KernelKind, plan: &Plan, tile: Option<FusedTile>) -> Result<std::sync::Arc<Kernel>> {
         let d_chunk = if matches!(kind, KernelKind::Spmm | KernelKind::SpmmMra) { plan.d_chunk } else { 0 };
         let fused = if kind.is_fused() { tile } else { None };
-        let subgroups = self.caps.subgroups && matches!(kind, KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax | KernelKind::NormalizeSoftmaxMra);
+        let subgroups = self.caps.subgroups
+            && match kind {
+                KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax | KernelKind::NormalizeSoftmaxMra => true,
+                KernelKind::FusedSoftmax | KernelKind::FusedSoftmaxMra => fused.is_some_and(|t| t.row_groups_fit_subgroups(self.caps.subgroup_min_size)),
+                _ => false,
+            };
         let vec4 = kind.is_fused() && plan.shape.head_dim.is_multiple_of(4);
         self.kernels.get(&self.device, KernelKey { kind, dtype: plan.dtype, block_q: plan.block_q, block_k: plan.block_k, d_chunk, fused, subgroups, vec4 })
     }

@@ -9,6 +9,8 @@ const COMMON_PATTERN: &str = include_str!("../../shaders/common_pattern.wgsl");
 const NORMALIZE_COMMON: &str = include_str!("../../shaders/normalize_common.wgsl");
 const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
+const FUSED_LANES_SUBGROUP: &str = include_str!("../../shaders/fused_lanes_subgroup.wgsl");
+const FUSED_LANES_WORKGROUP: &str = include_str!("../../shaders/fused_lanes_workgroup.wgsl");
 const FUSED_COMMON: &str = include_str!("../../shaders/fused_common.wgsl");
 const FUSED_TILES: &str = include_str!("../../shaders/fused_tiles.wgsl");
 const FUSED_ENTMAX_COMMON: &str = include_str!("../../shaders/fused_entmax_common.wgsl");
@@ -159,7 +161,9 @@ pub struct KernelKey {
     pub d_chunk: u32,
     /// Fused kernels' tile (None for the three-kernel path).
     pub fused: Option<super::tiles::FusedTile>,
-    /// Normalisers reduce with subgroup operations (SUBGROUP present and not switched off).
+    /// Normalisers, and the fused softmax across a row group's lanes, reduce with subgroup
+    /// operations (SUBGROUP present and not switched off; for the fused softmax also a tile
+    /// whose row groups fit the adapter's smallest subgroup).
     pub subgroups: bool,
     /// Fused kernels load Q/K/V as vec4 (head_dim % 4 == 0).
     pub vec4: bool,
@@ -214,6 +218,9 @@ pub fn shader_source(key: &KernelKey) -> String {
         s.push_str(FUSED_COMMON);
         if let Some(t) = key.fused {
             s.push_str(&super::unroll::unroll(FUSED_TILES, &t.unroll_counts()));
+        }
+        if matches!(key.kind, KernelKind::FusedSoftmax | KernelKind::FusedSoftmaxMra) {
+            s.push_str(if key.subgroups { FUSED_LANES_SUBGROUP } else { FUSED_LANES_WORKGROUP });
         }
         if matches!(key.kind, KernelKind::FusedEntmax | KernelKind::FusedEntmaxCached) {
             // The branch counters' word indices, from the host's one list.

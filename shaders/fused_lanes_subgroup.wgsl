@@ -1,0 +1,41 @@
+// Row reductions across the lanes of a fused kernel's row group with subgroup shuffles (no
+// workgroup memory, no barrier). A row group's lanes are consecutive invocations; WGSL does not
+// promise how invocations map onto subgroups, so each workgroup checks once that every run of
+// `lanes` consecutive invocations sits in one subgroup, in order, and otherwise takes the
+// workgroup-memory reductions (the same results up to rounding).
+
+struct LaneIds {
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_invocation_id) sg_lane: u32,
+    @builtin(subgroup_size) sg_size: u32,
+}
+
+var<workgroup> lanes_split: atomic<u32>;
+
+// Whether the row groups of `lanes` (a power of two) lanes lie in subgroups, in lane order: the
+// same answer on every thread. Call once, from uniform control flow.
+fn row_lanes_in_subgroups(ids: LaneIds, lanes: u32) -> bool {
+    if (ids.sg_size % lanes != 0u || ids.sg_lane != ids.lid % ids.sg_size) {
+        atomicOr(&lanes_split, 1u);
+    }
+    return workgroupUniformLoad(&lanes_split) == 0u;
+}
+
+// Max of `x` over the row group's `lanes` lanes (butterfly: the same on every lane).
+fn lanes_max(x: f32, lanes: u32) -> f32 {
+    var m = x;
+    for (var off = 1u; off < lanes; off *= 2u) {
+        m = max(m, subgroupShuffleXor(m, off));
+    }
+    return m;
+}
+
+// Sum of `x` over the row group's `lanes` lanes. Each butterfly step adds a + b on one lane and
+// b + a on its partner, equal in floating point, so every lane ends with the same bits.
+fn lanes_sum(x: f32, lanes: u32) -> f32 {
+    var s = x;
+    for (var off = 1u; off < lanes; off *= 2u) {
+        s += subgroupShuffleXor(s, off);
+    }
+    return s;
+}
