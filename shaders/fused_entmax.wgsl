@@ -156,7 +156,10 @@ fn consider(row: u32, lane: u32, x: f32, key: u32, reach: f32, before: LanePool)
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
+        ids: LaneIds) {
+    let lid = ids.lid;
+    // Before the early returns: every thread takes part in the layout check's vote.
+    _ = row_lanes_in_subgroups(ids, TPR);
     let w = linear_workgroup(wid, nwg);
     if (w >= params.row_count * (BQ / TQ)) {
         return;

@@ -54,11 +54,15 @@ fn lane_total(at: u32) -> vec4<f32> {
     return a;
 }
 
-// This thread's row's per-lane values combined over its TPR lanes in lane order: sums, or with
-// `maxes` (max, sum, max, sum) by component. kv_tile is the scratch, so call it between chunks,
-// from uniform control flow.
+// This thread's row's per-lane values combined over its TPR lanes: sums, or with `maxes`
+// (max, sum, max, sum) by component. By subgroup shuffles where the rows' lanes share
+// subgroups (fused_lanes_*.wgsl), else in lane order through kv_tile, so call it between
+// chunks, from uniform control flow. Starts with a barrier either way: callers rely on it to
+// order their workgroup-memory accesses before and after the call.
 fn row_reduce(lid: u32, x: vec4<f32>, maxes: bool) -> vec4<f32> {
-    workgroupBarrier();
+    if (barrier_then_lanes_in_subgroups()) {
+        return lanes_reduce4(x, TPR, maxes);
+    }
     kv_tile[lid] = x;
     workgroupBarrier();
     let first = (lid / TPR) * TPR;

@@ -1,5 +1,6 @@
 // Row reductions across the lanes of a fused kernel's row group with subgroup shuffles (no
-// workgroup memory, no barrier). A row group's lanes are consecutive invocations; WGSL does not
+// workgroup memory, no barrier): the softmax's row groups (TX lanes of the register tiles) and
+// the entmax kernels' rows (TPR lanes of the per-score work). A row group's lanes are consecutive invocations; WGSL does not
 // promise how invocations map onto subgroups, so each workgroup checks once that every run of
 // `lanes` consecutive invocations sits in one subgroup, in order, and otherwise takes the
 // workgroup-memory reductions (the same results up to rounding).
@@ -38,4 +39,26 @@ fn lanes_sum(x: f32, lanes: u32) -> f32 {
         s += subgroupShuffleXor(s, off);
     }
     return s;
+}
+
+// A workgroup barrier, and whether row_lanes_in_subgroups found the layout (uniform): the
+// entmax kernels' row_reduce keeps its barrier either way (it also orders its callers'
+// workgroup-memory accesses).
+fn barrier_then_lanes_in_subgroups() -> bool {
+    return workgroupUniformLoad(&lanes_split) == 0u;
+}
+
+// Over the row group's lanes: sums, or with `maxes` (max, sum, max, sum) by component (every
+// lane ends with the same bits, as in lanes_sum).
+fn lanes_reduce4(x: vec4<f32>, lanes: u32, maxes: bool) -> vec4<f32> {
+    var a = x;
+    for (var off = 1u; off < lanes; off *= 2u) {
+        let b = subgroupShuffleXor(a, off);
+        if (maxes) {
+            a = vec4<f32>(max(a.x, b.x), a.y + b.y, max(a.z, b.z), a.w + b.w);
+        } else {
+            a += b;
+        }
+    }
+    return a;
 }

@@ -19,3 +19,12 @@ fn lanes_max(x: f32, lanes: u32) -> f32 {
 fn lanes_sum(x: f32, lanes: u32) -> f32 {
     return x;
 }
+
+fn barrier_then_lanes_in_subgroups() -> bool {
+    workgroupBarrier();
+    return false;
+}
+
+fn lanes_reduce4(x: vec4<f32>, lanes: u32, maxes: bool) -> vec4<f32> {
+    return x;
+}

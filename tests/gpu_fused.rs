@@ -39,13 +39,17 @@ fn every_candidate_tile_matches_reference() {
 }
 
 #[test]
-fn fused_softmax_reduces_rows_with_subgroups_where_they_fit() {
+fn fused_kernels_reduce_rows_with_subgroups_where_they_fit() {
     let Some(engine) = engine() else { return };
-    // The same tiles on an engine with subgroups switched off: both variants match the
-    // reference. Where a tile's row groups (4 lanes or more) fit the adapter's subgroups, the
-    // subgroup variant must really run: its butterfly sums the lanes' shares in another order
-    // than the workgroup variant's lane-by-lane sum, so some outputs differ in their last bits
-    // (identical bits everywhere would mean the kernel fell back to workgroup memory).
+    // Every fused tile on this engine and on one with subgroups switched off: both variants
+    // match the reference. Where a tile's row reductions span 4 lanes or more that fit the
+    // adapter's subgroups, and the output depends on a reduced float sum (the softmax's row
+    // sum, the score cache's Σp), the subgroup variant must really run: its butterfly sums the
+    // lanes' shares in another order than the lane-by-lane sum, so some outputs differ in their
+    // last bits (identical bits would mean the kernel fell back to workgroup memory). The
+    // pooling kernel's reductions (row max, counts, the shrinks' floors) leave its output's
+    // bits unchanged, so only its first tile runs here (each variant of each entmax tile is
+    // a pipeline of its own, and they cost seconds each to compile on llvmpipe).
     let mut fallback = Engine::new().expect("engine");
     fallback.set_autotune(false);
     fallback.force_fallbacks(false, true);
@@ -56,21 +60,30 @@ fn fused_softmax_reduces_rows_with_subgroups_where_they_fit() {
     let k = random4((1, 2, 90, d), 12, 2.0);
     let v = random4((1, 2, 90, d), 13, 1.0);
     let pattern = RandomBlocks::new(0.7, 4).with_partial(0.4).with_blocks(32, 32).build(&shape).unwrap();
-    let want = reference::attention(&q, &k, &v, &pattern, Normalizer::Softmax).unwrap();
     let mut subgroup_tiles = 0;
-    for tile in engine.fused_tile_candidates_for(&pattern, d, Normalizer::Softmax) {
-        let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(Normalizer::Softmax) };
-        let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap().o;
-        let plain = fallback.attention_with(&q, &k, &v, &pattern, &opts).unwrap().o;
-        assert_close(&format!("default engine, tile {tile:?}"), got.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
-        assert_close(&format!("no subgroups, tile {tile:?}"), plain.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
-        if caps.subgroups && tile.lanes() >= 4 && tile.row_groups_fit_subgroups(caps.subgroup_min_size) {
-            subgroup_tiles += 1;
-            assert!(got != plain, "tile {tile:?}: same bits with and without subgroups (subgroup min size {})", caps.subgroup_min_size);
+    for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15] {
+        let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
+        let tiles = engine.fused_tile_candidates_for(&pattern, d, normalizer);
+        let first_pool = tiles.iter().position(|t| t.cap > 0);
+        for (i, tile) in tiles.into_iter().enumerate() {
+            if tile.cap > 0 && Some(i) != first_pool {
+                continue;
+            }
+            let opts = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), ..AttentionOptions::new(normalizer) };
+            let got = engine.attention_with(&q, &k, &v, &pattern, &opts).unwrap().o;
+            let plain = fallback.attention_with(&q, &k, &v, &pattern, &opts).unwrap().o;
+            let what = format!("{} tile {tile:?}", normalizer.label());
+            assert_close(&format!("default engine, {what}"), got.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+            assert_close(&format!("no subgroups, {what}"), plain.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+            let sums_decide = tile.cap == 0;
+            if caps.subgroups && sums_decide && tile.reduction_lanes() >= 4 && tile.row_lanes_fit_subgroups(caps.subgroup_min_size) {
+                subgroup_tiles += 1;
+                assert!(got != plain, "{what}: same bits with and without subgroups (subgroup min size {})", caps.subgroup_min_size);
+            }
         }
     }
     if caps.subgroups {
-        eprintln!("{subgroup_tiles} softmax tiles reduced with subgroups (subgroup min size {})", caps.subgroup_min_size);
+        eprintln!("{subgroup_tiles} tiles checked to reduce with subgroups (subgroup min size {})", caps.subgroup_min_size);
     }
 }
 

@@ -49,9 +49,8 @@ fn fused_tiles_workgroup_memory_model_matches_the_shaders() {
                 (KernelKind::FusedEntmaxCached, [1, 8, 1024 / bk].iter().flat_map(|&rows| tiles::cached_candidates(bq, bk, d, rows, &limits)).collect()),
             ];
             for (n, (kind, set)) in sets.into_iter().enumerate() {
-                // The softmax's subgroup variant declares the same workgroup memory.
-                let variants: &[bool] = if kind == KernelKind::FusedSoftmax { &[false, true] } else { &[false] };
-                for (tile, &subgroups) in set.iter().flat_map(|t| variants.iter().map(move |s| (*t, s))) {
+                // The subgroup variants declare the same workgroup memory.
+                for (tile, subgroups) in set.iter().flat_map(|t| [(*t, false), (*t, true)]) {
                     let key = KernelKey { kind, dtype: DType::F32, block_q: bq, block_k: bk, d_chunk: 0, fused: Some(tile), subgroups, vec4: d % 4 == 0 };
                     let src = shader_source(&key);
                     let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{tile:?}: {}", e.emit_to_string(&src)));

@@ -620,7 +620,9 @@ impl Engine {
         let subgroups = self.caps.subgroups
             && match kind {
                 KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax | KernelKind::NormalizeSoftmaxMra => true,
-                KernelKind::FusedSoftmax | KernelKind::FusedSoftmaxMra => fused.is_some_and(|t| t.row_groups_fit_subgroups(self.caps.subgroup_min_size)),
+                KernelKind::FusedSoftmax | KernelKind::FusedSoftmaxMra | KernelKind::FusedEntmax | KernelKind::FusedEntmaxCached => {
+                    fused.is_some_and(|t| t.row_lanes_fit_subgroups(self.caps.subgroup_min_size))
+                }
                 _ => false,
             };
         let vec4 = kind.is_fused() && plan.shape.head_dim.is_multiple_of(4);

@@ -161,9 +161,9 @@ pub struct KernelKey {
     pub d_chunk: u32,
     /// Fused kernels' tile (None for the three-kernel path).
     pub fused: Option<super::tiles::FusedTile>,
-    /// Normalisers, and the fused softmax across a row group's lanes, reduce with subgroup
-    /// operations (SUBGROUP present and not switched off; for the fused softmax also a tile
-    /// whose row groups fit the adapter's smallest subgroup).
+    /// Normalisers, and the fused kernels across a row's lanes, reduce with subgroup
+    /// operations (SUBGROUP present and not switched off; for the fused kernels also a tile
+    /// whose rows' lanes fit the adapter's smallest subgroup).
     pub subgroups: bool,
     /// Fused kernels load Q/K/V as vec4 (head_dim % 4 == 0).
     pub vec4: bool,
@@ -219,9 +219,7 @@ pub fn shader_source(key: &KernelKey) -> String {
         if let Some(t) = key.fused {
             s.push_str(&super::unroll::unroll(FUSED_TILES, &t.unroll_counts()));
         }
-        if matches!(key.kind, KernelKind::FusedSoftmax | KernelKind::FusedSoftmaxMra) {
-            s.push_str(if key.subgroups { FUSED_LANES_SUBGROUP } else { FUSED_LANES_WORKGROUP });
-        }
+        s.push_str(if key.subgroups { FUSED_LANES_SUBGROUP } else { FUSED_LANES_WORKGROUP });
         if matches!(key.kind, KernelKind::FusedEntmax | KernelKind::FusedEntmaxCached) {
             // The branch counters' word indices, from the host's one list.
             for (i, name) in super::engine::EntmaxPaths::NAMES.iter().enumerate() {

@@ -104,29 +104,39 @@ impl FusedTile {
         self.k_tile_len().max(self.v_offset() + self.v_tile_len())
     }
 
-    /// Workgroup memory in bytes (mirrors the arrays of shaders/fused_tiles.wgsl, and the entmax
-    /// kernels' vote word with the pool counts, or the chunk flags and support counts, or the
-    /// softmax's subgroup-layout vote word).
+    /// Workgroup memory in bytes (mirrors the arrays of shaders/fused_tiles.wgsl, the entmax
+    /// kernels' vote word with the pool counts, or the chunk flags and support counts, and the
+    /// subgroup-layout vote word of fused_lanes_*.wgsl).
     pub fn workgroup_bytes(&self) -> u32 {
         let dp4 = self.dp / 4;
         let vec4s = self.tq * (dp4 + 1) + self.kv_tile_len();
         let floats = self.tq * self.p_stride() + self.tq * self.lanes();
-        let words = if self.cap > 0 {
+        let entmax_words = if self.cap > 0 {
             1 + self.wg
         } else if self.rc > 0 {
             1 + self.rc / self.kc.max(1) + self.wg
         } else {
-            1
+            0
         };
-        16 * vec4s + 4 * floats + 4 * words
+        16 * vec4s + 4 * floats + 4 * (entmax_words + 1)
     }
 
-    /// Whether the softmax kernel may reduce across this tile's row groups with subgroup
-    /// shuffles on an adapter whose subgroups have at least `subgroup_min_size` invocations:
-    /// a row group (`lanes()`, a power of two) must fit in the smallest subgroup. The kernel
-    /// still checks the invocation layout at run time and falls back to workgroup memory.
-    pub fn row_groups_fit_subgroups(&self, subgroup_min_size: u32) -> bool {
-        let lanes = self.lanes();
+    /// Lanes that share one row in the kernel's row reductions: the register tiles' row group
+    /// (`lanes()`) for softmax, the per-score work's threads per row for entmax.
+    pub fn reduction_lanes(&self) -> u32 {
+        if self.is_entmax() {
+            self.threads_per_row()
+        } else {
+            self.lanes()
+        }
+    }
+
+    /// Whether the kernel may reduce across a row's lanes with subgroup shuffles on an adapter
+    /// whose subgroups have at least `subgroup_min_size` invocations: the lanes (a power of
+    /// two) must fit in the smallest subgroup. The kernel still checks the invocation layout at
+    /// run time and otherwise reduces in workgroup memory.
+    pub fn row_lanes_fit_subgroups(&self, subgroup_min_size: u32) -> bool {
+        let lanes = self.reduction_lanes();
         lanes.is_power_of_two() && lanes <= subgroup_min_size
     }
 }
