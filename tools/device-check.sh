@@ -3,12 +3,15 @@
 # tools/stage-device-bins.sh; device time is scarce, so everything is bounded): the adapter,
 # the GPU test suites (CI=true: a missing adapter fails), then `attn-bench speed` per sequence
 # length with the tuner on, each part under its own timeout so a slow part costs only itself.
-# Writes at most 6 files to $OUT (the tool returns 8): info.txt, tests.log, speed.log,
-# speed.csv (every finished part, one header), tune.json (the tuner's choices) and commit.
+# Writes at most 7 files to $OUT (the tool returns 8): info.txt, tests.log, speed.log,
+# speed.csv (every finished part, one header), speed_no_subgroups.csv (seq 4096 again with
+# SPARSE_ATTN_NO_SUBGROUPS=1 on the same tuned tiles: the fused kernels' subgroup reductions
+# on ÷ off), tune.json (the tuner's choices) and commit.
 #
-# Env: TEST_S (seconds per test binary, default 100), SPEED_S (per sweep part, default 75): at
-#      most 525 s in all, inside one call (600 s) and a 15-minute lease with the start,
-#      SEQS (default "1024 4096 16384"), DENSITIES (default 1,0.5,0.25,0.1,0.05).
+# Env: TEST_S (seconds per test binary, default 80), SPEED_S (per sweep part, default 75),
+#      AB_S (the subgroups-off part, default 60): at most 525 s in all, inside one call (600 s)
+#      and a 15-minute lease with the start, SEQS (default "1024 4096 16384"), AB_SEQ (4096), DENSITIES
+#      (default 1,0.5,0.25,0.1,0.05).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-target/device-check}
@@ -44,7 +47,7 @@ fi
 for t in gpu_suite gpu_fused gpu_paths; do
   echo "== $t" >>"$OUT/tests.log"
   start=$SECONDS
-  timeout "${TEST_S:-100}" "$bins/$t" >>"$OUT/tests.log" 2>&1
+  timeout "${TEST_S:-80}" "$bins/$t" >>"$OUT/tests.log" 2>&1
   echo "== $t rc $? in $((SECONDS - start)) s" >>"$OUT/tests.log"
 done
 export SPARSE_ATTN_TUNE_CACHE=$OUT/tune.json
@@ -64,4 +67,12 @@ for seq in ${SEQS:-1024 4096 16384}; do
   fi
   rm -rf "$part"
 done
+part=$OUT/speed_nosg
+start=$SECONDS
+SPARSE_ATTN_NO_SUBGROUPS=1 timeout "${AB_S:-60}" "$bins/attn-bench" speed --seqs "${AB_SEQ:-4096}" --densities 1,0.25 \
+  --normalizers softmax,entmax15 --dtypes auto --paths fused --autotune on --repeats 5 \
+  --out "$part" >>"$OUT/speed.log" 2>&1
+echo "== seq ${AB_SEQ:-4096} subgroups off rc $? in $((SECONDS - start)) s" >>"$OUT/speed.log"
+[ -s "$part/speed.csv" ] && cp "$part/speed.csv" "$OUT/speed_no_subgroups.csv"
+rm -rf "$part"
 tail -n 3 "$OUT/tests.log" "$OUT/speed.log"
