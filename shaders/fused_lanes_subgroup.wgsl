@@ -1,9 +1,10 @@
 // Row reductions across the lanes of a fused kernel's row group with subgroup shuffles (no
 // workgroup memory, no barrier): the softmax's row groups (TX lanes of the register tiles) and
-// the entmax kernels' rows (TPR lanes of the per-score work). A row group's lanes are consecutive invocations; WGSL does not
-// promise how invocations map onto subgroups, so each workgroup checks once that every run of
-// `lanes` consecutive invocations sits in one subgroup, in order, and otherwise takes the
-// workgroup-memory reductions (the same results up to rounding).
+// the entmax kernels' rows (TPR lanes of the per-score work). A row group's lanes are
+// consecutive invocations; WGSL does not promise how invocations map onto subgroups, so each
+// workgroup checks once that every run of `lanes` consecutive invocations sits in one
+// subgroup, in order, and otherwise takes the workgroup-memory reductions (the same results
+// up to rounding).
 
 struct LaneIds {
     @builtin(local_invocation_index) lid: u32,

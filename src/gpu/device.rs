@@ -10,7 +10,7 @@ pub struct Capabilities {
     /// `SUBGROUP`: subgroup reductions.
     pub subgroups: bool,
     /// The adapter's smallest subgroup (invocations; 0 without `subgroups`): the fused
-    /// softmax uses subgroups only for tiles whose row groups fit it.
+    /// kernels use subgroups only for tiles whose rows' lanes fit it.
     pub subgroup_min_size: u32,
     /// `TIMESTAMP_QUERY`: GPU-side timing.
     pub timestamps: bool,

@@ -620,10 +620,8 @@ impl Engine {
         let subgroups = self.caps.subgroups
             && match kind {
                 KernelKind::NormalizeSoftmax | KernelKind::NormalizeEntmax | KernelKind::NormalizeSoftmaxMra => true,
-                KernelKind::FusedSoftmax | KernelKind::FusedSoftmaxMra | KernelKind::FusedEntmax | KernelKind::FusedEntmaxCached => {
-                    fused.is_some_and(|t| t.row_lanes_fit_subgroups(self.caps.subgroup_min_size))
-                }
-                _ => false,
+                // `fused` is the tile for fused kinds, None otherwise.
+                _ => fused.is_some_and(|t| t.row_lanes_fit_subgroups(self.caps.subgroup_min_size)),
             };
         let vec4 = kind.is_fused() && plan.shape.head_dim.is_multiple_of(4);
         self.kernels.get(&self.device, KernelKey { kind, dtype: plan.dtype, block_q: plan.block_q, block_k: plan.block_k, d_chunk, fused, subgroups, vec4 })
