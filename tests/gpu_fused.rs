@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, engine, random4, storage_dtypes, tolerance};
+use common::{assert_close, engine, random4, random_qkv, storage_dtypes, tolerance};
 use sparse_attn::data::{fixture_path, AttentionData};
 use sparse_attn::gpu::plan::PlanLimits;
 use sparse_attn::gpu::tiles;
@@ -18,9 +18,7 @@ fn every_candidate_tile_matches_reference() {
     // tiles and lanes that own a second, partial vec4 column (18 vec4 columns over 16 lanes).
     for (block, d, normalizers) in [(32u32, 40usize, &[Normalizer::Softmax, Normalizer::ENTMAX15][..]), (64, 72, &[Normalizer::Softmax][..])] {
         let shape = AttentionShape::new(1, 2, 70, d).with_seq_kv(90);
-        let q = random4((1, 2, 70, d), 1, 2.0);
-        let k = random4((1, 2, 90, d), 2, 2.0);
-        let v = random4((1, 2, 90, d), 3, 1.0);
+        let (q, k, v) = random_qkv((1, 2, 70, d), (1, 2, 90, d), 1, 2.0);
         let pattern = RandomBlocks::new(0.7, 4).with_partial(0.4).with_blocks(block, block).build(&shape).unwrap();
         for &normalizer in normalizers {
             let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
@@ -56,9 +54,7 @@ fn fused_kernels_reduce_rows_with_subgroups_where_they_fit() {
     let caps = engine.capabilities();
     let d = 40;
     let shape = AttentionShape::new(1, 2, 70, d).with_seq_kv(90);
-    let q = random4((1, 2, 70, d), 11, 2.0);
-    let k = random4((1, 2, 90, d), 12, 2.0);
-    let v = random4((1, 2, 90, d), 13, 1.0);
+    let (q, k, v) = random_qkv((1, 2, 70, d), (1, 2, 90, d), 11, 2.0);
     let pattern = RandomBlocks::new(0.7, 4).with_partial(0.4).with_blocks(32, 32).build(&shape).unwrap();
     let mut subgroup_tiles = 0;
     for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15] {
@@ -94,9 +90,7 @@ fn entmax_rows_with_more_candidates_than_fit_on_chip_recompute() {
     // support): every key is within 1/(α-1) of the row max, and the supports of rows of 300
     // keys overflow the row's whole pool, so the tiles take the recompute path.
     let shape = AttentionShape::new(1, 2, 40, 16).with_seq_kv(300);
-    let q = random4((1, 2, 40, 16), 5, 0.3);
-    let k = random4((1, 2, 300, 16), 6, 0.3);
-    let v = random4((1, 2, 300, 16), 7, 1.0);
+    let (q, k, v) = random_qkv((1, 2, 40, 16), (1, 2, 300, 16), 5, 0.3);
     let pattern = Dense::new().with_blocks(16, 64).build(&shape).unwrap();
     for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.3 }] {
         let q = q.mapv(|x| x * (0.5 / (normalizer.alpha().unwrap() - 1.0)) as f32);
@@ -120,9 +114,7 @@ fn entmax_pools_shrink_on_flat_rows_whose_candidates_exceed_the_pool() {
     // the row's threshold would drop support keys without any overflow being recorded.
     let (seq_q, seq_kv, d) = (24, 1000, 16);
     let shape = AttentionShape::new(1, 2, seq_q, d).with_seq_kv(seq_kv);
-    let q = random4((1, 2, seq_q, d), 41, 2.0);
-    let k = random4((1, 2, seq_kv, d), 42, 2.0);
-    let v = random4((1, 2, seq_kv, d), 43, 1.0);
+    let (q, k, v) = random_qkv((1, 2, seq_q, d), (1, 2, seq_kv, d), 41, 2.0);
     let pattern = Dense::new().with_blocks(32, 32).build(&shape).unwrap();
     let scale = 1.0 / (d as f64).sqrt();
     for normalizer in [Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.3 }] {
@@ -330,9 +322,7 @@ fn key_splits_match_reference_including_empty_rows_gqa_and_mra() {
     // Batch 2, GQA 4→2, ragged lengths, a partial random pattern with empty query-block rows:
     // splits past the row length leave empty splits, which the merge must drop.
     let shape = AttentionShape::new(2, 4, 75, 32).with_kv_heads(2).with_seq_kv(200);
-    let q = random4((2, 4, 75, 32), 21, 2.0);
-    let k = random4((2, 2, 200, 32), 22, 2.0);
-    let v = random4((2, 2, 200, 32), 23, 1.0);
+    let (q, k, v) = random_qkv((2, 4, 75, 32), (2, 2, 200, 32), 21, 2.0);
     let pattern = RandomBlocks::new(0.6, 9).with_partial(0.5).with_blocks(16, 16).build(&shape).unwrap();
     let want = reference::attention(&q, &k, &v, &pattern, Normalizer::Softmax).unwrap();
     for splits in [1u32, 2, 3, 7, 32] {
@@ -359,9 +349,7 @@ fn key_splits_with_chunked_bindings_match_reference() {
     engine.set_autotune(false);
     engine.set_plan_limits(PlanLimits { max_binding_bytes: 32 << 10, ..engine.plan_limits() });
     let shape = AttentionShape::new(1, 3, 200, 32);
-    let q = random4((1, 3, 200, 32), 31, 2.0);
-    let k = random4((1, 3, 200, 32), 32, 2.0);
-    let v = random4((1, 3, 200, 32), 33, 1.0);
+    let (q, k, v) = random_qkv((1, 3, 200, 32), (1, 3, 200, 32), 31, 2.0);
     let pattern = Causal::new().with_blocks(32, 32).build(&shape).unwrap();
     let opts = AttentionOptions { path: ExecPath::Fused, key_splits: Some(3), ..AttentionOptions::new(Normalizer::Softmax) };
     let plan = engine.plan(&shape, &pattern, &opts).unwrap();
@@ -483,9 +471,7 @@ fn entmax_rows_of_different_lengths_run_in_row_classes_on_their_own_tiles() {
     }
     let pattern = acc.finish().unwrap();
     assert_eq!(tiles::row_class_bounds(&pattern), [2, 5, 9, 36]);
-    let q = random4((2, 2, seq_q, d), 61, 0.6);
-    let k = random4((2, 1, seq_kv, d), 62, 0.6);
-    let v = random4((2, 1, seq_kv, d), 63, 1.0);
+    let (q, k, v) = random_qkv((2, 2, seq_q, d), (2, 1, seq_kv, d), 61, 0.6);
     let auto = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(Normalizer::ENTMAX15) };
     let plan = engine.plan(&shape, &pattern, &auto).unwrap();
     let classes = &plan.row_classes;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, engine, random4, tolerance};
+use common::{assert_close, engine, random4, random_qkv, tolerance};
 use sparse_attn::gpu::plan::PlanLimits;
 use sparse_attn::patterns::{Dense, RandomBlocks, Window};
 use sparse_attn::{reference, AttentionBuffers, AttentionOptions, AttentionShape, DType, Engine, Error, ExecPath, Normalizer};
@@ -18,9 +18,7 @@ fn forced_chunking_splits_bindings_and_dispatches() {
     // 32 KiB bindings and 7 workgroups per dimension force many chunks and 2-D grids.
     small.set_plan_limits(PlanLimits { max_binding_bytes: 32 * 1024, max_workgroups_per_dim: 7, binding_alignment: 256, max_buffer_bytes: u64::MAX });
     let shape = AttentionShape::new(2, 3, 150, 32).with_kv_heads(1);
-    let q = random4((2, 3, 150, 32), 1, 2.0);
-    let k = random4((2, 1, 150, 32), 2, 2.0);
-    let v = random4((2, 1, 150, 32), 3, 1.0);
+    let (q, k, v) = random_qkv((2, 3, 150, 32), (2, 1, 150, 32), 1, 2.0);
     for (pattern, normalizer) in [
         (Dense::new().with_blocks(16, 16).build(&shape).unwrap(), Normalizer::Softmax),
         (RandomBlocks::new(0.6, 5).with_partial(0.3).per_slice(true).with_blocks(16, 32).build(&shape).unwrap(), Normalizer::ENTMAX15),
@@ -38,9 +36,7 @@ fn forced_chunking_splits_bindings_and_dispatches() {
 fn probabilities_and_row_stats_match_reference() {
     let Some(engine) = engine() else { return };
     let shape = AttentionShape::new(1, 2, 90, 32);
-    let q = random4((1, 2, 90, 32), 4, 3.0);
-    let k = random4((1, 2, 90, 32), 5, 3.0);
-    let v = random4((1, 2, 90, 32), 6, 1.0);
+    let (q, k, v) = random_qkv((1, 2, 90, 32), (1, 2, 90, 32), 4, 3.0);
     let pattern = RandomBlocks::new(0.7, 9).with_partial(0.4).with_blocks(16, 32).build(&shape).unwrap();
     for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.7 }] {
         let opts = AttentionOptions { return_probabilities: true, return_row_stats: true, ..AttentionOptions::new(normalizer) };
@@ -77,9 +73,7 @@ fn prepared_fused_calls_refuse_outputs_they_do_not_compute() {
     // them is a typed error, not the workspace's zeros; a three-kernel one returns them.
     let Some(engine) = engine() else { return };
     let shape = AttentionShape::new(1, 2, 64, 32);
-    let q = random4((1, 2, 64, 32), 7, 3.0);
-    let k = random4((1, 2, 64, 32), 8, 3.0);
-    let v = random4((1, 2, 64, 32), 9, 1.0);
+    let (q, k, v) = random_qkv((1, 2, 64, 32), (1, 2, 64, 32), 7, 3.0);
     let pattern = Dense::new().with_blocks(32, 32).build(&shape).unwrap();
     let fused = AttentionOptions { path: ExecPath::Fused, ..AttentionOptions::new(Normalizer::ENTMAX15) };
     let prepared = engine.prepare_attention(&q, &k, &v, &pattern, &fused).expect("prepare fused");
@@ -124,9 +118,7 @@ fn a_forced_tile_that_does_not_fit_is_an_error_on_auto_too() {
 fn buffer_level_call_records_into_callers_encoder() {
     let Some(engine) = engine() else { return };
     let shape = AttentionShape::new(1, 2, 64, 32);
-    let q = random4((1, 2, 64, 32), 7, 2.0);
-    let k = random4((1, 2, 64, 32), 8, 2.0);
-    let v = random4((1, 2, 64, 32), 9, 1.0);
+    let (q, k, v) = random_qkv((1, 2, 64, 32), (1, 2, 64, 32), 7, 2.0);
     let pattern = Window::new(20).with_blocks(16, 16).build(&shape).unwrap();
     let opts = AttentionOptions::new(Normalizer::ENTMAX15);
     let plan = engine.plan(&shape, &pattern, &opts).expect("plan");
@@ -158,9 +150,7 @@ fn repeated_calls_are_bitwise_deterministic_and_reuse_pipelines() {
     let mut engine = Engine::new().expect("engine");
     engine.set_autotune(false);
     let shape = AttentionShape::new(1, 2, 80, 32);
-    let q = random4((1, 2, 80, 32), 11, 2.0);
-    let k = random4((1, 2, 80, 32), 12, 2.0);
-    let v = random4((1, 2, 80, 32), 13, 1.0);
+    let (q, k, v) = random_qkv((1, 2, 80, 32), (1, 2, 80, 32), 11, 2.0);
     let pattern = Dense::new().with_blocks(32, 16).build(&shape).unwrap();
     let a = engine.attention(&q, &k, &v, &pattern, Normalizer::ENTMAX15).unwrap();
     let compiled = engine.compiled_pipelines();
@@ -175,9 +165,7 @@ fn extreme_scores_stay_finite_and_correct() {
     let Some(engine) = engine() else { return };
     let shape = AttentionShape::new(1, 2, 48, 16);
     // |scores| up to ~1e4: a naive exp or a τ bracket without the max shift would overflow.
-    let q = random4((1, 2, 48, 16), 14, 100.0);
-    let k = random4((1, 2, 48, 16), 15, 100.0);
-    let v = random4((1, 2, 48, 16), 16, 1.0);
+    let (q, k, v) = random_qkv((1, 2, 48, 16), (1, 2, 48, 16), 14, 100.0);
     let pattern = RandomBlocks::new(0.8, 3).with_partial(0.5).with_blocks(16, 16).build(&shape).unwrap();
     for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.1 }] {
         let got = engine.attention(&q, &k, &v, &pattern, normalizer).unwrap();
@@ -202,9 +190,7 @@ fn extreme_scores_stay_finite_and_correct() {
 fn bad_inputs_are_typed_errors_before_gpu_work() {
     let Some(engine) = engine() else { return };
     let shape = AttentionShape::new(1, 2, 32, 16);
-    let q = random4((1, 2, 32, 16), 1, 1.0);
-    let k = random4((1, 2, 32, 16), 2, 1.0);
-    let v = random4((1, 2, 32, 16), 3, 1.0);
+    let (q, k, v) = random_qkv((1, 2, 32, 16), (1, 2, 32, 16), 1, 1.0);
     let pattern = Dense::new().with_blocks(16, 16).build(&shape).unwrap();
     let msg = |r: Result<ndarray::Array4<f32>, Error>| r.expect_err("expected an error").to_string();
 
@@ -245,9 +231,7 @@ fn forced_fallbacks_match_reference_and_refuse_f16() {
     fallback.force_fallbacks(true, true);
     assert!(!fallback.capabilities().f16 && !fallback.capabilities().subgroups);
     let shape = AttentionShape::new(2, 2, 75, 32).with_kv_heads(1);
-    let q = random4((2, 2, 75, 32), 21, 3.0);
-    let k = random4((2, 1, 75, 32), 22, 3.0);
-    let v = random4((2, 1, 75, 32), 23, 1.0);
+    let (q, k, v) = random_qkv((2, 2, 75, 32), (2, 1, 75, 32), 21, 3.0);
     let pattern = RandomBlocks::new(0.6, 11).with_partial(0.5).with_blocks(16, 32).build(&shape).unwrap();
     for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.6 }] {
         let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
@@ -284,9 +268,7 @@ fn rows_with_one_allowed_key_output_that_keys_value() {
         acc.push_row(rows);
     }
     let pattern = acc.finish().unwrap();
-    let q = random4((1, 2, n, d), 31, 50.0);
-    let k = random4((1, 2, n, d), 32, 50.0);
-    let v = random4((1, 2, n, d), 33, 1.0);
+    let (q, k, v) = random_qkv((1, 2, n, d), (1, 2, n, d), 31, 50.0);
     for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15, Normalizer::Sparsemax, Normalizer::Entmax { alpha: 1.2 }] {
         for path in [sparse_attn::ExecPath::ThreeKernel, sparse_attn::ExecPath::Fused] {
             let opts = AttentionOptions { path, ..AttentionOptions::new(normalizer) };

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, engine, random4, tolerance};
+use common::{assert_close, engine, random4, random_qkv, tolerance};
 use ndarray::Array4;
 use sparse_attn::pattern::{BlockMask, PatternAccumulator, PatternGeometry};
 use sparse_attn::patterns::{Causal, Dense, GlobalTokens, RandomBlocks, Window};
@@ -196,9 +196,7 @@ fn head_dims() {
     // 7 and 30 are not multiples of 4: the fused kernels take their scalar-load variant.
     for d in [7, 16, 30, 32, 48, 64, 128, 256] {
         let shape = AttentionShape::new(1, 2, 70, d);
-        let q = random4((1, 2, 70, d), 1, 2.0);
-        let k = random4((1, 2, 70, d), 2, 2.0);
-        let v = random4((1, 2, 70, d), 3, 1.0);
+        let (q, k, v) = random_qkv((1, 2, 70, d), (1, 2, 70, d), 1, 2.0);
         for (kind, normalizer) in [("dense", Normalizer::ENTMAX15), ("random", Normalizer::Softmax)] {
             let pattern = build_pattern(kind, &shape, 32, 32);
             let want = reference::attention(&q, &k, &v, &pattern, normalizer).expect("reference");

@@ -4,19 +4,14 @@
 
 mod common;
 
-use common::{assert_close, engine, random4};
+use common::{assert_close, engine, random4, random_qkv};
 use ndarray::Array4;
 use sparse_attn::patterns::mra::{self, MraConfig, MraMode};
 use sparse_attn::patterns::Dense;
 use sparse_attn::{reference, AttentionOptions, AttentionShape, Error, ExecPath, Normalizer};
 
-fn qkv(shape: &AttentionShape, seed: u64) -> (Array4<f32>, Array4<f32>, Array4<f32>) {
-    let s = shape;
-    (
-        random4((s.batch, s.heads, s.seq_q, s.head_dim), seed, 2.0),
-        random4((s.batch, s.kv_heads, s.seq_kv, s.head_dim), seed + 1, 2.0),
-        random4((s.batch, s.kv_heads, s.seq_kv, s.head_dim), seed + 2, 1.0),
-    )
+fn qkv(s: &AttentionShape, seed: u64) -> (Array4<f32>, Array4<f32>, Array4<f32>) {
+    random_qkv((s.batch, s.heads, s.seq_q, s.head_dim), (s.batch, s.kv_heads, s.seq_kv, s.head_dim), seed, 2.0)
 }
 
 fn max_abs_diff(a: &Array4<f32>, b: &Array4<f32>) -> f32 {

@@ -46,6 +46,12 @@ pub fn random4(shape: (usize, usize, usize, usize), seed: u64, range: f32) -> Ar
     })
 }
 
+/// Q of `q_dims` and K, V of `kv_dims` from seeds `seed`, `seed + 1`, `seed + 2`: Q and K in
+/// [-qk_range, qk_range] (the scores' spread), V in [-1, 1].
+pub fn random_qkv(q_dims: (usize, usize, usize, usize), kv_dims: (usize, usize, usize, usize), seed: u64, qk_range: f32) -> (Array4<f32>, Array4<f32>, Array4<f32>) {
+    (random4(q_dims, seed, qk_range), random4(kv_dims, seed + 1, qk_range), random4(kv_dims, seed + 2, 1.0))
+}
+
 /// Storage types this engine runs: f32, and f16 where the adapter has SHADER_F16.
 pub fn storage_dtypes(engine: &Engine) -> Vec<DType> {
     let mut dtypes = vec![DType::F32];
