@@ -201,7 +201,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         sums = vec4<f32>(0.0);
         for (var b = t.first; b < t.last; b++) {
-            let kb = pat[params.off_col_idx + b];
+            let kb = pat_word(params.off_col_idx + b);
             for (var kc = 0u; kc < BK; kc += KC) {
                 let key0 = kb * BK + kc;
                 if (key0 >= params.seq_kv) {
@@ -388,9 +388,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 let i = pool_slot(rr, u, c);
                 let p = pool_score(i);
                 total[r] += p;
-                let base = (t.kv_row0 + pool_key(i)) * params.head_dim;
+                // Keys come from workgroup memory: still checked, like every V load.
+                let key = pool_key(i);
+                let base = (t.kv_row0 + key) * params.head_dim;
                 for (var cc = 0u; cc < NC; cc++) { // @unroll
-                    acc[r * NC + cc] += p * load_v4(base, (tx + cc * TX) * 4u, true);
+                    acc[r * NC + cc] += p * load_v4(base, (tx + cc * TX) * 4u, key < params.seq_kv);
                 }
                 c++;
             }

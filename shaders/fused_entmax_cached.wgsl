@@ -29,7 +29,7 @@ fn support_slot(row: u32, lane: u32, c: u32) -> u32 {
 fn cached_key(t: Tile, pos: u32) -> u32 {
     let chunk = pos / KC;
     let b = t.first + chunk / (BK / KC);
-    return pat[params.off_col_idx + b] * BK + (chunk % (BK / KC)) * KC + pos % KC;
+    return pat_word(params.off_col_idx + b) * BK + (chunk % (BK / KC)) * KC + pos % KC;
 }
 
 // O += p·v over the support lists of this thread's RQ rows (lane by lane, in key order within
@@ -41,9 +41,10 @@ fn accumulate_gathered_pv(t: Tile, ty: u32, tx: u32, acc: ptr<function, array<ve
             let kept = min(support_count[rr * TPR + u], SUPPORT_SLOTS);
             for (var c = 0u; c < kept; c++) {
                 let pk = pair_get(WG, support_slot(rr, u, c));
-                let base = (t.kv_row0 + cached_key(t, u32(pk.y))) * params.head_dim;
+                let key = cached_key(t, u32(pk.y));
+                let base = (t.kv_row0 + key) * params.head_dim;
                 for (var cc = 0u; cc < NC; cc++) { // @unroll
-                    (*acc)[r * NC + cc] += pk.x * load_v4(base, (tx + cc * TX) * 4u, true);
+                    (*acc)[r * NC + cc] += pk.x * load_v4(base, (tx + cc * TX) * 4u, key < params.seq_kv);
                 }
             }
         }
@@ -101,7 +102,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     // ---- pass 1: the tile's scores into the cache, one staged K chunk at a time ------------
     var len = 0u; // cached keys per row, a multiple of KC (the same on every thread)
     for (var b = t.first; b < t.last; b++) {
-        let kb = pat[params.off_col_idx + b];
+        let kb = pat_word(params.off_col_idx + b);
         for (var kc = 0u; kc < BK; kc += KC) {
             let key0 = kb * BK + kc;
             // A ragged last block's rest holds no keys; the cache bound is the planner's, kept
@@ -175,7 +176,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     count_path(lid, PATH_CACHE_STAGED);
     var at = 0u;
     for (var b = t.first; b < t.last; b++) {
-        let kb = pat[params.off_col_idx + b];
+        let kb = pat_word(params.off_col_idx + b);
         for (var kc = 0u; kc < BK; kc += KC) {
             let key0 = kb * BK + kc;
             if (key0 >= params.seq_kv || at + KC > RC) {

@@ -33,7 +33,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         m[r] = NEG_BIG;
     }
     for (var b = t.first; b < t.last; b++) {
-        let kb = pat[params.off_col_idx + b];
+        let kb = pat_word(params.off_col_idx + b);
         for (var kc = 0u; kc < BK; kc += KC) {
             let key0 = kb * BK + kc;
             if (key0 >= params.seq_kv) {

@@ -55,7 +55,7 @@ fn stage_kv(t: Tile, key0: u32, lid: u32) {
 // Scaled scores of the staged chunk (offset kc inside stored block b, first key key0) for
 // this thread's RQ rows × NK keys; disallowed pairs get NEG_BIG. Full blocks skip the mask.
 fn chunk_scores(t: Tile, b: u32, kc: u32, key0: u32, ty: u32, tx: u32) -> array<f32, RQ * NK> {
-    let full = pat[params.off_mask_of + b] == FULL_BLOCK;
+    let full = pat_word(params.off_mask_of + b) == FULL_BLOCK;
     var s: array<f32, RQ * NK>;
     for (var d4 = 0u; d4 < DP4; d4++) {
         var kv: array<vec4<f32>, NK>;
@@ -144,7 +144,7 @@ fn store_rows(t: Tile, ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, RQ 
             for (var c = 0u; c < NC; c++) { // @unroll
                 let c0 = (tx + c * TX) * 4u;
                 for (var e = 0u; e < 4u; e++) { // @unroll
-                    if (c0 + e < params.head_dim) {
+                    if (c0 + e < params.head_dim && base + c0 + e < arrayLength(&o)) {
                         o[base + c0 + e] = elem((*acc)[r * NC + c][e] * inv);
                     }
                 }

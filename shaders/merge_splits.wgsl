@@ -43,6 +43,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let inv = select(0.0, 1.0 / total, total > 0.0);
     let out = (slice_of_row(vrow) * params.seq_q + i) * params.head_dim - params.o_base;
     for (var c = lid; c < params.head_dim; c += MERGE_WG) {
+        if (out + c >= arrayLength(&o)) {
+            break;
+        }
         var acc = 0.0;
         for (var s = 0u; s < splits; s++) {
             let l = partial[base + s * stride + 1u];

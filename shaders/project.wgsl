@@ -20,6 +20,29 @@ struct ProjectParams {
 
 const MAX_RANK: u32 = 32u;
 
+// Element `i` of x, W or b, 0 past the array's end (the host sizes every binding from the
+// same dims; this keeps a bad offset from reading a clamped neighbour).
+fn x_at(i: u32) -> f32 {
+    if (i >= arrayLength(&x)) {
+        return 0.0;
+    }
+    return x[i];
+}
+
+fn w_at(i: u32) -> f32 {
+    if (i >= arrayLength(&w)) {
+        return 0.0;
+    }
+    return w[i];
+}
+
+fn bias_at(i: u32) -> f32 {
+    if (i >= arrayLength(&bias)) {
+        return 0.0;
+    }
+    return bias[i];
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let row = gid.y * nwg.x * 64u + gid.x;
@@ -28,15 +51,18 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     var acc: array<f32, MAX_RANK>;
     for (var c = 0u; c < pp.rank; c++) {
-        acc[c] = bias[pp.b_base + c];
+        acc[c] = bias_at(pp.b_base + c);
     }
     for (var a = 0u; a < pp.dim; a++) {
-        let xa = x[pp.x_base + row * pp.dim + a];
+        let xa = x_at(pp.x_base + row * pp.dim + a);
         for (var c = 0u; c < pp.rank; c++) {
-            acc[c] += xa * w[pp.w_base + a * pp.rank + c];
+            acc[c] += xa * w_at(pp.w_base + a * pp.rank + c);
         }
     }
     for (var c = 0u; c < pp.rank; c++) {
-        y[pp.y_base + row * pp.rank + c] = acc[c];
+        let i = pp.y_base + row * pp.rank + c;
+        if (i < arrayLength(&y)) {
+            y[i] = acc[c];
+        }
     }
 }

@@ -27,10 +27,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (params.shared_pattern == 1u) {
         b = tile % params.nnz_per_slice;
     }
-    let prow = pat[params.off_blk_row + b];
+    let prow = pat_word(params.off_blk_row + b);
     let qb = prow % params.q_blocks;
     let slice = select(prow / params.q_blocks, tile / params.nnz_per_slice, params.shared_pattern == 1u);
-    let kb = pat[params.off_col_idx + b];
+    let kb = pat_word(params.off_col_idx + b);
     let d = params.head_dim;
     let q_row0 = slice * params.seq_q + qb * BQ;              // global row of Q
     let k_row0 = kv_slice_of(slice) * params.seq_kv + kb * BK; // global row of K

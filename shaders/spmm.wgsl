@@ -37,7 +37,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         acc[j] = 0.0;
     }
     for (var b = blocks.x; b < blocks.y; b++) {
-        let kb = pat[params.off_col_idx + b];
+        let kb = pat_word(params.off_col_idx + b);
         let p0 = tile_of(slice, b) * (BQ * BK) + row * BK - params.scores_base;
         for (var kc = 0u; kc < BK; kc += KC) {
             for (var idx = lid; idx < KC * DCH; idx += WG) {

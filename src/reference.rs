@@ -1,7 +1,7 @@
 //! The CPU oracle: naive, dense, f64. Independent of the GPU code by construction — it expands
 //! the pattern to a dense mask and normalises each row with textbook formulas.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pattern::BlockPattern;
 use crate::shape::validate_qkv;
 use crate::Normalizer;
@@ -144,7 +144,11 @@ pub fn attention_scaled<'a>(
     let shape = validate_qkv(&q, &k, &v)?;
     normalizer.validate()?;
     pattern.check_fits(&shape)?;
-    let scale = scale.unwrap_or_else(|| shape.default_scale()) as f64;
+    let scale = scale.unwrap_or_else(|| shape.default_scale());
+    if !scale.is_finite() {
+        return Err(Error::Shape(format!("scale must be finite, got {scale}")));
+    }
+    let scale = scale as f64;
     let mut o = Array4::<f32>::zeros((shape.batch, shape.heads, shape.seq_q, shape.head_dim));
     let mut shared_mask = None;
     for slice in 0..shape.slices() {

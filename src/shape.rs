@@ -72,7 +72,8 @@ impl AttentionShape {
                 self.heads, self.kv_heads
             )));
         }
-        let largest = (self.slices() * self.seq_q.max(self.seq_kv) * self.head_dim) as u128;
+        // In u128: with huge fields the usize product itself would overflow.
+        let largest = self.batch as u128 * self.heads as u128 * self.seq_q.max(self.seq_kv) as u128 * self.head_dim as u128;
         if largest > u32::MAX as u128 {
             return Err(Error::Unsupported(format!(
                 "a tensor of {largest} elements exceeds the u32 element indexing of the kernels"

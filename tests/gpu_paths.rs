@@ -48,7 +48,7 @@ fn probabilities_and_row_stats_match_reference() {
             let qs = q.slice(ndarray::s![0, slice, .., ..]);
             let ks = k.slice(ndarray::s![0, slice, .., ..]);
             let want = reference::probabilities(&qs, &ks, &mask, shape.default_scale() as f64, normalizer);
-            let got = probs.to_dense(&pattern, slice);
+            let got = probs.to_dense(&pattern, slice).expect("dense probabilities");
             let want32: Vec<f32> = want.iter().map(|&x| x as f32).collect();
             assert_close(&format!("P {} slice {slice}", normalizer.label()), got.as_slice().unwrap(), &want32, (1e-4, 1e-6));
             for i in 0..90 {
@@ -132,13 +132,42 @@ fn buffer_level_call_records_into_callers_encoder() {
     let read = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("test read"), size: bytes, usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ, mapped_at_creation: false });
     let gp = engine.upload_pattern(&pattern);
     let ws = engine.create_workspace(&plan);
-    let mut enc = dev.create_command_encoder(&Default::default());
+    let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("test encode") });
     engine.encode(&mut enc, &plan, AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob }, &gp, &ws, None, None).expect("encode");
     enc.copy_buffer_to_buffer(&ob, 0, &read, 0, bytes);
     engine.queue().submit([enc.finish()]);
-    let got: Vec<f32> = bytemuck::cast_slice(&engine.read_buffer(&read).unwrap()).to_vec();
+    let got: Vec<f32> = engine.read_buffer(&read).unwrap();
     let want = reference::attention(&q, &k, &v, &pattern, Normalizer::ENTMAX15).unwrap();
     assert_close("buffer-level", &got, want.as_slice().unwrap(), tolerance(DType::F32));
+
+    // Another pattern of exactly the same size (one full block per row: the diagonal, then the
+    // anti-diagonal) is refused by an encode planned for the first: it would walk other keys.
+    let g = sparse_attn::pattern::PatternGeometry { block_q: 16, block_k: 16, seq_q: 64, seq_kv: 64, slices: 1 };
+    let one_block_per_row = |col: fn(u32) -> u32| {
+        sparse_attn::BlockPattern::new_checked(g, (0..=4).collect(), (0..4).map(col).collect(), vec![sparse_attn::pattern::FULL; 4], vec![]).unwrap()
+    };
+    let (diagonal, anti) = (one_block_per_row(|r| r), one_block_per_row(|r| 3 - r));
+    let three = AttentionOptions { path: ExecPath::ThreeKernel, ..AttentionOptions::new(Normalizer::Softmax) };
+    let plan = engine.plan(&shape, &diagonal, &three).expect("plan");
+    let ws = engine.create_workspace(&plan);
+    let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("test encode") });
+    let buffers = AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob };
+    match engine.encode(&mut enc, &plan, buffers, &engine.upload_pattern(&anti), &ws, None, None) {
+        Err(Error::Shape(msg)) => assert!(msg.contains("not the one the plan"), "{msg}"),
+        other => panic!("a same-sized other pattern: expected a Shape error, got {other:?}"),
+    }
+    // A probabilities buffer one tile short, or without COPY_DST, is refused before recording.
+    let gp = engine.upload_pattern(&diagonal);
+    let need = 2 * 4 * 16 * 16 * 4; // 2 slices x 4 stored blocks x 16 x 16 f32
+    for (size, usage) in [(need - 16 * 16 * 4, wgpu::BufferUsages::COPY_DST), (need, wgpu::BufferUsages::MAP_READ)] {
+        let probs = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("test probabilities"), size, usage, mapped_at_creation: false });
+        match engine.encode(&mut enc, &plan, buffers, &gp, &ws, Some(&probs), None) {
+            Err(Error::Shape(msg)) => assert!(msg.contains("probabilities buffer"), "{msg}"),
+            other => panic!("probabilities of {size} bytes, {usage:?}: expected a Shape error, got {other:?}"),
+        }
+    }
+    let probs = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("test probabilities"), size: need, usage: wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
+    engine.encode(&mut enc, &plan, buffers, &gp, &ws, Some(&probs), None).expect("the right pattern and buffers encode");
 }
 
 #[test]

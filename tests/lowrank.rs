@@ -408,7 +408,7 @@ fn gpu_matches_cpu_reference_on_real_data() {
     }
     let model = fitter.finish().unwrap();
     let n = data.seq();
-    let gpu = GpuLowRank::new(engine).unwrap();
+    let gpu = engine.lowrank().unwrap();
     let (q, k, v) = data.layer(test, 1).unwrap();
     for (rank, m) in [(16, 32), (8, 8)] {
         let plan = model.plan(&LowRankConfig::new(rank, m), n).unwrap();

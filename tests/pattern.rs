@@ -28,6 +28,50 @@ fn new_checked_names_each_violated_invariant() {
     assert!(err(vec![0, 2, 2], vec![1, 1], vec![FULL; 2], vec![]).to_string().contains("strictly increasing"));
 }
 
+#[test]
+fn deserialising_checks_the_invariants_like_new_checked() {
+    let shape = AttentionShape::new(1, 1, 70, 16);
+    let p = Window::new(20).with_blocks(16, 16).build(&shape).unwrap();
+    let json = serde_json::to_string(&p).unwrap();
+    assert_eq!(serde_json::from_str::<BlockPattern>(&json).unwrap(), p);
+    // A stored pattern edited by hand: a column past the grid, a row_ptr that decreases.
+    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["col_idx"][0] = 9.into();
+    let err = serde_json::from_value::<BlockPattern>(v).unwrap_err().to_string();
+    assert!(err.contains("col_idx[0] = 9") && err.contains("out of range"), "{err}");
+    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["row_ptr"][1] = 1000.into();
+    let err = serde_json::from_value::<BlockPattern>(v).unwrap_err().to_string();
+    assert!(err.contains("row_ptr decreases"), "{err}");
+    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["block_q"] = 0.into();
+    let err = serde_json::from_value::<BlockPattern>(v).unwrap_err().to_string();
+    assert!(err.contains("block_q = 0"), "{err}");
+}
+
+#[test]
+fn the_accumulator_reports_malformed_blocks_instead_of_dropping_them() {
+    use sparse_attn::pattern::{BlockMask, PatternAccumulator};
+    let g = geom(32, 40); // 2 x 3 blocks, one mask word per block row (block_k 16)
+    let build = |rows: Vec<Vec<(u32, BlockMask)>>| {
+        let mut acc = PatternAccumulator::new(g).unwrap();
+        for r in rows {
+            acc.push_row(r);
+        }
+        acc.finish()
+    };
+    let ok = build(vec![vec![(0, BlockMask::Full), (2, BlockMask::Bits(vec![1; 16]))], vec![(1, BlockMask::Full)]]).unwrap();
+    assert_eq!(ok.nnz(), 3);
+    // A mask one word short would shift every later mask's offset.
+    let err = build(vec![vec![(0, BlockMask::Bits(vec![1; 15]))], vec![(1, BlockMask::Full)]]).unwrap_err();
+    assert!(matches!(err, PatternError::MaskWords { row: 0, col: 0, got: 15, expected: 16 }), "{err:?}");
+    // A key block past the grid is an error, full or masked, not an empty block.
+    for mask in [BlockMask::Full, BlockMask::Bits(vec![u32::MAX; 16])] {
+        let err = build(vec![vec![(0, BlockMask::Full)], vec![(3, mask)]]).unwrap_err();
+        assert!(matches!(err, PatternError::ColOutOfRange { row: 1, col: 3, k_blocks: 3, .. }), "{err:?}");
+    }
+}
+
 fn check_against(p: &BlockPattern, n: usize, m: usize, rule: impl Fn(i64, i64) -> bool) {
     let dense = p.to_dense_mask(0);
     for i in 0..n {

@@ -8,7 +8,7 @@ use common::{assert_close, engine};
 use ndarray::{array, Array2, Array3};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sparse_attn::pooling::{pool, pooled_len, GpuPooling, PAD_SCORE, PAPER_BASE, SHADER};
+use sparse_attn::pooling::{pool, pooled_len, PAD_SCORE, PAPER_BASE, SHADER};
 use sparse_attn::Error;
 use wgpu::naga;
 
@@ -109,7 +109,7 @@ fn shader_parses_and_validates() {
 #[test]
 fn gpu_matches_cpu() {
     let Some(engine) = engine() else { return };
-    let pooler = GpuPooling::new(engine).unwrap();
+    let pooler = engine.pooling().unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     for (batch, n, d, depth) in [(1, 4, 2, 2), (3, 300, 24, 3), (2, 4096, 32, 4), (1, 1, 3, 0), (2, 7, 5, 3), (1, 1000, 1, 1)] {
         let e = Array3::from_shape_simple_fn((batch, n, d), || rng.random::<f32>() * 2.0 - 1.0);

@@ -222,6 +222,21 @@ fn typed_errors() {
     let bad = Sbm::new(SbmConfig::default().with_density(Density::Scale(f64::NAN)));
     assert!(matches!(bad.build(&random_layer(8, 4, 2, &mut rng), &q.view(), &k.view()), Err(Error::Data(_))));
     assert!(matches!(SbmLayer::from_keys(&k.view(), &SbmConfig::default().with_clusters(0)), Err(Error::ZeroSize(_))));
+    // Non-finite inputs or weights are named, not sampled into an empty pattern.
+    let layer = random_layer(8, 4, 2, &mut rng);
+    let mut q_nan = q.clone();
+    q_nan[[0, 1, 3, 2]] = f32::NAN;
+    assert!(matches!(Sbm::default().build(&layer, &q_nan.view(), &k.view()), Err(Error::NonFinite { tensor: "sbm q", .. })));
+    let mut phi_inf = layer.clone();
+    phi_inf.phi.as_mut().unwrap().w2[5] = f32::INFINITY;
+    assert!(matches!(Sbm::default().build(&phi_inf, &q.view(), &k.view()), Err(Error::NonFinite { tensor: "sbm φ w2", index: 5, .. })));
+    // A density far past the complete graph (40 x 40 pairs) is refused before allocating.
+    let dense = Sbm::new(SbmConfig::default().with_clusters(4).with_density(Density::EdgesPerQuery(1e12)));
+    match dense.build(&layer, &q.view(), &k.view()) {
+        Err(Error::Data(msg)) => assert!(msg.contains("expected edges"), "{msg}"),
+        other => panic!("expected a Data error, got {:?}", other.map(|p| p.nnz())),
+    }
+    assert!(Sbm::new(SbmConfig::default().with_clusters(4).with_density(Density::EdgesPerQuery(40.0))).build(&layer, &q.view(), &k.view()).is_ok());
 }
 
 /// End to end on real keys (the fixture): the GPU kernels equal the CPU reference on the SBM

@@ -72,16 +72,24 @@ pub struct SparseProbabilities {
 }
 
 impl SparseProbabilities {
-    /// Dense `[seq_q, seq_kv]` probabilities of problem slice `slice` (tests, small problems).
-    pub fn to_dense(&self, pattern: &BlockPattern, slice: usize) -> Array2<f32> {
+    /// Dense `[seq_q, seq_kv]` probabilities of problem slice `slice` (tests, small problems);
+    /// `pattern` must be the one the call ran with (its blocks and tiles must match these).
+    pub fn to_dense(&self, pattern: &BlockPattern, slice: usize) -> Result<Array2<f32>> {
         let (bq, bk) = (self.block_q as usize, self.block_k as usize);
+        if (pattern.block_q(), pattern.block_k()) != (self.block_q, self.block_k) {
+            return Err(Error::Shape(format!("probabilities of {bq}x{bk} blocks, pattern of {}x{}", pattern.block_q(), pattern.block_k())));
+        }
         let ps = pattern.pattern_slice(slice);
+        if ps >= pattern.slices() as usize {
+            return Err(Error::Shape(format!("slice {slice} of a pattern with {} slices", pattern.slices())));
+        }
         let tile_offset = if pattern.slices() == 1 { slice * pattern.nnz() } else { 0 };
         let mut dense = Array2::zeros((pattern.seq_q() as usize, pattern.seq_kv() as usize));
         for qb in 0..pattern.q_blocks() as usize {
             for b in pattern.row_blocks(ps, qb) {
                 let kb = pattern.col_idx()[b] as usize;
-                let tile = &self.tiles[(tile_offset + b) * bq * bk..][..bq * bk];
+                let start = (tile_offset + b) * bq * bk;
+                let tile = self.tiles.get(start..start + bq * bk).ok_or_else(|| Error::Shape(format!("slice {slice}: block {b}'s tile lies past the {} probabilities held", self.tiles.len())))?;
                 for r in 0..bq {
                     for c in 0..bk {
                         let (i, j) = (qb * bq + r, kb * bk + c);
@@ -92,7 +100,7 @@ impl SparseProbabilities {
                 }
             }
         }
-        dense
+        Ok(dense)
     }
 }
 
@@ -175,11 +183,21 @@ pub struct AttentionOutput {
     pub entmax_paths: Option<EntmaxPaths>,
 }
 
-/// A pattern uploaded for the kernels (see [`plan::pack_pattern`]).
+/// A pattern uploaded for the kernels (see [`plan::pack_pattern`]); made only by
+/// [`Engine::upload_pattern`], so its buffer always holds the pattern its layout describes.
 #[derive(Debug)]
 pub struct GpuPattern {
-    pub buffer: wgpu::Buffer,
-    pub layout: plan::PackedPatternLayout,
+    buffer: wgpu::Buffer,
+    layout: plan::PackedPatternLayout,
+}
+
+impl GpuPattern {
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    pub fn layout(&self) -> &plan::PackedPatternLayout {
+        &self.layout
+    }
 }
 
 /// Scratch: score tiles of the largest chunk and row stats (three-kernel path), the
@@ -192,6 +210,15 @@ pub struct Workspace {
     pub partials: wgpu::Buffer,
     pub entmax_paths: wgpu::Buffer,
 }
+
+/// Row stats scratch: (support, iterations) per padded query row of every slice.
+fn row_stats_bytes(plan: &Plan) -> u64 {
+    let rows = plan.shape.slices() as u64 * plan.shape.seq_q.div_ceil(plan.block_q as usize) as u64 * plan.block_q as u64;
+    (rows * 2 * 4).max(4)
+}
+
+/// The fused entmax kernels' branch counters, one word each, padded to 16 bytes.
+const ENTMAX_PATHS_BYTES: u64 = (EntmaxPaths::NAMES.len() * 4).next_multiple_of(16) as u64;
 
 /// The caller's tensors for [`Engine::encode`], in the plan's dtype, row-major as in DESIGN.md,
 /// with STORAGE usage.
@@ -235,6 +262,8 @@ pub struct Engine {
     autotune: bool,
     /// MRA's low-resolution pipelines, compiled on first use.
     mra_lowres: std::sync::OnceLock<crate::patterns::mra::gpu::GpuMraLowRes>,
+    lowrank: std::sync::OnceLock<crate::lowrank::GpuLowRank>,
+    pooling: std::sync::OnceLock<crate::pooling::GpuPooling>,
 }
 
 /// Env switch: `SPARSE_ATTN_AUTOTUNE=0` keeps the default fused tile instead of timing candidates.
@@ -280,6 +309,8 @@ impl Engine {
             tiles: TileCache::default(),
             autotune,
             mra_lowres: std::sync::OnceLock::new(),
+            lowrank: std::sync::OnceLock::new(),
+            pooling: std::sync::OnceLock::new(),
         })
     }
 
@@ -317,6 +348,24 @@ impl Engine {
         }
         let compiled = crate::patterns::mra::gpu::GpuMraLowRes::new(self)?;
         Ok(self.mra_lowres.get_or_init(|| compiled))
+    }
+
+    /// The low-rank reconstruction's pipelines on this engine, compiled on the first call.
+    pub fn lowrank(&self) -> Result<&crate::lowrank::GpuLowRank> {
+        if let Some(g) = self.lowrank.get() {
+            return Ok(g);
+        }
+        let compiled = crate::lowrank::GpuLowRank::new(self)?;
+        Ok(self.lowrank.get_or_init(|| compiled))
+    }
+
+    /// The top-k pooling pipeline on this engine, compiled on the first call.
+    pub fn pooling(&self) -> Result<&crate::pooling::GpuPooling> {
+        if let Some(g) = self.pooling.get() {
+            return Ok(g);
+        }
+        let compiled = crate::pooling::GpuPooling::new(self)?;
+        Ok(self.pooling.get_or_init(|| compiled))
     }
 
     /// Number of compiled pipelines (for tests of the cache).
@@ -363,9 +412,7 @@ impl Engine {
                 device::ENV_NO_F16
             )));
         }
-        if opts.tolerance.is_nan() || opts.tolerance <= 0.0 || opts.max_iterations == 0 {
-            return Err(Error::Normalizer("entmax tolerance must be > 0 and max_iterations >= 1".into()));
-        }
+        plan::check_entmax_stopping(opts.tolerance, opts.max_iterations)?;
         opts.normalizer.validate()?;
         let wants_outputs = opts.return_probabilities || opts.return_row_stats;
         let classes = match opts.path {
@@ -574,8 +621,6 @@ impl Engine {
 
     /// Scratch buffers sized for `plan`.
     pub fn create_workspace(&self, plan: &Plan) -> Workspace {
-        let slices = plan.shape.slices() as u64;
-        let rows = slices * plan.shape.seq_q.div_ceil(plan.block_q as usize) as u64 * plan.block_q as u64;
         Workspace {
             scores: self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("sparse-attn scores scratch"),
@@ -585,7 +630,7 @@ impl Engine {
             }),
             stats: self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("sparse-attn row stats"),
-                size: (rows * 2 * 4).max(4),
+                size: row_stats_bytes(plan),
                 usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
                 mapped_at_creation: false,
             }),
@@ -597,7 +642,7 @@ impl Engine {
             }),
             entmax_paths: self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("sparse-attn entmax path counts"),
-                size: (EntmaxPaths::NAMES.len() * 4).next_multiple_of(16) as u64,
+                size: ENTMAX_PATHS_BYTES,
                 usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),
@@ -709,8 +754,18 @@ impl Engine {
                 return Err(Error::Shape(format!("buffer `{name}` has {} bytes, the plan needs {need}", buf.size())));
             }
         }
-        if workspace.scores.size() < plan.scratch_bytes || workspace.partials.size() < plan.partial_bytes {
+        if workspace.scores.size() < plan.scratch_bytes
+            || workspace.partials.size() < plan.partial_bytes
+            || workspace.stats.size() < row_stats_bytes(plan)
+            || workspace.entmax_paths.size() < ENTMAX_PATHS_BYTES
+        {
             return Err(Error::Shape("workspace was created for a smaller plan".into()));
+        }
+        if let Some(dst) = probabilities {
+            let need = plan.total_tiles * (plan.block_q * plan.block_k) as u64 * 4;
+            if dst.size() < need || !dst.usage().contains(wgpu::BufferUsages::COPY_DST) {
+                return Err(Error::Shape(format!("the probabilities buffer needs {need} bytes and COPY_DST usage; it has {} bytes, {:?}", dst.size(), dst.usage())));
+            }
         }
         if plan.path == ExecPath::Fused {
             if probabilities.is_some() {
@@ -1021,7 +1076,7 @@ impl Engine {
     }
 
     /// Maps a MAP_READ buffer and copies its bytes out (waits for the GPU).
-    pub fn read_buffer(&self, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
+    pub fn read_buffer<T: bytemuck::Pod>(&self, buffer: &wgpu::Buffer) -> Result<Vec<T>> {
         let (tx, rx) = std::sync::mpsc::channel();
         buffer.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
@@ -1030,9 +1085,14 @@ impl Engine {
         rx.recv()
             .map_err(|e| Error::Gpu(format!("map callback dropped: {e}")))?
             .map_err(|e| Error::Gpu(format!("map failed: {e}")))?;
-        let bytes = buffer.get_mapped_range(..).map_err(|e| Error::Gpu(format!("mapped range: {e}")))?.to_vec();
+        // Typed straight from the mapping (aligned to wgpu::MAP_ALIGNMENT): a Vec<u8> copy
+        // carries no alignment for a later cast.
+        let values = {
+            let range = buffer.get_mapped_range(..).map_err(|e| Error::Gpu(format!("mapped range: {e}")))?;
+            bytemuck::try_cast_slice::<u8, T>(&range).map_err(|e| Error::Gpu(format!("read back {:?}: {e}", buffer.size())))?.to_vec()
+        };
         buffer.unmap();
-        Ok(bytes)
+        Ok(values)
     }
 
     /// Waits until all submitted work finished (for benchmarks).
@@ -1160,7 +1220,7 @@ impl PreparedAttention<'_> {
         let mut encoder = e.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sparse-attn entmax path counts") });
         encoder.copy_buffer_to_buffer(paths, 0, &read, 0, paths.size());
         e.queue.submit([encoder.finish()]);
-        Ok(Some(EntmaxPaths::from_words(bytemuck::cast_slice(&e.read_buffer(&read)?))))
+        Ok(Some(EntmaxPaths::from_words(&e.read_buffer::<u32>(&read)?)))
     }
 
     /// Runs once and reads O back, and if asked the probabilities and row stats, which only
@@ -1174,6 +1234,10 @@ impl PreparedAttention<'_> {
         }
         let shape = plan.shape;
         let tile_bytes = (plan.block_q * plan.block_k) as u64 * 4;
+        let probability_bytes = plan.total_tiles * tile_bytes;
+        if probabilities && probability_bytes > e.device.limits().max_buffer_size {
+            return Err(Error::Limit { limit: "max_buffer_size (probabilities read back)", required: probability_bytes, available: e.device.limits().max_buffer_size });
+        }
         let probs = probabilities.then(|| {
             e.buffer("sparse-attn probabilities", (plan.total_tiles * tile_bytes).max(4), wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ)
         });
@@ -1196,18 +1260,17 @@ impl PreparedAttention<'_> {
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(err.to_string()));
         }
-        let raw = e.read_buffer(&o_read)?;
         let n = self.o_elems as usize;
+        let short = || Error::Gpu(format!("output readback holds fewer than {n} values"));
         let o_flat: Vec<f32> = match plan.dtype {
-            DType::F32 => bytemuck::cast_slice::<u8, f32>(&raw)[..n].to_vec(),
-            DType::F16 => bytemuck::cast_slice::<u8, half::f16>(&raw)[..n].iter().map(|x| x.to_f32()).collect(),
+            DType::F32 => e.read_buffer::<f32>(&o_read)?.get(..n).ok_or_else(short)?.to_vec(),
+            DType::F16 => e.read_buffer::<half::f16>(&o_read)?.get(..n).ok_or_else(short)?.iter().map(|x| x.to_f32()).collect(),
         };
         let o = Array4::from_shape_vec((shape.batch, shape.heads, shape.seq_q, shape.head_dim), o_flat)
             .map_err(|err| Error::Gpu(format!("readback shape: {err}")))?;
         let probabilities = match probs {
             Some(b) => {
-                let raw = e.read_buffer(&b)?;
-                let mut tiles: Vec<f32> = bytemuck::cast_slice(&raw).to_vec();
+                let mut tiles: Vec<f32> = e.read_buffer(&b)?;
                 tiles.truncate((plan.total_tiles * (plan.block_q * plan.block_k) as u64) as usize);
                 Some(SparseProbabilities { block_q: plan.block_q, block_k: plan.block_k, tiles })
             }
@@ -1215,8 +1278,7 @@ impl PreparedAttention<'_> {
         };
         let row_stats = match stats_read {
             Some(b) => {
-                let raw = e.read_buffer(&b)?;
-                let words: &[u32] = bytemuck::cast_slice(&raw);
+                let words: Vec<u32> = e.read_buffer(&b)?;
                 let padded = shape.seq_q.div_ceil(plan.block_q as usize) * plan.block_q as usize;
                 let pick = |field: usize| {
                     Array3::from_shape_fn((shape.slices(), padded, 1), |(s, i, _)| words[2 * (s * padded + i) + field])

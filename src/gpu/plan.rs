@@ -134,7 +134,9 @@ pub struct Params {
 }
 
 /// Offsets (in u32 words) of the pattern arrays packed into one storage buffer:
-/// `[row_ptr | col_idx | mask_of | blk_row | masks]`.
+/// `[row_ptr | col_idx | mask_of | blk_row | masks]`, and a hash of the pattern's contents, so
+/// an encode can tell that the uploaded pattern is the one its plan was made for (a pattern of
+/// the same size but other blocks would walk keys outside the plan's K/V windows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PackedPatternLayout {
     pub row_ptr: u32,
@@ -143,6 +145,7 @@ pub struct PackedPatternLayout {
     pub blk_row: u32,
     pub masks: u32,
     pub words: u32,
+    pub contents: u64,
 }
 
 impl PackedPatternLayout {
@@ -154,8 +157,18 @@ impl PackedPatternLayout {
         let masks = blk_row + p.nnz() as u32;
         // At least one word so the binding is never empty.
         let words = masks + (p.masks().len() as u32).max(1);
-        Self { row_ptr, col_idx, mask_of, blk_row, masks, words }
+        Self { row_ptr, col_idx, mask_of, blk_row, masks, words, contents: contents_hash(p) }
     }
+}
+
+/// Hash of everything that decides which pairs a pattern allows (in-process comparisons only).
+fn contents_hash(p: &BlockPattern) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let g = p.geometry();
+    (g.block_q, g.block_k, g.seq_q, g.seq_kv, g.slices).hash(&mut h);
+    (p.row_ptr(), p.col_idx(), p.mask_of(), p.masks()).hash(&mut h);
+    h.finish()
 }
 
 /// Packs a pattern for upload (layout per [`PackedPatternLayout::of`]).
@@ -322,6 +335,10 @@ pub fn plan(
     if !opts.scale.is_finite() {
         return Err(Error::Shape(format!("scale must be finite, got {}", opts.scale)));
     }
+    check_entmax_stopping(opts.tolerance, opts.max_iterations)?;
+    if limits.max_workgroups_per_dim == 0 || limits.max_binding_bytes < 16 || limits.max_buffer_bytes < 16 || !limits.binding_alignment.is_power_of_two() {
+        return Err(Error::Unsupported(format!("plan limits cannot hold a call: {limits:?}")));
+    }
     let (bq, bk) = (pattern.block_q(), pattern.block_k());
     let q_blocks = pattern.q_blocks();
     let slices = shape.slices() as u32;
@@ -353,6 +370,15 @@ pub fn plan(
     let (seq_q, seq_kv) = (shape.seq_q as u64, shape.seq_kv as u64);
     let kv_slice = |s: u32| shape.kv_slice(s as usize) as u64;
     let row_classes = row_classes(pattern, opts)?;
+    for class in &row_classes {
+        if let Some(problem) = class.tile.layout_problem(bq, bk, shape.head_dim as u32) {
+            return Err(Error::Unsupported(format!("fused tile {:?}: {problem}", class.tile)));
+        }
+        if class.tile.is_entmax() == (opts.normalizer == Normalizer::Softmax) {
+            let kernel = if opts.normalizer == Normalizer::Softmax { "the softmax kernel's (cap = rc = 0)" } else { "an entmax kernel's (cap or rc > 0)" };
+            return Err(Error::Unsupported(format!("fused tile {:?} is not {kernel}", class.tile)));
+        }
+    }
     for (i, class) in row_classes.iter().enumerate() {
         let t = class.tile;
         if t.rc == 0 {
@@ -361,9 +387,6 @@ pub fn plan(
         // The score-caching entmax kernel holds whole rows on chip; a longer row would lose keys.
         let longest = class.max_blocks.min(pattern.max_row_blocks());
         let need = super::tiles::cached_row_keys(longest, bk, t.kc);
-        if opts.normalizer == Normalizer::Softmax {
-            return Err(Error::Unsupported(format!("fused tile {t:?} is a score-caching entmax tile; softmax has no such kernel")));
-        }
         if need > t.rc {
             let whose = if row_classes.len() > 1 { format!("row class {i}'s longest row") } else { "the pattern's longest row".to_string() };
             return Err(Error::Unsupported(format!("score-caching entmax tile {t:?} caches {} keys per row; {whose} needs {need}", t.rc)));
@@ -542,6 +565,14 @@ pub fn plan(
         });
         r = last + 1;
     }
+    // Whole tensors live in one buffer each (only their bindings are windowed per chunk).
+    let q_bytes = shape.slices() as u64 * seq_q * d * eb;
+    let kv_bytes = (shape.batch * shape.kv_heads) as u64 * seq_kv * d * eb;
+    for (limit, required) in [("max_buffer_size (Q and O tensors)", q_bytes), ("max_buffer_size (K and V tensors)", kv_bytes), ("max_buffer_size (packed pattern)", pattern_bytes)] {
+        if required > limits.max_buffer_bytes {
+            return Err(Error::Limit { limit, required, available: limits.max_buffer_bytes });
+        }
+    }
     if scratch_bytes > limits.max_buffer_bytes {
         return Err(Error::Limit { limit: "max_buffer_size", required: scratch_bytes, available: limits.max_buffer_bytes });
     }
@@ -568,6 +599,15 @@ pub fn plan(
 }
 
 /// The fused path's row classes for `opts` (validated), or none for the three-kernel path.
+/// The entmax threshold search's stopping rule: a finite tolerance above 0 and at least one
+/// iteration (softmax ignores both).
+pub fn check_entmax_stopping(tolerance: f32, max_iterations: u32) -> Result<()> {
+    if !tolerance.is_finite() || tolerance <= 0.0 || max_iterations == 0 {
+        return Err(Error::Normalizer(format!("entmax tolerance must be finite and > 0 and max_iterations >= 1, got {tolerance} and {max_iterations}")));
+    }
+    Ok(())
+}
+
 fn row_classes(pattern: &BlockPattern, opts: &PlanOptions) -> Result<Vec<RowClass>> {
     let Some(tile) = opts.fused else {
         if opts.row_classes.is_empty() {
@@ -676,5 +716,40 @@ mod row_class_tests {
         refused(vec![RowClass { max_blocks: 9, tile: CACHE }, RowClass { max_blocks: 40, tile: POOL }], entmax, "row class 0");
         let three_kernel = PlanOptions { fused: None, ..opts(entmax, classes) };
         assert!(matches!(plan(&shape, &p, &three_kernel, &LIMITS), Err(Error::Unsupported(_))));
+    }
+
+    #[test]
+    fn the_pure_plan_checks_tiles_stopping_rule_and_limits_itself() {
+        // plan() is public: options and limits that did not come from an Engine are checked
+        // here, not trusted (a zero would divide, a misfit tile would skip rows silently).
+        let (shape, p) = pattern();
+        let entmax = Normalizer::ENTMAX15;
+        let with_tile = |tile: FusedTile, normalizer: Normalizer| plan(&shape, &p, &PlanOptions { fused: Some(tile), ..opts(normalizer, Vec::new()) }, &LIMITS);
+        let unsupported = |r: Result<Plan>, want: &str| match r {
+            Err(Error::Unsupported(msg)) => assert!(msg.contains(want), "{msg}"),
+            other => panic!("expected Unsupported({want}), got {:?}", other.map(|p| p.fused)),
+        };
+        unsupported(with_tile(FusedTile { tq: 0, ..POOL }, entmax), "at least 1");
+        unsupported(with_tile(FusedTile { tq: 24, wg: 48, ..POOL }, entmax), "tq must divide block_q");
+        unsupported(with_tile(FusedTile { rq: 3, ..POOL }, entmax), "rq must divide tq");
+        unsupported(with_tile(FusedTile { dp: 32, ..POOL }, entmax), "dp must be head_dim");
+        unsupported(with_tile(FusedTile { rc: 128, ..POOL }, entmax), "exclude each other");
+        unsupported(with_tile(POOL, Normalizer::Softmax), "not the softmax kernel's");
+        unsupported(with_tile(FusedTile { cap: 0, ..POOL }, entmax), "not an entmax kernel's");
+        assert!(with_tile(POOL, entmax).is_ok());
+        for (tolerance, iterations) in [(f32::INFINITY, 50), (f32::NAN, 50), (0.0, 50), (1e-6, 0)] {
+            let o = PlanOptions { tolerance, max_iterations: iterations, ..opts(entmax, Vec::new()) };
+            assert!(matches!(plan(&shape, &p, &o, &LIMITS), Err(Error::Normalizer(_))), "tolerance {tolerance}, {iterations} iterations");
+        }
+        for limits in [PlanLimits { max_workgroups_per_dim: 0, ..LIMITS }, PlanLimits { binding_alignment: 0, ..LIMITS }, PlanLimits { max_binding_bytes: 0, ..LIMITS }] {
+            unsupported(plan(&shape, &p, &opts(entmax, Vec::new()), &limits), "plan limits");
+        }
+        // Q (2 heads x 160 x 64 f32 = 80 KiB) cannot be one buffer of 64 KiB; K and V (1280 keys) neither at 200 KiB.
+        for (max, which) in [(64 << 10, "Q and O"), (200 << 10, "K and V")] {
+            match plan(&shape, &p, &opts(entmax, Vec::new()), &PlanLimits { max_buffer_bytes: max, ..LIMITS }) {
+                Err(Error::Limit { limit, available, .. }) => assert!(limit.contains(which) && available == max, "{limit}"),
+                other => panic!("expected the {which} buffer limit, got {:?}", other.map(|p| p.fused)),
+            }
+        }
     }
 }

@@ -118,8 +118,7 @@ impl Engine {
                 }
                 encoder.copy_buffer_to_buffer(&yb, 0, &read, 0, y_bytes);
                 self.queue().submit([encoder.finish()]);
-                let bytes = self.read_buffer(&read)?;
-                let ys: &[f32] = bytemuck::cast_slice(&bytes);
+                let ys: Vec<f32> = self.read_buffer(&read)?;
                 for (i, row) in ys.chunks_exact(rank).enumerate() {
                     for (c, &v) in row.iter().enumerate() {
                         out[[s, r0 + i, c]] = v;

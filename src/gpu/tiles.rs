@@ -62,6 +62,29 @@ impl FusedTile {
         room.min((self.rc / (8 * self.threads_per_row().max(1))).max(2)) & !1
     }
 
+    /// What stops this tile's layout from covering blocks of `block_q` × `block_k` keys at
+    /// `head_dim` (None: nothing); the adapter's limits are checked separately. Every query
+    /// row and key of a block must belong to exactly one thread's share, else rows or keys
+    /// would be skipped silently.
+    pub fn layout_problem(&self, block_q: u32, block_k: u32, head_dim: u32) -> Option<String> {
+        let problem = if self.tq == 0 || self.kc == 0 || self.wg == 0 || self.rq == 0 {
+            "tq, kc, wg and rq must be at least 1".to_string()
+        } else if self.tq > block_q || !block_q.is_multiple_of(self.tq) || self.kc > block_k || !block_k.is_multiple_of(self.kc) {
+            format!("tq must divide block_q = {block_q} and kc must divide block_k = {block_k}")
+        } else if !self.tq.is_multiple_of(self.rq) || !self.wg.is_multiple_of(self.tq / self.rq) || !self.kc.is_multiple_of(self.lanes()) {
+            "rq must divide tq, the row groups (tq / rq) must divide wg, and their lanes must divide kc".to_string()
+        } else if self.dp != head_dim.next_multiple_of(4) {
+            format!("dp must be head_dim = {head_dim} rounded up to a multiple of 4")
+        } else if self.cap > 0 && self.rc > 0 {
+            "cap (pooling entmax) and rc (score-caching entmax) exclude each other".to_string()
+        } else if self.is_entmax() && (!self.wg.is_multiple_of(self.tq) || !self.kc.is_multiple_of(self.threads_per_row()) || self.tq * self.lanes() < self.wg) {
+            "the entmax kernels need whole keys per thread: tq must divide wg, wg / tq must divide kc, and tq · lanes >= wg".to_string()
+        } else {
+            return None;
+        };
+        Some(problem)
+    }
+
     /// Whether this is a tile of an entmax kernel (pooling or score-caching).
     pub fn is_entmax(&self) -> bool {
         self.cap > 0 || self.rc > 0
@@ -179,15 +202,12 @@ fn register_tile((wg, tq, rq, kc): (u32, u32, u32, u32), block_q: u32, block_k: 
     if wg > limits.max_compute_invocations_per_workgroup || wg > limits.max_compute_workgroup_size_x {
         return None;
     }
-    if tq > block_q || kc > block_k || tq % rq != 0 || wg % (tq / rq) != 0 {
-        return None;
-    }
     let dp = head_dim.next_multiple_of(4);
     let tile = FusedTile { tq, kc, wg, dp, cap: 0, rq, rc: 0 };
-    let lanes = tile.lanes();
-    if kc % lanes != 0 {
+    if tile.layout_problem(block_q, block_k, head_dim).is_some() {
         return None;
     }
+    let lanes = tile.lanes();
     let registers = rq * (dp / 4).div_ceil(lanes) * 4 + rq * (kc / lanes);
     (registers <= REGISTER_BUDGET).then_some(tile)
 }

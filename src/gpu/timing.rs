@@ -1,6 +1,6 @@
 //! GPU-side pass timing with timestamp queries (when the adapter has TIMESTAMP_QUERY).
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use std::collections::BTreeMap;
 
 /// Records a begin/end timestamp pair per compute pass and sums durations per pass label.
@@ -71,8 +71,7 @@ impl PassTimer {
         if self.labels.is_empty() {
             return Ok(out);
         }
-        let bytes = engine.read_buffer(&self.read)?;
-        let ticks: &[u64] = bytemuck::try_cast_slice(&bytes).map_err(|e| Error::Gpu(format!("timestamps: {e}")))?;
+        let ticks: Vec<u64> = engine.read_buffer(&self.read)?;
         for (p, label) in self.labels.iter().enumerate() {
             let dt = ticks[2 * p + 1].saturating_sub(ticks[2 * p]) as f64 * self.period_ns;
             *out.entry(*label).or_insert(0.0) += dt;

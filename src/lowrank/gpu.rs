@@ -382,9 +382,7 @@ impl GpuLowRank {
             return Err(Error::Gpu(format!("lowrank dispatch: {e}")));
         }
         let to_array =
-            |bytes: Vec<u8>, dims: (usize, usize, usize, usize)| -> Result<Array4<f32>> {
-                let xs: &[f32] = bytemuck::try_cast_slice(&bytes)
-                    .map_err(|e| Error::Gpu(format!("lowrank readback: {e}")))?;
+            |xs: Vec<f32>, dims: (usize, usize, usize, usize)| -> Result<Array4<f32>> {
                 let len = dims.0 * dims.1 * dims.2 * dims.3;
                 let xs = xs
                     .get(..len)

@@ -19,12 +19,15 @@ pub struct PatternAccumulator {
     col_idx: Vec<u32>,
     mask_of: Vec<u32>,
     masks: Vec<u32>,
+    /// The first malformed block pushed (reported by `finish`): a bitmask of the wrong length
+    /// or a key block past the grid would otherwise be truncated or dropped silently.
+    error: Option<PatternError>,
 }
 
 impl PatternAccumulator {
     pub fn new(geometry: PatternGeometry) -> Result<Self, PatternError> {
         geometry.validate()?;
-        Ok(Self { geometry, row_ptr: vec![0], col_idx: Vec::new(), mask_of: Vec::new(), masks: Vec::new() })
+        Ok(Self { geometry, row_ptr: vec![0], col_idx: Vec::new(), mask_of: Vec::new(), masks: Vec::new(), error: None })
     }
 
     pub fn geometry(&self) -> PatternGeometry {
@@ -38,8 +41,19 @@ impl PatternAccumulator {
 
     /// Appends the next row; blocks in strictly increasing key-block order (checked in `finish`).
     pub fn push_row(&mut self, blocks: impl IntoIterator<Item = (u32, BlockMask)>) {
-        let qb = (self.next_row() as u32) % self.geometry.q_blocks();
+        let row = self.next_row();
+        let qb = (row as u32) % self.geometry.q_blocks();
+        let (words, k_blocks) = (self.geometry.mask_words(), self.geometry.k_blocks());
         for (kb, mask) in blocks {
+            if self.error.is_none() {
+                if kb >= k_blocks {
+                    self.error = Some(PatternError::ColOutOfRange { row, position: self.col_idx.len(), col: kb, k_blocks });
+                } else if let BlockMask::Bits(bits) = &mask {
+                    if bits.len() != words {
+                        self.error = Some(PatternError::MaskWords { row, col: kb, got: bits.len(), expected: words });
+                    }
+                }
+            }
             match mask {
                 BlockMask::Full => {
                     self.col_idx.push(kb);
@@ -92,6 +106,9 @@ impl PatternAccumulator {
     }
 
     pub fn finish(self) -> Result<BlockPattern, PatternError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
         BlockPattern::new_checked(self.geometry, self.row_ptr, self.col_idx, self.mask_of, self.masks)
     }
 }

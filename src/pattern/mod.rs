@@ -32,6 +32,8 @@ pub enum PatternError {
     ColOutOfRange { row: usize, position: usize, col: u32, k_blocks: u32 },
     #[error("col_idx not strictly increasing in row {row} at position {position}: {prev} then {col}")]
     ColNotIncreasing { row: usize, position: usize, prev: u32, col: u32 },
+    #[error("block ({row}, {col}) has a bitmask of {got} words, expected block_q * ceil(block_k / 32) = {expected}")]
+    MaskWords { row: usize, col: u32, got: usize, expected: usize },
     #[error("mask_of has {got} entries, col_idx has {nnz}")]
     MaskOfLength { got: usize, nnz: usize },
     #[error("mask_of[{position}] = {offset}: mask of {words} words overruns the pool of {pool} words")]
@@ -46,7 +48,9 @@ pub enum PatternError {
 
 /// Block-sparse attention pattern (BSR + element masks). Construct with [`BlockPattern::new_checked`]
 /// or a builder in [`crate::patterns`]; fields are read through accessors so invariants hold.
+/// Deserialising goes through `new_checked` too, so a stored pattern is checked like a built one.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "StoredPattern")]
 pub struct BlockPattern {
     block_q: u32,
     block_k: u32,
@@ -57,6 +61,28 @@ pub struct BlockPattern {
     col_idx: Vec<u32>,
     mask_of: Vec<u32>,
     masks: Vec<u32>,
+}
+
+/// `BlockPattern`'s fields as serialised, before `new_checked` has seen them.
+#[derive(serde::Deserialize)]
+struct StoredPattern {
+    block_q: u32,
+    block_k: u32,
+    seq_q: u32,
+    seq_kv: u32,
+    slices: u32,
+    row_ptr: Vec<u32>,
+    col_idx: Vec<u32>,
+    mask_of: Vec<u32>,
+    masks: Vec<u32>,
+}
+
+impl TryFrom<StoredPattern> for BlockPattern {
+    type Error = PatternError;
+    fn try_from(p: StoredPattern) -> Result<Self, PatternError> {
+        let geometry = PatternGeometry { block_q: p.block_q, block_k: p.block_k, seq_q: p.seq_q, seq_kv: p.seq_kv, slices: p.slices };
+        BlockPattern::new_checked(geometry, p.row_ptr, p.col_idx, p.mask_of, p.masks)
+    }
 }
 
 /// Sizes that fix a pattern's grid.

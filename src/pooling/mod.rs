@@ -214,10 +214,8 @@ impl GpuPooling {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("pooling dispatch: {e}")));
         }
-        let eb = engine.read_buffer(&emb_read)?;
-        let sb = engine.read_buffer(&score_read)?;
-        let ef: &[f32] = bytemuck::try_cast_slice(&eb).map_err(|e| Error::Gpu(format!("pooling readback: {e}")))?;
-        let sf: &[f32] = bytemuck::try_cast_slice(&sb).map_err(|e| Error::Gpu(format!("pooling readback: {e}")))?;
+        let ef: Vec<f32> = engine.read_buffer(&emb_read)?;
+        let sf: Vec<f32> = engine.read_buffer(&score_read)?;
         let region = (depth % 2) as usize;
         let k = np >> depth;
         let mut out_e = Vec::with_capacity(batch * k * dim);

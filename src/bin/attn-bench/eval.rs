@@ -204,7 +204,7 @@ fn evaluate_built(case: &LayerCase, pattern: &BlockPattern, mra: Option<&Mra>, b
 /// wall clock) or the CPU f64 reference.
 /// With `reference`, also the max |O − O_ref| against the CPU f64 low-rank reference.
 pub fn evaluate_lowrank(case: &LayerCase, rank: usize, subset: usize, block: u32, models: &Models, runner: &Runner<'_>, reference: bool) -> BResult<Evaluation> {
-    use sparse_attn::lowrank::{self, GpuLowRank, LowRankConfig};
+    use sparse_attn::lowrank::{self, LowRankConfig};
     let normalizer = runner.normalizer();
     let model = models.lowrank.as_ref().ok_or_else(|| BenchError::runtime("lowrank needs a model (none was loaded)"))?.for_text(&case.text)?;
     let n = case.shape.seq_kv;
@@ -214,7 +214,7 @@ pub fn evaluate_lowrank(case: &LayerCase, rank: usize, subset: usize, block: u32
     let (q, k, v) = (case.q.view(), case.k.view(), case.v.view());
     let (o, scores, attention_ms, timer) = match runner {
         Runner::Gpu { engine, warmup, repeats, .. } => {
-            let gpu = GpuLowRank::new(engine)?;
+            let gpu = engine.lowrank()?;
             for _ in 0..*warmup {
                 gpu.attention(engine, &plan, &q, &k, &v, normalizer, false)?;
             }

@@ -318,12 +318,11 @@ impl GpuMraLowRes {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("mra lowres dispatch: {e}")));
         }
-        let floats = |buf: &wgpu::Buffer| -> Result<Vec<f32>> {
-            let bytes = engine.read_buffer(buf)?;
-            Ok(bytemuck::try_cast_slice::<u8, f32>(&bytes).map_err(|e| Error::Gpu(format!("mra lowres readback: {e}")))?.to_vec())
-        };
-        let sel_bytes = engine.read_buffer(&sel_read)?;
-        let sel = bytemuck::try_cast_slice::<u8, u32>(&sel_bytes).map_err(|e| Error::Gpu(format!("mra lowres readback: {e}")))?.to_vec();
-        Ok(ChunkOut { means: floats(&means_read)?, logits: floats(&logits_read)?, sel, rows: floats(&rows_read)? })
+        Ok(ChunkOut {
+            means: engine.read_buffer(&means_read)?,
+            logits: engine.read_buffer(&logits_read)?,
+            sel: engine.read_buffer(&sel_read)?,
+            rows: engine.read_buffer(&rows_read)?,
+        })
     }
 }

@@ -273,6 +273,12 @@ impl MraConfig {
                 return Err(Error::Shape(format!("V is {:?}, the shape says {want_kv:?}", v.shape())));
             }
         }
+        // NaN or ±inf would turn block means and logits into NaN and the selection into noise.
+        crate::shape::check_finite("q", q)?;
+        crate::shape::check_finite("k", k)?;
+        if let Some(v) = v {
+            crate::shape::check_finite("v", v)?;
+        }
         if self.block == 0 {
             return Err(Error::ZeroSize("block"));
         }

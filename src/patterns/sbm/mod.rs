@@ -439,6 +439,22 @@ impl SbmSampler {
         if n == 0 || m == 0 {
             return Err(Error::ZeroSize("sbm sequence"));
         }
+        // A NaN would make memberships NaN, which the alias table drops silently.
+        let finite = |tensor: &'static str, values: &mut dyn Iterator<Item = f32>| -> Result<()> {
+            match values.enumerate().find(|(_, x)| !x.is_finite()) {
+                Some((index, value)) => Err(Error::NonFinite { tensor, index, value }),
+                None => Ok(()),
+            }
+        };
+        finite("sbm q", &mut q.iter().copied())?;
+        finite("sbm k", &mut k.iter().copied())?;
+        finite("sbm clusters", &mut head.clusters.iter().copied())?;
+        finite("sbm logit_scale", &mut std::iter::once(logit_scale))?;
+        if let Some(phi) = phi {
+            for (tensor, values) in [("sbm φ w1", &phi.w1), ("sbm φ b1", &phi.b1), ("sbm φ w2", &phi.w2), ("sbm φ b2", &phi.b2)] {
+                finite(tensor, &mut values.iter().copied())?;
+            }
+        }
         let kc = head.clusters.nrows();
         let qhat = memberships(q, phi, &head.clusters, logit_scale);
         let khat = memberships(k, phi, &head.clusters, logit_scale);
@@ -468,6 +484,12 @@ impl SbmSampler {
                 }
             }
         };
+        // Past 8 draws per (query, key) pair every pair is drawn with probability > 0.9996:
+        // more only costs memory (8 bytes a draw) and time, and past u32 the counts overflow.
+        let most = (8.0 * n as f64 * m as f64).min(u32::MAX as f64);
+        if rho * mass > most {
+            return Err(Error::Data(format!("sbm density {density:?} asks for {:.3e} expected edges over {n} x {m} pairs; at most {most:.3e} (8 per pair) are drawn", rho * mass)));
+        }
         Ok(Self { n, m, k: kc, qhat, khat, s, mass, rho, cells: Alias::new(&weights) })
     }
 
