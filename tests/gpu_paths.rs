@@ -246,6 +246,13 @@ fn bad_inputs_are_typed_errors_before_gpu_work() {
     let qw = random4((1, 1, 16, 300), 1, 1.0);
     let pw = Dense::new().with_blocks(16, 16).build(&wide).unwrap();
     assert!(msg(engine.attention(&qw, &qw, &qw, &pw, Normalizer::Softmax)).contains("256"));
+    // Finite inputs whose scores could overflow f32: one q of 1e38 against K scaled by 1e10.
+    let mut q_huge = q.clone();
+    q_huge[[0, 0, 5, 1]] = 1e38;
+    let k_big = k.mapv(|x| x * 1e10);
+    assert!(msg(engine.attention(&q_huge, &k_big, &v, &pattern, Normalizer::Softmax)).contains("scores could reach"));
+    let opts = AttentionOptions { scale: Some(1e-30), ..AttentionOptions::new(Normalizer::Softmax) };
+    assert!(engine.attention_with(&q_huge, &k, &v, &pattern, &opts).is_ok(), "a small enough scale keeps the scores finite");
     // Reference rejects the same inputs.
     assert!(reference::attention(&q_nan, &k, &v, &pattern, Normalizer::Softmax).is_err());
 }

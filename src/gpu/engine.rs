@@ -1044,6 +1044,7 @@ impl Engine {
     ) -> Result<PreparedAttention<'_>> {
         let (q, k, v) = (q.into(), k.into(), v.into());
         let shape = validate_qkv(&q, &k, &v)?;
+        crate::shape::check_score_range(&q, &k, opts.scale.unwrap_or_else(|| shape.default_scale()))?;
         if opts.dtype == DType::F16 {
             for (name, a) in [("q", &q), ("k", &k), ("v", &v)] {
                 if let Some((index, &value)) = a.iter().enumerate().find(|(_, x)| x.abs() > half::f16::MAX.to_f32()) {
