@@ -146,7 +146,7 @@ pub fn attention_scaled<'a>(
     pattern.check_fits(&shape)?;
     let scale = scale.unwrap_or_else(|| shape.default_scale());
     if !scale.is_finite() {
-        return Err(Error::Shape(format!("scale must be finite, got {scale}")));
+        return Err(Error::NonFinite { tensor: "scale", index: 0, value: scale });
     }
     let scale = scale as f64;
     let mut o = Array4::<f32>::zeros((shape.batch, shape.heads, shape.seq_q, shape.head_dim));

@@ -124,6 +124,9 @@ pub const MAX_SCORE_MAGNITUDE: f64 = 1e37;
 /// Rejects finite Q and K whose scores `scale·q·k` could overflow f32 (the bound
 /// |scale|·head_dim·max|q|·max|k|): an infinite score turns a softmax row into NaN.
 pub fn check_score_range(q: &ArrayView4<f32>, k: &ArrayView4<f32>, scale: f32) -> Result<()> {
+    if !scale.is_finite() {
+        return Err(Error::NonFinite { tensor: "scale", index: 0, value: scale });
+    }
     let largest = |a: &ArrayView4<f32>| a.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
     let bound = (scale as f64).abs() * q.shape()[3] as f64 * largest(q) * largest(k);
     if bound > MAX_SCORE_MAGNITUDE {

@@ -253,6 +253,11 @@ fn bad_inputs_are_typed_errors_before_gpu_work() {
     assert!(msg(engine.attention(&q_huge, &k_big, &v, &pattern, Normalizer::Softmax)).contains("scores could reach"));
     let opts = AttentionOptions { scale: Some(1e-30), ..AttentionOptions::new(Normalizer::Softmax) };
     assert!(engine.attention_with(&q_huge, &k, &v, &pattern, &opts).is_ok(), "a small enough scale keeps the scores finite");
+    for scale in [f32::NAN, f32::INFINITY] {
+        let opts = AttentionOptions { scale: Some(scale), ..AttentionOptions::new(Normalizer::Softmax) };
+        assert!(matches!(engine.attention_with(&q, &k, &v, &pattern, &opts), Err(Error::NonFinite { tensor: "scale", .. })), "scale {scale}");
+        assert!(matches!(reference::attention_scaled(&q, &k, &v, &pattern, Normalizer::Softmax, Some(scale)), Err(Error::NonFinite { tensor: "scale", .. })), "reference, scale {scale}");
+    }
     // Reference rejects the same inputs.
     assert!(reference::attention(&q_nan, &k, &v, &pattern, Normalizer::Softmax).is_err());
 }

@@ -333,7 +333,7 @@ pub fn plan(
         )));
     }
     if !opts.scale.is_finite() {
-        return Err(Error::Shape(format!("scale must be finite, got {}", opts.scale)));
+        return Err(Error::NonFinite { tensor: "scale", index: 0, value: opts.scale });
     }
     check_entmax_stopping(opts.tolerance, opts.max_iterations)?;
     if limits.max_workgroups_per_dim == 0 || limits.max_binding_bytes < 16 || limits.max_buffer_bytes < 16 || !limits.binding_alignment.is_power_of_two() {

@@ -284,7 +284,7 @@ impl MraConfig {
         }
         let scale = self.scale.unwrap_or_else(|| shape.default_scale());
         if !scale.is_finite() {
-            return Err(Error::Shape(format!("scale must be finite, got {scale}")));
+            return Err(Error::NonFinite { tensor: "scale", index: 0, value: scale });
         }
         let b = self.block as usize;
         let geometry = PatternGeometry {
