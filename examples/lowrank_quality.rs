@@ -181,7 +181,7 @@ fn pattern_quality(
             scale,
             1.5,
             false,
-        );
+        ).expect("gold support");
         let ps = pattern.pattern_slice(h);
         rec += recall(pattern, ps, &gold);
         dens += 1.0 - block_sparsity(pattern, ps, false);

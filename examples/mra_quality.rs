@@ -54,7 +54,7 @@ fn main() -> sparse_attn::Result<()> {
             let dense = Dense::new().build(&shape)?;
             let exact = engine.attention(&q, &k, &v, &dense, Normalizer::Softmax)?;
             let golds: Vec<_> = (0..shape.heads)
-                .map(|h| gold_support(&q.slice(ndarray::s![0, h, .., ..]), &k.slice(ndarray::s![0, h, .., ..]), scale, 1.5, false))
+                .map(|h| gold_support(&q.slice(ndarray::s![0, h, .., ..]), &k.slice(ndarray::s![0, h, .., ..]), scale, 1.5, false).expect("gold support"))
                 .collect();
             let quality = |p: &BlockPattern| -> (f64, f64) {
                 let d: Vec<f64> = (0..shape.heads).map(|h| 1.0 - block_sparsity(p, p.pattern_slice(h), false)).collect();

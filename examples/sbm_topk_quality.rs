@@ -104,7 +104,7 @@ fn main() -> sparse_attn::Result<()> {
             let scale = 1.0 / (d as f64).sqrt();
             let shape = AttentionShape::new(1, heads, n, d);
             let exact = reference::attention(&q, &k, &v, &Dense::new().build(&shape)?, Normalizer::ENTMAX15)?;
-            let golds: Vec<_> = (0..heads).map(|h| gold_support(&q.slice(s![0, h, .., ..]), &k.slice(s![0, h, .., ..]), scale, 1.5, false)).collect();
+            let golds: Vec<_> = (0..heads).map(|h| gold_support(&q.slice(s![0, h, .., ..]), &k.slice(s![0, h, .., ..]), scale, 1.5, false).expect("gold support")).collect();
             for g in &golds {
                 gold_mean += g.mean_support();
                 gold_n += 1;

@@ -127,7 +127,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t0 = Instant::now();
         let (q, k, v) = data.layer(&text, layer)?;
         let gold: Vec<GoldSupport> = (0..heads)
-            .map(|h| gold_support(&q.slice(s![0, h, .., ..]), &k.slice(s![0, h, .., ..]), scale, 1.5, false))
+            .map(|h| gold_support(&q.slice(s![0, h, .., ..]), &k.slice(s![0, h, .., ..]), scale, 1.5, false).expect("gold support"))
             .collect();
         let exact = if with_error { Some(reference::attention(&q, &k, &v, &dense, Normalizer::ENTMAX15)?) } else { None };
         for (m, row) in methods.iter().zip(rows.iter_mut()) {

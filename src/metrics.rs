@@ -54,8 +54,24 @@ impl GoldSupport {
 /// scores keys `j <= i + (seq_kv - seq_q)`. `alpha == 1.5` uses [`reference::entmax15`],
 /// `alpha == 2` [`reference::sparsemax`], any other `alpha > 1` [`reference::entmax_bisect`];
 /// `alpha <= 1` (softmax) keeps every scored key. Rows are computed one at a time (O(seq_kv)
-/// memory besides the result). If `q` and `k` differ in `head_dim`, the shorter one is used.
-pub fn gold_support(q: &ArrayView2<f32>, k: &ArrayView2<f32>, scale: f64, alpha: f64, causal: bool) -> GoldSupport {
+/// memory besides the result). `q` and `k` must agree in `head_dim` and hold finite values, and
+/// `scale` and `alpha` must be finite (typed errors otherwise).
+pub fn gold_support(q: &ArrayView2<f32>, k: &ArrayView2<f32>, scale: f64, alpha: f64, causal: bool) -> Result<GoldSupport> {
+    if q.ncols() != k.ncols() {
+        return Err(Error::Shape(format!("gold support: q has head_dim {}, k has {}", q.ncols(), k.ncols())));
+    }
+    let first_non_finite = |a: &ArrayView2<f32>| a.iter().enumerate().find(|(_, x)| !x.is_finite()).map(|(i, &x)| (i, x));
+    for (tensor, found) in [("q", first_non_finite(q)), ("k", first_non_finite(k))] {
+        if let Some((index, value)) = found {
+            return Err(Error::NonFinite { tensor, index, value });
+        }
+    }
+    if !scale.is_finite() {
+        return Err(Error::NonFinite { tensor: "scale", index: 0, value: scale as f32 });
+    }
+    if !alpha.is_finite() {
+        return Err(Error::Normalizer(format!("gold support: alpha must be finite, got {alpha}")));
+    }
     let (seq_q, seq_kv) = (q.nrows(), k.nrows());
     let offset = seq_kv as i64 - seq_q as i64;
     let mut row_ptr = Vec::with_capacity(seq_q + 1);
@@ -80,7 +96,7 @@ pub fn gold_support(q: &ArrayView2<f32>, k: &ArrayView2<f32>, scale: f64, alpha:
         }
         row_ptr.push(keys.len());
     }
-    GoldSupport { row_ptr, keys, seq_kv }
+    Ok(GoldSupport { row_ptr, keys, seq_kv })
 }
 
 /// Recall: the share of the gold support (|gold ∩ pattern| / |gold|) that pattern slice

@@ -17,7 +17,7 @@ fn scale(d: &AttentionData) -> f64 {
 /// Gold entmax-1.5 support of (text, layer, head) of the fixture.
 fn fixture_gold(d: &AttentionData, text: &str, layer: usize, head: usize) -> GoldSupport {
     let (q, k, _) = d.layer(text, layer).unwrap();
-    gold_support(&q.slice(s![0, head, .., ..]), &k.slice(s![0, head, .., ..]), scale(d), 1.5, false)
+    gold_support(&q.slice(s![0, head, .., ..]), &k.slice(s![0, head, .., ..]), scale(d), 1.5, false).expect("gold support")
 }
 
 #[test]
@@ -26,7 +26,7 @@ fn hand_made_gold_support() {
     let q = array![[1.0f32, 0.0], [0.0, 0.0]];
     let k = array![[10.0f32, 0.0], [0.0, 1.0], [-3.0, 0.0]];
     for alpha in [2.0, 1.5, 1.7] {
-        let g = gold_support(&q.view(), &k.view(), 1.0, alpha, false);
+        let g = gold_support(&q.view(), &k.view(), 1.0, alpha, false).expect("gold support");
         assert_eq!(g.rows(), 2);
         assert_eq!(g.row(0), &[0], "alpha {alpha}");
         // Row 1: all scores equal (0) → uniform, every key in the support.
@@ -36,19 +36,32 @@ fn hand_made_gold_support() {
     }
     // Close scores stay in the support together.
     let k2 = array![[1.0f32, 0.0], [0.9, 0.0], [-30.0, 0.0]];
-    let g = gold_support(&q.view(), &k2.view(), 1.0, 2.0, false);
+    let g = gold_support(&q.view(), &k2.view(), 1.0, 2.0, false).expect("gold support");
     assert_eq!(g.row(0), &[0, 1]);
     // Causal with seq_q == seq_kv: query i sees keys 0..=i.
     let q3 = array![[1.0f32, 0.0], [1.0, 0.0], [1.0, 0.0]];
-    let g = gold_support(&q3.view(), &k.view(), 1.0, 2.0, true);
+    let g = gold_support(&q3.view(), &k.view(), 1.0, 2.0, true).expect("gold support");
     assert_eq!(g.row(0), &[0]);
     assert_eq!(g.row(1), &[0]);
     assert_eq!(g.row(2), &[0]);
-    let g = gold_support(&q3.view(), &k.view(), 1.0, 1.0, true);
+    let g = gold_support(&q3.view(), &k.view(), 1.0, 1.0, true).expect("gold support");
     assert_eq!((g.row(0), g.row(1), g.row(2)), (&[0u32][..], &[0u32, 1][..], &[0u32, 1, 2][..]));
     // Causal with fewer queries than keys: the last query sees every key.
-    let g = gold_support(&q.slice(s![..1, ..]), &k.view(), 1.0, 1.0, true);
+    let g = gold_support(&q.slice(s![..1, ..]), &k.view(), 1.0, 1.0, true).expect("gold support");
     assert_eq!(g.row(0), &[0, 1, 2]);
+}
+
+#[test]
+fn gold_support_refuses_mismatched_or_non_finite_inputs() {
+    let q = array![[1.0f32, 0.0], [0.0, 0.0]];
+    let k = array![[10.0f32, 0.0], [0.0, 1.0]];
+    let k3 = array![[10.0f32, 0.0, 1.0]];
+    assert!(matches!(gold_support(&q.view(), &k3.view(), 1.0, 1.5, false), Err(Error::Shape(_))));
+    let mut k_nan = k.clone();
+    k_nan[[1, 0]] = f32::NAN;
+    assert!(matches!(gold_support(&q.view(), &k_nan.view(), 1.0, 1.5, false), Err(Error::NonFinite { tensor: "k", index: 2, .. })));
+    assert!(matches!(gold_support(&q.view(), &k.view(), f64::INFINITY, 1.5, false), Err(Error::NonFinite { tensor: "scale", .. })));
+    assert!(matches!(gold_support(&q.view(), &k.view(), 1.0, f64::NAN, false), Err(Error::Normalizer(_))));
 }
 
 #[test]
@@ -78,7 +91,7 @@ fn recall_of_empty_gold_is_one() {
     let shape = AttentionShape::new(1, 1, 64, 8);
     let window = Window::new(4).with_blocks(16, 16).build(&shape).unwrap();
     let q = Array2::<f32>::zeros((0, 8));
-    let g = gold_support(&q.view(), &Array2::<f32>::zeros((64, 8)).view(), 1.0, 1.5, false);
+    let g = gold_support(&q.view(), &Array2::<f32>::zeros((64, 8)).view(), 1.0, 1.5, false).expect("gold support");
     assert_eq!(g.total(), 0);
     assert_eq!(recall(&window, 0, &g), 1.0);
 }
@@ -154,7 +167,7 @@ fn entmax15_support_on_fixture_is_sparse() {
         for layer in 0..d.layers() {
             let (q, k, _) = d.layer(text, layer).unwrap();
             for head in 0..d.heads() {
-                let g = gold_support(&q.slice(s![0, head, .., ..]), &k.slice(s![0, head, .., ..]), scale(&d), 1.5, false);
+                let g = gold_support(&q.slice(s![0, head, .., ..]), &k.slice(s![0, head, .., ..]), scale(&d), 1.5, false).expect("gold support");
                 assert_eq!(g.rows(), d.seq());
                 assert!((0..g.rows()).all(|i| !g.row(i).is_empty() && g.row(i).windows(2).all(|w| w[0] < w[1])));
                 eprintln!(
@@ -189,7 +202,7 @@ fn entmax15_support_on_full_data() {
         for layer in 0..d.layers() {
             let (q, k, _) = d.layer(text, layer).unwrap();
             for head in 0..d.heads() {
-                let g = gold_support(&q.slice(s![0, head, .., ..]), &k.slice(s![0, head, .., ..]), scale(&d), 1.5, false);
+                let g = gold_support(&q.slice(s![0, head, .., ..]), &k.slice(s![0, head, .., ..]), scale(&d), 1.5, false).expect("gold support");
                 total += g.total();
                 rows += g.rows();
             }

@@ -128,7 +128,7 @@ fn planted_structure_is_recovered() {
         ] {
             let p = build(m, layer, &q, &k, v, 32);
             for h in 0..HEADS {
-                let gold = gold_support(&q.slice(s![0, h, .., ..]), &k.slice(s![0, h, .., ..]), scale, 1.5, false);
+                let gold = gold_support(&q.slice(s![0, h, .., ..]), &k.slice(s![0, h, .., ..]), scale, 1.5, false).expect("gold support");
                 let r = recall(&p, h, &gold);
                 let sp = element_sparsity(&p, h, false);
                 println!("layer {layer} head {h} {v:?}: recall {r:.4}, element sparsity {sp:.3}, gold {:.1}/query", gold.mean_support());
@@ -434,7 +434,7 @@ fn shipped_model_loads_and_predicts() {
     let scale = 1.0 / 32f64.sqrt();
     let (mut r, mut sp) = (0.0, 0.0);
     for h in 0..12 {
-        let gold = gold_support(&q.slice(s![0, h, .., ..]), &k.slice(s![0, h, .., ..]), scale, 1.5, false);
+        let gold = gold_support(&q.slice(s![0, h, .., ..]), &k.slice(s![0, h, .., ..]), scale, 1.5, false).expect("gold support");
         r += recall(&p, h, &gold) / 12.0;
         sp += element_sparsity(&p, h, false) / 12.0;
     }
@@ -476,7 +476,7 @@ fn fixture_variants_beat_window_at_equal_sparsity() {
             Ok(x) => x,
             Err(e) => panic!("{e}"),
         };
-        let golds: Vec<_> = (0..heads).map(|h| gold_support(&q.slice(s![0, h, .., ..]), &k.slice(s![0, h, .., ..]), scale, 1.5, false)).collect();
+        let golds: Vec<_> = (0..heads).map(|h| gold_support(&q.slice(s![0, h, .., ..]), &k.slice(s![0, h, .., ..]), scale, 1.5, false).expect("gold support")).collect();
         let mut patterns: Vec<BlockPattern> = sf.iter().map(|&v| build(&m, layer, &q, &k, v, 32)).collect();
         for &w in &widths {
             match Window::new(w).build(&shape).and_then(|p| Ok(p.union(&GlobalTokens::new(1, 1).build(&shape)?)?)) {

@@ -87,7 +87,7 @@ fn recall_is_one_when_k_covers_the_planted_support() {
     let pattern_for = |kk: usize| TopK::new(kk).with_window(0).with_globals(0, 0).build(&q.view(), &k.view(), &Scorer::MeanQuery).unwrap();
     let pattern = pattern_for(24);
     for (h, keys) in planted.iter().enumerate() {
-        let gold = gold_support(&q.slice(ndarray::s![0, h, .., ..]), &k.slice(ndarray::s![0, h, .., ..]), 0.25, 1.5, false);
+        let gold = gold_support(&q.slice(ndarray::s![0, h, .., ..]), &k.slice(ndarray::s![0, h, .., ..]), 0.25, 1.5, false).expect("gold support");
         let max_support = (0..n).map(|i| gold.row(i).len()).max().unwrap();
         assert!(max_support <= 24 && gold.total() > n, "planted support {max_support}");
         for i in 0..n {

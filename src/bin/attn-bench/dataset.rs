@@ -100,7 +100,7 @@ impl LayerCase {
                 let kh = k.index_axis(Axis(0), 0).index_axis_move(Axis(0), h);
                 gold_support(&qh, &kh, scale, GOLD_ALPHA, false)
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         let gold_ms = crate::common::ms_since(t);
         let t = std::time::Instant::now();
         let exact = match normalizer {

@@ -412,7 +412,7 @@ fn fit_head(s: &HeadSamples, alpha: f64, scale: f64, config: &SparsefinderConfig
     // Gold support and the uncovered positives.
     let mut seqs = Vec::with_capacity(s.pairs.len());
     for (q, k) in &s.pairs {
-        let gold = gold_support(&q.view(), &k.view(), scale, alpha, config.causal);
+        let gold = gold_support(&q.view(), &k.view(), scale, alpha, config.causal)?;
         let structure = Structure::new(config, q.nrows(), k.nrows());
         let mut pos_start = vec![0];
         let mut pos = Vec::new();
