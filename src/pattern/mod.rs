@@ -233,7 +233,8 @@ impl BlockPattern {
     pub fn nnz(&self) -> usize {
         self.col_idx.len()
     }
-    /// Stored blocks of one pattern slice.
+    /// Stored blocks of one pattern slice. Indexes like a slice: `slice` must be below
+    /// `slices()` (panics otherwise, as `[]` does).
     pub fn slice_nnz(&self, slice: usize) -> usize {
         let qb = self.q_blocks() as usize;
         (self.row_ptr[(slice + 1) * qb] - self.row_ptr[slice * qb]) as usize
@@ -244,7 +245,8 @@ impl BlockPattern {
         self.row_ptr.windows(2).map(|w| w[1].saturating_sub(w[0])).max().unwrap_or(0)
     }
 
-    /// Block range `[start, end)` of query-block row `qb` in pattern slice `slice`.
+    /// Block range `[start, end)` of query-block row `qb` in pattern slice `slice`. Indexes
+    /// like a slice: `slice < slices()` and `qb < q_blocks()` (panics otherwise, as `[]` does).
     pub fn row_blocks(&self, slice: usize, qb: usize) -> std::ops::Range<usize> {
         let r = slice * self.q_blocks() as usize + qb;
         self.row_ptr[r] as usize..self.row_ptr[r + 1] as usize
