@@ -121,17 +121,18 @@ pub fn check_finite(tensor: &'static str, a: &ArrayView4<f32>) -> Result<()> {
 /// in f32 (max 3.4e38) and below the masked-entry sentinel's magnitude (3e38).
 pub const MAX_SCORE_MAGNITUDE: f64 = 1e37;
 
-/// Rejects finite Q and K whose scores `scale·q·k` could overflow f32 (the bound
-/// |scale|·head_dim·max|q|·max|k|): an infinite score turns a softmax row into NaN.
+/// Rejects finite Q and K whose scores could overflow f32: the kernels sum q·k in f32 and scale
+/// afterwards, so both the sum and the score must stay finite (bound
+/// max(1, |scale|)·head_dim·max|q|·max|k|); an infinite score turns a softmax row into NaN.
 pub fn check_score_range(q: &ArrayView4<f32>, k: &ArrayView4<f32>, scale: f32) -> Result<()> {
     if !scale.is_finite() {
         return Err(Error::NonFinite { tensor: "scale", index: 0, value: scale });
     }
     let largest = |a: &ArrayView4<f32>| a.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
-    let bound = (scale as f64).abs() * q.shape()[3] as f64 * largest(q) * largest(k);
+    let bound = (scale as f64).abs().max(1.0) * q.shape()[3] as f64 * largest(q) * largest(k);
     if bound > MAX_SCORE_MAGNITUDE {
         return Err(Error::Unsupported(format!(
-            "scores could reach {bound:.2e} (|scale|·head_dim·max|q|·max|k|), past the {MAX_SCORE_MAGNITUDE:.0e} the f32 kernels accept; scale Q or K down"
+            "scores could reach {bound:.2e} (max(1, |scale|)·head_dim·max|q|·max|k|), past the {MAX_SCORE_MAGNITUDE:.0e} the f32 kernels accept; scale Q or K down"
         )));
     }
     Ok(())

@@ -246,13 +246,20 @@ fn bad_inputs_are_typed_errors_before_gpu_work() {
     let qw = random4((1, 1, 16, 300), 1, 1.0);
     let pw = Dense::new().with_blocks(16, 16).build(&wide).unwrap();
     assert!(msg(engine.attention(&qw, &qw, &qw, &pw, Normalizer::Softmax)).contains("256"));
-    // Finite inputs whose scores could overflow f32: one q of 1e38 against K scaled by 1e10.
+    // Finite inputs whose scores could overflow f32. The kernels scale after the f32 dot
+    // product, so a tiny scale does not save a dot product that overflows (q 1e38 · k ~1) ...
     let mut q_huge = q.clone();
     q_huge[[0, 0, 5, 1]] = 1e38;
+    let tiny = AttentionOptions { scale: Some(1e-30), ..AttentionOptions::new(Normalizer::Softmax) };
+    assert!(msg(engine.attention_with(&q_huge, &k, &v, &pattern, &tiny).map(|o| o.o)).contains("scores could reach"));
+    // ... while a large scale can overflow a finite dot product (q 1e18 · k 1e10 · 16 · 1e10).
+    let mut q_big = q.clone();
+    q_big[[0, 0, 5, 1]] = 1e18;
     let k_big = k.mapv(|x| x * 1e10);
-    assert!(msg(engine.attention(&q_huge, &k_big, &v, &pattern, Normalizer::Softmax)).contains("scores could reach"));
-    let opts = AttentionOptions { scale: Some(1e-30), ..AttentionOptions::new(Normalizer::Softmax) };
-    assert!(engine.attention_with(&q_huge, &k, &v, &pattern, &opts).is_ok(), "a small enough scale keeps the scores finite");
+    let large = AttentionOptions { scale: Some(1e10), ..AttentionOptions::new(Normalizer::Softmax) };
+    assert!(msg(engine.attention_with(&q_big, &k_big, &v, &pattern, &large).map(|o| o.o)).contains("scores could reach"));
+    let out = engine.attention(&q_big, &k_big, &v, &pattern, Normalizer::Softmax).expect("the default scale keeps these scores finite");
+    assert!(out.iter().all(|x| x.is_finite()), "finite scores give a finite output");
     for scale in [f32::NAN, f32::INFINITY] {
         let opts = AttentionOptions { scale: Some(scale), ..AttentionOptions::new(Normalizer::Softmax) };
         assert!(matches!(engine.attention_with(&q, &k, &v, &pattern, &opts), Err(Error::NonFinite { tensor: "scale", .. })), "scale {scale}");

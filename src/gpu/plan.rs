@@ -598,9 +598,9 @@ pub fn plan(
     })
 }
 
-/// The fused path's row classes for `opts` (validated), or none for the three-kernel path.
 /// The entmax threshold search's stopping rule: a finite tolerance above 0 and at least one
-/// iteration (softmax ignores both).
+/// iteration. Checked whatever the normaliser (the options always carry both), so a bad value
+/// is reported where it is set, not when the same options later run entmax.
 pub fn check_entmax_stopping(tolerance: f32, max_iterations: u32) -> Result<()> {
     if !tolerance.is_finite() || tolerance <= 0.0 || max_iterations == 0 {
         return Err(Error::Normalizer(format!("entmax tolerance must be finite and > 0 and max_iterations >= 1, got {tolerance} and {max_iterations}")));
@@ -608,6 +608,7 @@ pub fn check_entmax_stopping(tolerance: f32, max_iterations: u32) -> Result<()> 
     Ok(())
 }
 
+/// The fused path's row classes for `opts` (validated), or none for the three-kernel path.
 fn row_classes(pattern: &BlockPattern, opts: &PlanOptions) -> Result<Vec<RowClass>> {
     let Some(tile) = opts.fused else {
         if opts.row_classes.is_empty() {
