@@ -33,6 +33,39 @@ fn forced_chunking_splits_bindings_and_dispatches() {
 }
 
 #[test]
+fn tensors_past_one_buffer_run_in_batch_groups() {
+    if engine().is_none() {
+        return;
+    }
+    let mut small = Engine::new().expect("engine");
+    small.set_autotune(false);
+    // One batch entry's Q is 2 x 40 x 16 f32 = 5 KiB: 12 KiB buffers hold two of the three.
+    small.set_plan_limits(PlanLimits { max_binding_bytes: 4096, max_workgroups_per_dim: 65535, binding_alignment: 256, max_buffer_bytes: 12 * 1024 });
+    let shape = AttentionShape::new(3, 2, 40, 16).with_kv_heads(1);
+    let (q, k, v) = random_qkv((3, 2, 40, 16), (3, 1, 40, 16), 71, 2.0);
+    let per_slice = RandomBlocks::new(0.6, 3).with_partial(0.3).per_slice(true).with_blocks(16, 16).build(&shape).unwrap();
+    let shared = Window::new(12).with_blocks(16, 16).build(&shape).unwrap();
+    for (pattern, normalizer, path) in [
+        (&per_slice, Normalizer::Softmax, ExecPath::Auto),
+        (&per_slice, Normalizer::ENTMAX15, ExecPath::Auto),
+        (&shared, Normalizer::ENTMAX15, ExecPath::ThreeKernel),
+    ] {
+        let whole = small.plan(&shape, pattern, &AttentionOptions { path, ..AttentionOptions::new(normalizer) });
+        assert!(matches!(whole, Err(Error::Limit { .. })), "one plan for all three batch entries must not fit");
+        let opts = AttentionOptions { path, ..AttentionOptions::new(normalizer) };
+        let got = small.attention_with(&q, &k, &v, pattern, &opts).expect("grouped call");
+        let want = reference::attention(&q, &k, &v, pattern, normalizer).unwrap();
+        assert_close("batch groups", got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+        // Probabilities are not stitched across groups: the one-call Limit error stays.
+        let probs = AttentionOptions { return_probabilities: true, path: ExecPath::ThreeKernel, ..opts };
+        assert!(matches!(small.attention_with(&q, &k, &v, pattern, &probs), Err(Error::Limit { .. })));
+    }
+    // Not even one batch entry fits: the typed Limit error, not a partial run.
+    small.set_plan_limits(PlanLimits { max_binding_bytes: 4096, max_workgroups_per_dim: 65535, binding_alignment: 256, max_buffer_bytes: 4096 });
+    assert!(matches!(small.attention(&q, &k, &v, &per_slice, Normalizer::Softmax), Err(Error::Limit { .. })));
+}
+
+#[test]
 fn probabilities_and_row_stats_match_reference() {
     let Some(engine) = engine() else { return };
     let shape = AttentionShape::new(1, 2, 90, 32);

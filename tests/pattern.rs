@@ -72,6 +72,22 @@ fn the_accumulator_reports_malformed_blocks_instead_of_dropping_them() {
     }
 }
 
+#[test]
+fn selected_slices_keep_their_masks() {
+    let shape = AttentionShape::new(2, 3, 70, 16);
+    let p = RandomBlocks::new(0.5, 11).with_partial(0.4).per_slice(true).with_blocks(16, 32).build(&shape).unwrap();
+    let part = p.select_slices(2..5).unwrap();
+    assert_eq!(part.slices(), 3);
+    for s in 0..3 {
+        assert_eq!(part.to_dense_mask(s), p.to_dense_mask(2 + s), "slice {}", 2 + s);
+    }
+    assert!(matches!(p.select_slices(5..7), Err(PatternError::ShapeMismatch(_))));
+    assert!(matches!(p.select_slices(3..3), Err(PatternError::ShapeMismatch(_))));
+    // A shared pattern stands for every slice.
+    let shared = Window::new(9).with_blocks(16, 16).build(&shape).unwrap();
+    assert_eq!(shared.select_slices(4..6).unwrap(), shared);
+}
+
 fn check_against(p: &BlockPattern, n: usize, m: usize, rule: impl Fn(i64, i64) -> bool) {
     let dense = p.to_dense_mask(0);
     for i in 0..n {

@@ -947,8 +947,43 @@ impl Engine {
         pattern: &BlockPattern,
         opts: &AttentionOptions,
     ) -> Result<AttentionOutput> {
-        let prepared = self.prepare_attention(q, k, v, pattern, opts)?;
-        prepared.run_and_read(opts.return_probabilities, opts.return_row_stats)
+        let (q, k, v) = (q.into(), k.into(), v.into());
+        let shape = crate::shape::AttentionShape::from_qkv(&q, &k, &v)?;
+        let per_batch = self.batch_entries_per_buffer(&shape, opts.dtype);
+        if per_batch >= shape.batch || opts.return_probabilities || opts.return_row_stats {
+            // One call (a tensor past max_buffer_size is then the plan's typed Limit error;
+            // probabilities and row stats are not stitched across groups).
+            let prepared = self.prepare_attention(q, k, v, pattern, opts)?;
+            return prepared.run_and_read(opts.return_probabilities, opts.return_row_stats);
+        }
+        // Whole Q/K/V/O tensors past one buffer: run groups of batch entries, each its own
+        // upload (batch entries share nothing; a per-slice pattern is cut to the group's slices).
+        let group = per_batch.max(1);
+        let mut outputs = Vec::new();
+        let mut paths: Option<EntmaxPaths> = None;
+        for b0 in (0..shape.batch).step_by(group) {
+            let b1 = (b0 + group).min(shape.batch);
+            let part = pattern.select_slices(b0 * shape.heads..b1 * shape.heads)?;
+            let batch = ndarray::s![b0..b1, .., .., ..];
+            let out = self.prepare_attention(q.slice(batch), k.slice(batch), v.slice(batch), &part, opts)?.run_and_read(false, false)?;
+            if let Some(p) = out.entmax_paths {
+                let sum: Vec<u32> = paths.map_or([0; 7], |a| a.counts()).iter().zip(p.counts()).map(|(a, b)| a + b).collect();
+                paths = Some(EntmaxPaths::from_words(&sum));
+            }
+            outputs.push(out.o);
+        }
+        let views: Vec<_> = outputs.iter().map(|o| o.view()).collect();
+        let o = ndarray::concatenate(ndarray::Axis(0), &views).map_err(|e| Error::Shape(format!("joining batch groups: {e}")))?;
+        Ok(AttentionOutput { o, probabilities: None, row_stats: None, entmax_paths: paths })
+    }
+
+    /// Batch entries whose Q/O and K/V slices fit one buffer each (`max_buffer_size` of the
+    /// plan limits); 0 when not even one does.
+    fn batch_entries_per_buffer(&self, shape: &crate::shape::AttentionShape, dtype: DType) -> usize {
+        let eb = dtype.bytes();
+        let q_entry = (shape.heads * shape.seq_q * shape.head_dim) as u64 * eb;
+        let kv_entry = (shape.kv_heads * shape.seq_kv * shape.head_dim) as u64 * eb;
+        (self.plan_limits.max_buffer_bytes / q_entry.max(kv_entry).max(1)).min(usize::MAX as u64) as usize
     }
 
     /// MRA attention (Zeng et al. 2022): the selected blocks exactly and, in

@@ -4,6 +4,35 @@ use super::accumulate::{BlockMask, PatternAccumulator};
 use super::{BlockPattern, PatternError, FULL};
 
 impl BlockPattern {
+    /// The pattern slices `range` as a pattern of their own (a shared pattern's one slice
+    /// stands for every slice, so it is returned whole): how a call too large for one buffer
+    /// runs in groups of (batch, head) slices.
+    pub fn select_slices(&self, range: std::ops::Range<usize>) -> Result<BlockPattern, PatternError> {
+        if self.slices() == 1 {
+            return Ok(self.clone());
+        }
+        if range.is_empty() || range.end > self.slices() as usize {
+            return Err(PatternError::ShapeMismatch(format!("slices {range:?} of a pattern with {} slices", self.slices())));
+        }
+        let mut g = self.geometry();
+        g.slices = range.len() as u32;
+        let q_blocks = g.q_blocks() as usize;
+        let mut acc = PatternAccumulator::new(g)?;
+        for slice in range {
+            for qb in 0..q_blocks {
+                let blocks = self.row_blocks(slice, qb).map(|b| {
+                    let mask = match self.mask_bits(b) {
+                        None => BlockMask::Full,
+                        Some(bits) => BlockMask::Bits(bits.to_vec()),
+                    };
+                    (self.col_idx[b], mask)
+                });
+                acc.push_row(blocks.collect::<Vec<_>>());
+            }
+        }
+        acc.finish()
+    }
+
     /// Block mask of stored block `block` as explicit bits (FULL expanded).
     fn mask_bits(&self, block: usize) -> Option<&[u32]> {
         match self.mask_of[block] {
