@@ -33,7 +33,7 @@ fn forced_chunking_splits_bindings_and_dispatches() {
 }
 
 #[test]
-fn tensors_past_one_buffer_run_in_batch_groups() {
+fn tensors_past_one_buffer_run_in_batch_or_head_groups() {
     if engine().is_none() {
         return;
     }
@@ -60,7 +60,19 @@ fn tensors_past_one_buffer_run_in_batch_groups() {
         let probs = AttentionOptions { return_probabilities: true, path: ExecPath::ThreeKernel, ..opts };
         assert!(matches!(small.attention_with(&q, &k, &v, pattern, &probs), Err(Error::Limit { .. })));
     }
-    // Not even one batch entry fits: the typed Limit error, not a partial run.
+    // One batch entry past a buffer (4 heads x 40 x 16 f32 = 10 KiB in 6 KiB buffers): its kv
+    // heads run in groups, each with its 2 query heads (GQA), a per-slice pattern cut to them.
+    small.set_plan_limits(PlanLimits { max_binding_bytes: 4096, max_workgroups_per_dim: 65535, binding_alignment: 256, max_buffer_bytes: 6 * 1024 });
+    let gqa = AttentionShape::new(2, 4, 40, 16).with_kv_heads(2);
+    let (qg, kg, vg) = random_qkv((2, 4, 40, 16), (2, 2, 40, 16), 81, 2.0);
+    let pg = RandomBlocks::new(0.6, 4).with_partial(0.3).per_slice(true).with_blocks(16, 16).build(&gqa).unwrap();
+    for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15] {
+        assert!(matches!(small.plan(&gqa, &pg, &AttentionOptions::new(normalizer)), Err(Error::Limit { .. })));
+        let got = small.attention(&qg, &kg, &vg, &pg, normalizer).expect("grouped heads");
+        let want = reference::attention(&qg, &kg, &vg, &pg, normalizer).unwrap();
+        assert_close("head groups", got.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+    }
+    // Not even one kv head with its query heads fits: the typed Limit error, not a partial run.
     small.set_plan_limits(PlanLimits { max_binding_bytes: 4096, max_workgroups_per_dim: 65535, binding_alignment: 256, max_buffer_bytes: 4096 });
     assert!(matches!(small.attention(&q, &k, &v, &per_slice, Normalizer::Softmax), Err(Error::Limit { .. })));
 }

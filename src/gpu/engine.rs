@@ -949,41 +949,57 @@ impl Engine {
     ) -> Result<AttentionOutput> {
         let (q, k, v) = (q.into(), k.into(), v.into());
         let shape = crate::shape::AttentionShape::from_qkv(&q, &k, &v)?;
-        let per_batch = self.batch_entries_per_buffer(&shape, opts.dtype);
-        if per_batch >= shape.batch || opts.return_probabilities || opts.return_row_stats {
+        let pieces = self.buffer_groups(&shape, opts.dtype);
+        if pieces.len() <= 1 || opts.return_probabilities || opts.return_row_stats {
             // One call (a tensor past max_buffer_size is then the plan's typed Limit error;
             // probabilities and row stats are not stitched across groups).
             let prepared = self.prepare_attention(q, k, v, pattern, opts)?;
             return prepared.run_and_read(opts.return_probabilities, opts.return_row_stats);
         }
-        // Whole Q/K/V/O tensors past one buffer: run groups of batch entries, each its own
-        // upload (batch entries share nothing; a per-slice pattern is cut to the group's slices).
-        let group = per_batch.max(1);
-        let mut outputs = Vec::new();
+        // Whole Q/K/V/O tensors past one buffer: run groups of batch entries, or of one entry's
+        // kv heads with their query heads, each its own upload (groups share nothing; a
+        // per-slice pattern is cut to the group's slices, which are consecutive).
+        let mut o = ndarray::Array4::<f32>::zeros((shape.batch, shape.heads, shape.seq_q, shape.head_dim));
         let mut paths: Option<EntmaxPaths> = None;
-        for b0 in (0..shape.batch).step_by(group) {
-            let b1 = (b0 + group).min(shape.batch);
-            let part = pattern.select_slices(b0 * shape.heads..b1 * shape.heads)?;
-            let batch = ndarray::s![b0..b1, .., .., ..];
-            let out = self.prepare_attention(q.slice(batch), k.slice(batch), v.slice(batch), &part, opts)?.run_and_read(false, false)?;
+        for (batches, kv_heads) in pieces {
+            let heads = kv_heads.start * shape.group()..kv_heads.end * shape.group();
+            let first = batches.start * shape.heads + heads.start;
+            let last = (batches.end - 1) * shape.heads + heads.end;
+            let part = pattern.select_slices(first..last)?;
+            let (qs, kvs) = (ndarray::s![batches.clone(), heads.clone(), .., ..], ndarray::s![batches.clone(), kv_heads, .., ..]);
+            let out = self.prepare_attention(q.slice(qs), k.slice(kvs), v.slice(kvs), &part, opts)?.run_and_read(false, false)?;
             if let Some(p) = out.entmax_paths {
                 let sum: Vec<u32> = paths.map_or([0; 7], |a| a.counts()).iter().zip(p.counts()).map(|(a, b)| a + b).collect();
                 paths = Some(EntmaxPaths::from_words(&sum));
             }
-            outputs.push(out.o);
+            o.slice_mut(ndarray::s![batches, heads, .., ..]).assign(&out.o);
         }
-        let views: Vec<_> = outputs.iter().map(|o| o.view()).collect();
-        let o = ndarray::concatenate(ndarray::Axis(0), &views).map_err(|e| Error::Shape(format!("joining batch groups: {e}")))?;
         Ok(AttentionOutput { o, probabilities: None, row_stats: None, entmax_paths: paths })
     }
 
-    /// Batch entries whose Q/O and K/V slices fit one buffer each (`max_buffer_size` of the
-    /// plan limits); 0 when not even one does.
-    fn batch_entries_per_buffer(&self, shape: &crate::shape::AttentionShape, dtype: DType) -> usize {
+    /// How a call splits so that each part's Q/O and K/V fit one buffer (`max_buffer_size` of
+    /// the plan limits): (batch entries, kv heads) per part, whole batch entries while one
+    /// fits, else one entry's kv heads in groups (each with its query heads). One part when
+    /// the call fits, or when not even one kv head does (the plan then reports the limit).
+    fn buffer_groups(&self, shape: &crate::shape::AttentionShape, dtype: DType) -> Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> {
         let eb = dtype.bytes();
-        let q_entry = (shape.heads * shape.seq_q * shape.head_dim) as u64 * eb;
-        let kv_entry = (shape.kv_heads * shape.seq_kv * shape.head_dim) as u64 * eb;
-        (self.plan_limits.max_buffer_bytes / q_entry.max(kv_entry).max(1)).min(usize::MAX as u64) as usize
+        let max = self.plan_limits.max_buffer_bytes;
+        let whole = vec![(0..shape.batch, 0..shape.kv_heads)];
+        let (q_row, kv_row) = ((shape.seq_q * shape.head_dim) as u64 * eb, (shape.seq_kv * shape.head_dim) as u64 * eb);
+        let per_kv_head = (shape.group() as u64 * q_row).max(kv_row).max(1);
+        let entries = max / (per_kv_head * shape.kv_heads as u64);
+        if entries >= shape.batch as u64 {
+            return whole;
+        }
+        if entries >= 1 {
+            let n = entries as usize;
+            return (0..shape.batch).step_by(n).map(|b| (b..(b + n).min(shape.batch), 0..shape.kv_heads)).collect();
+        }
+        let n = (max / per_kv_head) as usize;
+        if n == 0 {
+            return whole;
+        }
+        (0..shape.batch).flat_map(|b| (0..shape.kv_heads).step_by(n).map(move |h| (b..b + 1, h..(h + n).min(shape.kv_heads)))).collect()
     }
 
     /// MRA attention (Zeng et al. 2022): the selected blocks exactly and, in
