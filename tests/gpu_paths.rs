@@ -72,6 +72,13 @@ fn tensors_past_one_buffer_run_in_batch_or_head_groups() {
         let want = reference::attention(&qg, &kg, &vg, &pg, normalizer).unwrap();
         assert_close("head groups", got.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
     }
+    // A NaN is reported at its index in the caller's tensor, not in a group's slice.
+    let mut q_nan = qg.clone();
+    q_nan[[1, 3, 7, 2]] = f32::NAN;
+    match small.attention(&q_nan, &kg, &vg, &pg, Normalizer::Softmax) {
+        Err(Error::NonFinite { tensor: "q", index, .. }) => assert_eq!(index, ((4 + 3) * 40 + 7) * 16 + 2),
+        other => panic!("expected NonFinite, got {:?}", other.map(|o| o.len())),
+    }
     // Not even one kv head with its query heads fits: the typed Limit error, not a partial run.
     small.set_plan_limits(PlanLimits { max_binding_bytes: 4096, max_workgroups_per_dim: 65535, binding_alignment: 256, max_buffer_bytes: 4096 });
     assert!(matches!(small.attention(&q, &k, &v, &per_slice, Normalizer::Softmax), Err(Error::Limit { .. })));

@@ -958,7 +958,11 @@ impl Engine {
         }
         // Whole Q/K/V/O tensors past one buffer: run groups of batch entries, or of one entry's
         // kv heads with their query heads, each its own upload (groups share nothing; a
-        // per-slice pattern is cut to the group's slices, which are consecutive).
+        // per-slice pattern is cut to the group's slices, which are consecutive). Inputs are
+        // checked whole first, so an error names an index of the caller's tensors.
+        validate_qkv(&q, &k, &v)?;
+        crate::shape::check_score_range(&q, &k, opts.scale.unwrap_or_else(|| shape.default_scale()))?;
+        pattern.check_fits(&shape)?;
         let mut o = ndarray::Array4::<f32>::zeros((shape.batch, shape.heads, shape.seq_q, shape.head_dim));
         let mut paths: Option<EntmaxPaths> = None;
         for (batches, kv_heads) in pieces {
