@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, engine, random4, random_qkv, storage_dtypes, tolerance};
+use common::{assert_close, engine, own_engine, random4, random_qkv, storage_dtypes, tolerance};
 use sparse_attn::data::{fixture_path, AttentionData};
 use sparse_attn::gpu::plan::PlanLimits;
 use sparse_attn::gpu::tiles;
@@ -48,8 +48,7 @@ fn fused_kernels_reduce_rows_with_subgroups_where_they_fit() {
     // pooling kernel's reductions (row max, counts, the shrinks' floors) leave its output's
     // bits unchanged, so only its first tile runs here (each variant of each entmax tile is
     // a pipeline of its own, and they cost seconds each to compile on llvmpipe).
-    let mut fallback = Engine::new().expect("engine");
-    fallback.set_autotune(false);
+    let Some(mut fallback) = own_engine() else { return };
     fallback.force_fallbacks(false, true);
     let caps = engine.capabilities();
     let d = 40;
@@ -341,12 +340,8 @@ fn key_splits_match_reference_including_empty_rows_gqa_and_mra() {
 
 #[test]
 fn key_splits_with_chunked_bindings_match_reference() {
-    if engine().is_none() {
-        return;
-    }
     // Partials of 3 splits × (32 + 2) floats per query row: 32 KiB bindings force several chunks.
-    let mut engine = Engine::new().expect("engine");
-    engine.set_autotune(false);
+    let Some(mut engine) = own_engine() else { return };
     engine.set_plan_limits(PlanLimits { max_binding_bytes: 32 << 10, ..engine.plan_limits() });
     let shape = AttentionShape::new(1, 3, 200, 32);
     let (q, k, v) = random_qkv((1, 3, 200, 32), (1, 3, 200, 32), 31, 2.0);

@@ -3,18 +3,15 @@
 
 mod common;
 
-use common::{assert_close, engine, random4, random_qkv, tolerance};
+use common::{assert_close, engine, own_engine, random4, random_qkv, tolerance};
 use sparse_attn::gpu::plan::PlanLimits;
 use sparse_attn::patterns::{Dense, RandomBlocks, Window};
-use sparse_attn::{reference, AttentionBuffers, AttentionOptions, AttentionShape, DType, Engine, Error, ExecPath, Normalizer};
+use sparse_attn::{reference, AttentionBuffers, AttentionOptions, AttentionShape, DType, Error, ExecPath, Normalizer};
 use wgpu::util::DeviceExt;
 
 #[test]
 fn forced_chunking_splits_bindings_and_dispatches() {
-    if engine().is_none() {
-        return;
-    }
-    let mut small = Engine::new().expect("engine");
+    let Some(mut small) = own_engine() else { return };
     // 32 KiB bindings and 7 workgroups per dimension force many chunks and 2-D grids.
     small.set_plan_limits(PlanLimits { max_binding_bytes: 32 * 1024, max_workgroups_per_dim: 7, binding_alignment: 256, max_buffer_bytes: u64::MAX });
     let shape = AttentionShape::new(2, 3, 150, 32).with_kv_heads(1);
@@ -34,13 +31,10 @@ fn forced_chunking_splits_bindings_and_dispatches() {
 
 #[test]
 fn tensors_past_one_buffer_run_in_batch_or_head_groups() {
-    if engine().is_none() {
-        return;
-    }
-    let mut small = Engine::new().expect("engine");
-    small.set_autotune(false);
+    let Some(mut small) = own_engine() else { return };
     // One batch entry's Q is 2 x 40 x 16 f32 = 5 KiB: 12 KiB buffers hold two of the three.
-    small.set_plan_limits(PlanLimits { max_binding_bytes: 4096, max_workgroups_per_dim: 65535, binding_alignment: 256, max_buffer_bytes: 12 * 1024 });
+    let buffers_of = |max_buffer_bytes| PlanLimits { max_binding_bytes: 4096, max_workgroups_per_dim: 65535, binding_alignment: 256, max_buffer_bytes };
+    small.set_plan_limits(buffers_of(12 * 1024));
     let shape = AttentionShape::new(3, 2, 40, 16).with_kv_heads(1);
     let (q, k, v) = random_qkv((3, 2, 40, 16), (3, 1, 40, 16), 71, 2.0);
     let per_slice = RandomBlocks::new(0.6, 3).with_partial(0.3).per_slice(true).with_blocks(16, 16).build(&shape).unwrap();
@@ -62,7 +56,7 @@ fn tensors_past_one_buffer_run_in_batch_or_head_groups() {
     }
     // One batch entry past a buffer (4 heads x 40 x 16 f32 = 10 KiB in 6 KiB buffers): its kv
     // heads run in groups, each with its 2 query heads (GQA), a per-slice pattern cut to them.
-    small.set_plan_limits(PlanLimits { max_binding_bytes: 4096, max_workgroups_per_dim: 65535, binding_alignment: 256, max_buffer_bytes: 6 * 1024 });
+    small.set_plan_limits(buffers_of(6 * 1024));
     let gqa = AttentionShape::new(2, 4, 40, 16).with_kv_heads(2);
     let (qg, kg, vg) = random_qkv((2, 4, 40, 16), (2, 2, 40, 16), 81, 2.0);
     let pg = RandomBlocks::new(0.6, 4).with_partial(0.3).per_slice(true).with_blocks(16, 16).build(&gqa).unwrap();
@@ -80,7 +74,7 @@ fn tensors_past_one_buffer_run_in_batch_or_head_groups() {
         other => panic!("expected NonFinite, got {:?}", other.map(|o| o.len())),
     }
     // Not even one kv head with its query heads fits: the typed Limit error, not a partial run.
-    small.set_plan_limits(PlanLimits { max_binding_bytes: 4096, max_workgroups_per_dim: 65535, binding_alignment: 256, max_buffer_bytes: 4096 });
+    small.set_plan_limits(buffers_of(4096));
     assert!(matches!(small.attention(&q, &k, &v, &per_slice, Normalizer::Softmax), Err(Error::Limit { .. })));
 }
 
@@ -225,11 +219,7 @@ fn buffer_level_call_records_into_callers_encoder() {
 #[test]
 fn repeated_calls_are_bitwise_deterministic_and_reuse_pipelines() {
     // Its own engine: the shared one compiles pipelines for tests running beside this one.
-    if engine().is_none() {
-        return;
-    }
-    let mut engine = Engine::new().expect("engine");
-    engine.set_autotune(false);
+    let Some(engine) = own_engine() else { return };
     let shape = AttentionShape::new(1, 2, 80, 32);
     let (q, k, v) = random_qkv((1, 2, 80, 32), (1, 2, 80, 32), 11, 2.0);
     let pattern = Dense::new().with_blocks(32, 16).build(&shape).unwrap();
@@ -323,11 +313,7 @@ fn bad_inputs_are_typed_errors_before_gpu_work() {
 
 #[test]
 fn forced_fallbacks_match_reference_and_refuse_f16() {
-    if engine().is_none() {
-        return;
-    }
-    let mut fallback = Engine::new().expect("engine");
-    fallback.set_autotune(false);
+    let Some(mut fallback) = own_engine() else { return };
     fallback.force_fallbacks(true, true);
     assert!(!fallback.capabilities().f16 && !fallback.capabilities().subgroups);
     let shape = AttentionShape::new(2, 2, 75, 32).with_kv_heads(1);

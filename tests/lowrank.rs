@@ -469,10 +469,7 @@ fn gpu_matches_cpu_reference_on_real_data() {
 /// Work past one binding is split into query-row chunks (and batch items), not refused.
 #[test]
 fn gpu_path_chunks_work_past_one_binding() {
-    if common::engine().is_none() {
-        return;
-    }
-    let mut engine = sparse_attn::Engine::new().unwrap();
+    let Some(mut engine) = common::own_engine() else { return };
     let data = AttentionData::open(fixture_path()).unwrap();
     let texts = data.texts().to_vec();
     let mut fitter = LowRankFitter::new(8).unwrap();

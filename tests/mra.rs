@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, engine, random4, random_qkv};
+use common::{assert_close, engine, own_engine, random4, random_qkv};
 use ndarray::Array4;
 use sparse_attn::patterns::mra::{self, MraConfig, MraMode};
 use sparse_attn::patterns::Dense;
@@ -367,11 +367,7 @@ fn gpu_built_mra_attention_matches_the_reference() {
 
 #[test]
 fn gpu_build_chunks_under_lowered_plan_limits() {
-    if engine().is_none() {
-        return;
-    }
-    let mut small = sparse_attn::Engine::new().unwrap();
-    small.set_autotune(false);
+    let Some(mut small) = own_engine() else { return };
     let limits = small.plan_limits();
     // One slice of Q is 100·16·4 = 6400 bytes: 8 KiB bindings and 4×4 grids force one or two
     // slices per chunk (GQA: chunks start inside a kv head's group).

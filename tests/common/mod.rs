@@ -37,6 +37,16 @@ pub fn engine() -> Option<&'static Engine> {
     }
 }
 
+/// A fresh engine of the test's own (limits, fallbacks or pipeline counts it changes stay out
+/// of the shared one), on the default tiles like the shared one; None where the shared one
+/// would skip (a failure when CI=true).
+pub fn own_engine() -> Option<Engine> {
+    engine()?;
+    let mut e = Engine::new().expect("a second engine on the adapter the shared one found");
+    e.set_autotune(false);
+    Some(e)
+}
+
 /// Seeded normal-ish data in [-range, range].
 pub fn random4(shape: (usize, usize, usize, usize), seed: u64, range: f32) -> Array4<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
