@@ -60,12 +60,8 @@ pub fn gold_support(q: &ArrayView2<f32>, k: &ArrayView2<f32>, scale: f64, alpha:
     if q.ncols() != k.ncols() {
         return Err(Error::Shape(format!("gold support: q has head_dim {}, k has {}", q.ncols(), k.ncols())));
     }
-    let first_non_finite = |a: &ArrayView2<f32>| a.iter().enumerate().find(|(_, x)| !x.is_finite()).map(|(i, &x)| (i, x));
-    for (tensor, found) in [("q", first_non_finite(q)), ("k", first_non_finite(k))] {
-        if let Some((index, value)) = found {
-            return Err(Error::NonFinite { tensor, index, value });
-        }
-    }
+    crate::shape::check_finite_values("q", q)?;
+    crate::shape::check_finite_values("k", k)?;
     if !scale.is_finite() {
         return Err(Error::NonFinite { tensor: "scale", index: 0, value: scale as f32 });
     }

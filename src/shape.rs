@@ -109,12 +109,16 @@ impl AttentionShape {
 
 /// Finds the first NaN or ±inf, naming the tensor and flat index.
 pub fn check_finite(tensor: &'static str, a: &ArrayView4<f32>) -> Result<()> {
-    for (index, &value) in a.iter().enumerate() {
-        if !value.is_finite() {
-            return Err(Error::NonFinite { tensor, index, value });
-        }
+    check_finite_values(tensor, a.iter())
+}
+
+/// [`check_finite`] over any sequence of values (2-D views, weight vectors, scalars), the
+/// index counted over the whole sequence.
+pub fn check_finite_values<'a>(tensor: &'static str, values: impl IntoIterator<Item = &'a f32>) -> Result<()> {
+    match values.into_iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        Some((index, &value)) => Err(Error::NonFinite { tensor, index, value }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Largest |score| the kernels accept: scores, row maxima and their differences stay finite

@@ -211,6 +211,21 @@ pub struct Workspace {
     pub entmax_paths: wgpu::Buffer,
 }
 
+/// Q, K, V agree in shape and hold finite values, the scores stay inside f32, and with f16
+/// storage every value fits f16; returns the shape.
+fn check_inputs<'a>(q: &ArrayView4<'a, f32>, k: &ArrayView4<'a, f32>, v: &ArrayView4<'a, f32>, opts: &AttentionOptions) -> Result<AttentionShape> {
+    let shape = validate_qkv(q, k, v)?;
+    crate::shape::check_score_range(q, k, opts.scale.unwrap_or_else(|| shape.default_scale()))?;
+    if opts.dtype == DType::F16 {
+        for (name, a) in [("q", q), ("k", k), ("v", v)] {
+            if let Some((index, &value)) = a.iter().enumerate().find(|(_, x)| x.abs() > half::f16::MAX.to_f32()) {
+                return Err(Error::Unsupported(format!("{name}[{index}] = {value} is outside the f16 range (±65504)")));
+            }
+        }
+    }
+    Ok(shape)
+}
+
 /// Row stats scratch: (support, iterations) per padded query row of every slice.
 fn row_stats_bytes(plan: &Plan) -> u64 {
     let rows = plan.shape.slices() as u64 * plan.shape.seq_q.div_ceil(plan.block_q as usize) as u64 * plan.block_q as u64;
@@ -610,13 +625,18 @@ impl Engine {
 
     /// Uploads a pattern once; reuse it across calls with the same pattern.
     pub fn upload_pattern(&self, pattern: &BlockPattern) -> GpuPattern {
-        let words = plan::pack_pattern(pattern);
+        self.upload_pattern_in(pattern, plan::PackedPatternLayout::of(pattern))
+    }
+
+    /// `upload_pattern` with the layout already computed from this pattern (a plan's).
+    fn upload_pattern_in(&self, pattern: &BlockPattern, layout: plan::PackedPatternLayout) -> GpuPattern {
+        let words = plan::pack_pattern(pattern, &layout);
         let buffer = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("sparse-attn pattern"),
             contents: bytemuck::cast_slice(&words),
             usage: wgpu::BufferUsages::STORAGE,
         });
-        GpuPattern { buffer, layout: plan::PackedPatternLayout::of(pattern) }
+        GpuPattern { buffer, layout }
     }
 
     /// Scratch buffers sized for `plan`.
@@ -959,9 +979,8 @@ impl Engine {
         // Whole Q/K/V/O tensors past one buffer: run groups of batch entries, or of one entry's
         // kv heads with their query heads, each its own upload (groups share nothing; a
         // per-slice pattern is cut to the group's slices, which are consecutive). Inputs are
-        // checked whole first, so an error names an index of the caller's tensors.
-        validate_qkv(&q, &k, &v)?;
-        crate::shape::check_score_range(&q, &k, opts.scale.unwrap_or_else(|| shape.default_scale()))?;
+        // checked once, whole, so an error names an index of the caller's tensors.
+        check_inputs(&q, &k, &v, opts)?;
         pattern.check_fits(&shape)?;
         let mut o = ndarray::Array4::<f32>::zeros((shape.batch, shape.heads, shape.seq_q, shape.head_dim));
         let mut paths: Option<EntmaxPaths> = None;
@@ -971,7 +990,9 @@ impl Engine {
             let last = (batches.end - 1) * shape.heads + heads.end;
             let part = pattern.select_slices(first..last)?;
             let (qs, kvs) = (ndarray::s![batches.clone(), heads.clone(), .., ..], ndarray::s![batches.clone(), kv_heads, .., ..]);
-            let out = self.prepare_attention(q.slice(qs), k.slice(kvs), v.slice(kvs), &part, opts)?.run_and_read(false, false)?;
+            let (qg, kg, vg) = (q.slice(qs), k.slice(kvs), v.slice(kvs));
+            let group_shape = AttentionShape::from_qkv(&qg, &kg, &vg)?;
+            let out = self.prepare_checked(qg, kg, vg, group_shape, &part, opts)?.run_and_read(false, false)?;
             if let Some(p) = out.entmax_paths {
                 let sum: Vec<u32> = paths.map_or([0; 7], |a| a.counts()).iter().zip(p.counts()).map(|(a, b)| a + b).collect();
                 paths = Some(EntmaxPaths::from_words(&sum));
@@ -1098,15 +1119,13 @@ impl Engine {
         opts: &AttentionOptions,
     ) -> Result<PreparedAttention<'_>> {
         let (q, k, v) = (q.into(), k.into(), v.into());
-        let shape = validate_qkv(&q, &k, &v)?;
-        crate::shape::check_score_range(&q, &k, opts.scale.unwrap_or_else(|| shape.default_scale()))?;
-        if opts.dtype == DType::F16 {
-            for (name, a) in [("q", &q), ("k", &k), ("v", &v)] {
-                if let Some((index, &value)) = a.iter().enumerate().find(|(_, x)| x.abs() > half::f16::MAX.to_f32()) {
-                    return Err(Error::Unsupported(format!("{name}[{index}] = {value} is outside the f16 range (±65504)")));
-                }
-            }
-        }
+        let shape = check_inputs(&q, &k, &v, opts)?;
+        self.prepare_checked(q, k, v, shape, pattern, opts)
+    }
+
+    /// `prepare_attention` for inputs `check_inputs` has passed (maybe as part of larger
+    /// tensors: a grouped call checks once, on the caller's whole tensors).
+    fn prepare_checked(&self, q: ArrayView4<'_, f32>, k: ArrayView4<'_, f32>, v: ArrayView4<'_, f32>, shape: AttentionShape, pattern: &BlockPattern, opts: &AttentionOptions) -> Result<PreparedAttention<'_>> {
         let plan = self.plan(&shape, pattern, opts)?;
         self.prepare(&plan)?;
         let storage = wgpu::BufferUsages::STORAGE;
@@ -1118,7 +1137,7 @@ impl Engine {
             k: self.upload("sparse-attn k", &k, opts.dtype, storage),
             v: self.upload("sparse-attn v", &v, opts.dtype, storage),
             o: self.buffer("sparse-attn o", o_bytes, storage | wgpu::BufferUsages::COPY_SRC),
-            pattern: self.upload_pattern(pattern),
+            pattern: self.upload_pattern_in(pattern, plan.layout),
             workspace: self.create_workspace(&plan),
             plan,
             o_elems,

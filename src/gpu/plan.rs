@@ -171,9 +171,9 @@ fn contents_hash(p: &BlockPattern) -> u64 {
     h.finish()
 }
 
-/// Packs a pattern for upload (layout per [`PackedPatternLayout::of`]).
-pub fn pack_pattern(p: &BlockPattern) -> Vec<u32> {
-    let layout = PackedPatternLayout::of(p);
+/// Packs a pattern for upload in `layout`, which must be `PackedPatternLayout::of(p)` (passed
+/// in so the caller that already holds it does not hash the pattern again).
+pub fn pack_pattern(p: &BlockPattern, layout: &PackedPatternLayout) -> Vec<u32> {
     let mut words = Vec::with_capacity(layout.words as usize);
     words.extend_from_slice(p.row_ptr());
     words.extend_from_slice(p.col_idx());

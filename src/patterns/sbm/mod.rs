@@ -440,19 +440,14 @@ impl SbmSampler {
             return Err(Error::ZeroSize("sbm sequence"));
         }
         // A NaN would make memberships NaN, which the alias table drops silently.
-        let finite = |tensor: &'static str, values: &mut dyn Iterator<Item = f32>| -> Result<()> {
-            match values.enumerate().find(|(_, x)| !x.is_finite()) {
-                Some((index, value)) => Err(Error::NonFinite { tensor, index, value }),
-                None => Ok(()),
-            }
-        };
-        finite("sbm q", &mut q.iter().copied())?;
-        finite("sbm k", &mut k.iter().copied())?;
-        finite("sbm clusters", &mut head.clusters.iter().copied())?;
-        finite("sbm logit_scale", &mut std::iter::once(logit_scale))?;
+        use crate::shape::check_finite_values;
+        check_finite_values("sbm q", q)?;
+        check_finite_values("sbm k", k)?;
+        check_finite_values("sbm clusters", &head.clusters)?;
+        check_finite_values("sbm logit_scale", [&logit_scale])?;
         if let Some(phi) = phi {
             for (tensor, values) in [("sbm φ w1", &phi.w1), ("sbm φ b1", &phi.b1), ("sbm φ w2", &phi.w2), ("sbm φ b2", &phi.b2)] {
-                finite(tensor, &mut values.iter().copied())?;
+                check_finite_values(tensor, values)?;
             }
         }
         let kc = head.clusters.nrows();

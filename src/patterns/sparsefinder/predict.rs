@@ -497,13 +497,10 @@ impl SparsefinderModel {
                     r = self.rank
                 )));
             }
-            // NaN distances would compare false everywhere: a silently empty or full pattern.
-            for (tensor, values) in [("projected q", pq), ("projected k", pk)] {
-                if let Some((index, &value)) = values.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-                    return Err(Error::NonFinite { tensor, index: s * values.len() + index, value });
-                }
-            }
         }
+        // NaN distances would compare false everywhere: a silently empty or full pattern.
+        crate::shape::check_finite_values("projected q", projected.q.iter().flatten())?;
+        crate::shape::check_finite_values("projected k", projected.k.iter().flatten())?;
         let g = PatternGeometry {
             block_q: spec.block_q,
             block_k: spec.block_k,
