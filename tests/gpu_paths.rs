@@ -50,9 +50,6 @@ fn tensors_past_one_buffer_run_in_batch_or_head_groups() {
         let got = small.attention_with(&q, &k, &v, pattern, &opts).expect("grouped call");
         let want = reference::attention(&q, &k, &v, pattern, normalizer).unwrap();
         assert_close("batch groups", got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
-        // Probabilities are not stitched across groups: the one-call Limit error stays.
-        let probs = AttentionOptions { return_probabilities: true, path: ExecPath::ThreeKernel, ..opts };
-        assert!(matches!(small.attention_with(&q, &k, &v, pattern, &probs), Err(Error::Limit { .. })));
     }
     // One batch entry past a buffer (4 heads x 40 x 16 f32 = 10 KiB in 6 KiB buffers): its kv
     // heads run in groups, each with its 2 query heads (GQA), a per-slice pattern cut to them.
@@ -66,6 +63,29 @@ fn tensors_past_one_buffer_run_in_batch_or_head_groups() {
         let want = reference::attention(&qg, &kg, &vg, &pg, normalizer).unwrap();
         assert_close("head groups", got.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
     }
+    // Probabilities past a buffer, the tensors not (Q is 20 KiB, the probabilities 8 slices x
+    // 9 tiles x 1 KiB): groups of batch entries (36 KiB each) in 40 KiB buffers, of kv heads
+    // (18 KiB) in 20 KiB ones; the groups' probabilities and row stats join into the whole
+    // call's, the same as one call on an engine whose buffers hold everything.
+    let p_dense = Dense::new().with_blocks(16, 16).build(&gqa).unwrap();
+    let Some(big) = engine() else { return };
+    for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15] {
+        let outputs = AttentionOptions { return_probabilities: true, return_row_stats: true, ..AttentionOptions::new(normalizer) };
+        let want = big.attention_with(&qg, &kg, &vg, &p_dense, &outputs).expect("one call");
+        for kib in [40, 20] {
+            small.set_plan_limits(buffers_of(kib * 1024));
+            small.plan(&gqa, &p_dense, &outputs).expect("the tensors fit one buffer each");
+            let got = small.attention_with(&qg, &kg, &vg, &p_dense, &outputs).expect("grouped by probabilities");
+            assert_same_outputs(&format!("{} probabilities in {kib} KiB buffers", normalizer.label()), &got, &want);
+        }
+        // Not even one kv head's probabilities fit: a Limit naming them.
+        small.set_plan_limits(buffers_of(16 * 1024));
+        match small.attention_with(&qg, &kg, &vg, &p_dense, &outputs) {
+            Err(Error::Limit { limit, required, .. }) => assert!(limit.contains("probabilities") && required == 18 * 1024, "{limit}: {required}"),
+            other => panic!("expected Limit, got {:?}", other.map(|o| o.o.len())),
+        }
+    }
+    small.set_plan_limits(buffers_of(6 * 1024));
     // A NaN is reported at its index in the caller's tensor, not in a group's slice.
     let mut q_nan = qg.clone();
     q_nan[[1, 3, 7, 2]] = f32::NAN;
@@ -76,6 +96,18 @@ fn tensors_past_one_buffer_run_in_batch_or_head_groups() {
     // Not even one kv head with its query heads fits: the typed Limit error, not a partial run.
     small.set_plan_limits(buffers_of(4096));
     assert!(matches!(small.attention(&q, &k, &v, &per_slice, Normalizer::Softmax), Err(Error::Limit { .. })));
+}
+
+/// A grouped call's outputs against one call's: O within f32 tolerance, probabilities too,
+/// row stats (support sizes, iteration counts) equal.
+fn assert_same_outputs(what: &str, got: &sparse_attn::AttentionOutput, want: &sparse_attn::AttentionOutput) {
+    assert_close(&format!("{what}: O"), got.o.as_slice().unwrap(), want.o.as_slice().unwrap(), tolerance(DType::F32));
+    let (gp, wp) = (got.probabilities.as_ref().expect("probabilities"), want.probabilities.as_ref().expect("probabilities"));
+    assert_eq!(gp.tiles.len(), wp.tiles.len(), "{what}: probability tiles");
+    assert_close(&format!("{what}: probabilities"), &gp.tiles, &wp.tiles, tolerance(DType::F32));
+    let (gs, ws) = (got.row_stats.as_ref().expect("row stats"), want.row_stats.as_ref().expect("row stats"));
+    assert_eq!(gs.support, ws.support, "{what}: support sizes");
+    assert_eq!(gs.iterations, ws.iterations, "{what}: iterations");
 }
 
 #[test]

@@ -969,21 +969,24 @@ impl Engine {
     ) -> Result<AttentionOutput> {
         let (q, k, v) = (q.into(), k.into(), v.into());
         let shape = crate::shape::AttentionShape::from_qkv(&q, &k, &v)?;
-        let pieces = self.buffer_groups(&shape, opts.dtype);
-        if pieces.len() <= 1 || opts.return_probabilities || opts.return_row_stats {
-            // One call (a tensor past max_buffer_size is then the plan's typed Limit error;
-            // probabilities and row stats are not stitched across groups).
+        let pieces = self.buffer_groups(&shape, pattern, opts)?;
+        if pieces.len() <= 1 {
+            // One call (a buffer past max_buffer_size is then the plan's typed Limit error).
             let prepared = self.prepare_attention(q, k, v, pattern, opts)?;
             return prepared.run_and_read(opts.return_probabilities, opts.return_row_stats);
         }
-        // Whole Q/K/V/O tensors past one buffer: run groups of batch entries, or of one entry's
-        // kv heads with their query heads, each its own upload (groups share nothing; a
-        // per-slice pattern is cut to the group's slices, which are consecutive). Inputs are
-        // checked once, whole, so an error names an index of the caller's tensors.
+        // Buffers past max_buffer_size: run groups of batch entries, or of one entry's kv
+        // heads with their query heads, each its own upload (groups share nothing; a per-slice
+        // pattern is cut to the group's slices, which are consecutive). Inputs are checked
+        // once, whole, so an error names an index of the caller's tensors. The groups' slices
+        // follow one another, so their probability tiles (slice-major in the pattern's layout)
+        // and row stats join by concatenation.
         check_inputs(&q, &k, &v, opts)?;
         pattern.check_fits(&shape)?;
         let mut o = ndarray::Array4::<f32>::zeros((shape.batch, shape.heads, shape.seq_q, shape.head_dim));
         let mut paths: Option<EntmaxPaths> = None;
+        let mut tiles: Vec<f32> = Vec::new();
+        let (mut support, mut iterations) = (Vec::new(), Vec::new());
         for (batches, kv_heads) in pieces {
             let heads = kv_heads.start * shape.group()..kv_heads.end * shape.group();
             let first = batches.start * shape.heads + heads.start;
@@ -992,39 +995,110 @@ impl Engine {
             let (qs, kvs) = (ndarray::s![batches.clone(), heads.clone(), .., ..], ndarray::s![batches.clone(), kv_heads, .., ..]);
             let (qg, kg, vg) = (q.slice(qs), k.slice(kvs), v.slice(kvs));
             let group_shape = AttentionShape::from_qkv(&qg, &kg, &vg)?;
-            let out = self.prepare_checked(qg, kg, vg, group_shape, &part, opts)?.run_and_read(false, false)?;
+            let out = self.prepare_checked(qg, kg, vg, group_shape, &part, opts)?.run_and_read(opts.return_probabilities, opts.return_row_stats)?;
             if let Some(p) = out.entmax_paths {
                 let sum: Vec<u32> = paths.map_or([0; 7], |a| a.counts()).iter().zip(p.counts()).map(|(a, b)| a + b).collect();
                 paths = Some(EntmaxPaths::from_words(&sum));
             }
+            if let Some(p) = out.probabilities {
+                tiles.extend(p.tiles);
+            }
+            if let Some(r) = out.row_stats {
+                support.push(r.support);
+                iterations.push(r.iterations);
+            }
             o.slice_mut(ndarray::s![batches, heads, .., ..]).assign(&out.o);
         }
-        Ok(AttentionOutput { o, probabilities: None, row_stats: None, entmax_paths: paths })
+        let probabilities = opts.return_probabilities.then(|| SparseProbabilities { block_q: pattern.block_q(), block_k: pattern.block_k(), tiles });
+        let join = |parts: Vec<ndarray::Array2<u32>>| {
+            let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
+            ndarray::concatenate(ndarray::Axis(0), &views).map_err(|e| Error::Gpu(format!("joining row stats of buffer groups: {e}")))
+        };
+        let row_stats = match opts.return_row_stats {
+            true => Some(RowStats { support: join(support)?, iterations: join(iterations)? }),
+            false => None,
+        };
+        Ok(AttentionOutput { o, probabilities, row_stats, entmax_paths: paths })
     }
 
-    /// How a call splits so that each part's Q/O and K/V fit one buffer (`max_buffer_size` of
-    /// the plan limits): (batch entries, kv heads) per part, whole batch entries while one
-    /// fits, else one entry's kv heads in groups (each with its query heads). One part when
-    /// the call fits, or when not even one kv head does (the plan then reports the limit).
-    fn buffer_groups(&self, shape: &crate::shape::AttentionShape, dtype: DType) -> Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> {
-        let eb = dtype.bytes();
+    /// How a call splits so that each part's buffers fit `max_buffer_size` of the plan limits:
+    /// (batch entries, kv heads) per part. Its Q/O, K/V, row stats and, when asked for, its
+    /// probabilities each fit one buffer: consecutive whole batch entries while they fit
+    /// together, an entry that does not fit alone as groups of its kv heads (each with its
+    /// query heads). One part when the call fits; a `Limit` naming the buffer when not even one
+    /// kv head fits.
+    fn buffer_groups(&self, shape: &AttentionShape, pattern: &BlockPattern, opts: &AttentionOptions) -> Result<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
         let max = self.plan_limits.max_buffer_bytes;
         let whole = vec![(0..shape.batch, 0..shape.kv_heads)];
-        let (q_row, kv_row) = ((shape.seq_q * shape.head_dim) as u64 * eb, (shape.seq_kv * shape.head_dim) as u64 * eb);
-        let per_kv_head = (shape.group() as u64 * q_row).max(kv_row).max(1);
-        let entries = max / (per_kv_head * shape.kv_heads as u64);
-        if entries >= shape.batch as u64 {
-            return whole;
+        let eb = opts.dtype.bytes();
+        let (bq, bk) = (pattern.block_q().max(1) as u64, pattern.block_k() as u64);
+        let q_head = (shape.seq_q * shape.head_dim) as u64 * eb;
+        let kv_head = (shape.seq_kv * shape.head_dim) as u64 * eb;
+        let stats_head = (shape.seq_q as u64).div_ceil(bq) * bq * 8;
+        // A slice past a mismatched pattern counts no tiles; the plan reports the mismatch.
+        let tiles_of = |slice: usize| {
+            let ps = pattern.pattern_slice(slice);
+            if ps < pattern.slices() as usize { pattern.slice_nnz(ps) as u64 } else { 0 }
+        };
+        // [Q/O, K/V, row stats, probabilities] bytes of kv head `h` of batch entry `b`.
+        let unit = |b: usize, h: usize| -> [u64; 4] {
+            let g = shape.group();
+            let probs = match opts.return_probabilities {
+                true => (0..g).map(|i| tiles_of(b * shape.heads + h * g + i)).sum::<u64>() * bq * bk * 4,
+                false => 0,
+            };
+            [g as u64 * q_head, kv_head, g as u64 * stats_head, probs]
+        };
+        let add = |a: [u64; 4], b: [u64; 4]| [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]];
+        let fits = |c: [u64; 4]| c.iter().all(|&x| x <= max);
+        let entry = |b: usize| (0..shape.kv_heads).fold([0; 4], |c, h| add(c, unit(b, h)));
+        if fits((0..shape.batch).fold([0; 4], |c, b| add(c, entry(b)))) {
+            return Ok(whole);
         }
-        if entries >= 1 {
-            let n = entries as usize;
-            return (0..shape.batch).step_by(n).map(|b| (b..(b + n).min(shape.batch), 0..shape.kv_heads)).collect();
+        const ONE_KV_HEAD: [&str; 4] = [
+            "max_buffer_size (Q and O of one kv head's query heads)",
+            "max_buffer_size (K and V of one kv head)",
+            "max_buffer_size (row stats of one kv head's query heads)",
+            "max_buffer_size (probabilities of one kv head's query heads)",
+        ];
+        let mut parts = Vec::new();
+        // The open group of whole batch entries: (first entry, summed bytes).
+        let mut open: Option<(usize, [u64; 4])> = None;
+        for b in 0..shape.batch {
+            let e = entry(b);
+            if fits(e) {
+                open = match open {
+                    Some((first, c)) if fits(add(c, e)) => Some((first, add(c, e))),
+                    Some((first, _)) => {
+                        parts.push((first..b, 0..shape.kv_heads));
+                        Some((b, e))
+                    }
+                    None => Some((b, e)),
+                };
+                continue;
+            }
+            if let Some((first, _)) = open.take() {
+                parts.push((first..b, 0..shape.kv_heads));
+            }
+            let (mut h0, mut c) = (0, [0; 4]);
+            for h in 0..shape.kv_heads {
+                let u = unit(b, h);
+                if let Some(i) = (0..4).find(|&i| u[i] > max) {
+                    return Err(Error::Limit { limit: ONE_KV_HEAD[i], required: u[i], available: max });
+                }
+                if h > h0 && !fits(add(c, u)) {
+                    parts.push((b..b + 1, h0..h));
+                    (h0, c) = (h, u);
+                } else {
+                    c = add(c, u);
+                }
+            }
+            parts.push((b..b + 1, h0..shape.kv_heads));
         }
-        let n = (max / per_kv_head) as usize;
-        if n == 0 {
-            return whole;
+        if let Some((first, _)) = open {
+            parts.push((first..shape.batch, 0..shape.kv_heads));
         }
-        (0..shape.batch).flat_map(|b| (0..shape.kv_heads).step_by(n).map(move |h| (b..b + 1, h..(h + n).min(shape.kv_heads)))).collect()
+        Ok(parts)
     }
 
     /// MRA attention (Zeng et al. 2022): the selected blocks exactly and, in
@@ -1310,8 +1384,9 @@ impl PreparedAttention<'_> {
         let shape = plan.shape;
         let tile_bytes = (plan.block_q * plan.block_k) as u64 * 4;
         let probability_bytes = plan.total_tiles * tile_bytes;
-        if probabilities && probability_bytes > e.device.limits().max_buffer_size {
-            return Err(Error::Limit { limit: "max_buffer_size (probabilities read back)", required: probability_bytes, available: e.device.limits().max_buffer_size });
+        let max_buffer = e.plan_limits.max_buffer_bytes;
+        if probabilities && probability_bytes > max_buffer {
+            return Err(Error::Limit { limit: "max_buffer_size (probabilities read back)", required: probability_bytes, available: max_buffer });
         }
         let probs = probabilities.then(|| {
             e.buffer("sparse-attn probabilities", (plan.total_tiles * tile_bytes).max(4), wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ)

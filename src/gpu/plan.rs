@@ -568,7 +568,14 @@ pub fn plan(
     // Whole tensors live in one buffer each (only their bindings are windowed per chunk).
     let q_bytes = shape.slices() as u64 * seq_q * d * eb;
     let kv_bytes = (shape.batch * shape.kv_heads) as u64 * seq_kv * d * eb;
-    for (limit, required) in [("max_buffer_size (Q and O tensors)", q_bytes), ("max_buffer_size (K and V tensors)", kv_bytes), ("max_buffer_size (packed pattern)", pattern_bytes)] {
+    // The row stats scratch (support, iterations per padded query row) is one buffer too.
+    let stats_bytes = 2 * rows_total * bq as u64 * 4;
+    for (limit, required) in [
+        ("max_buffer_size (Q and O tensors)", q_bytes),
+        ("max_buffer_size (K and V tensors)", kv_bytes),
+        ("max_buffer_size (packed pattern)", pattern_bytes),
+        ("max_buffer_size (row stats)", stats_bytes),
+    ] {
         if required > limits.max_buffer_bytes {
             return Err(Error::Limit { limit, required, available: limits.max_buffer_bytes });
         }
@@ -751,6 +758,20 @@ mod row_class_tests {
                 Err(Error::Limit { limit, available, .. }) => assert!(limit.contains(which) && available == max, "{limit}"),
                 other => panic!("expected the {which} buffer limit, got {:?}", other.map(|p| p.fused)),
             }
+        }
+        // At head_dim 1 the row stats scratch (8 bytes per padded query row: 2 x 160 x 8 =
+        // 2560) outgrows Q (2 x 160 x 4 = 1280) and is checked as a buffer of its own.
+        let g = PatternGeometry { block_q: 32, block_k: 32, seq_q: 160, seq_kv: 64, slices: 1 };
+        let mut acc = PatternAccumulator::new(g).unwrap_or_else(|e| panic!("{e}"));
+        for _ in 0..5 {
+            acc.push_row((0..2u32).map(|b| (b, BlockMask::Full)));
+        }
+        let narrow_pattern = acc.finish().unwrap_or_else(|e| panic!("{e}"));
+        let narrow = AttentionShape::new(1, 2, 160, 1).with_seq_kv(64);
+        let three_kernel = PlanOptions { fused: None, ..opts(entmax, Vec::new()) };
+        match plan(&narrow, &narrow_pattern, &three_kernel, &PlanLimits { max_buffer_bytes: 2048, ..LIMITS }) {
+            Err(Error::Limit { limit, required, .. }) => assert!(limit.contains("row stats") && required == 2560, "{limit}: {required}"),
+            other => panic!("expected the row stats buffer limit, got {:?}", other.map(|p| p.fused)),
         }
     }
 }
