@@ -366,6 +366,35 @@ fn gpu_built_mra_attention_matches_the_reference() {
 }
 
 #[test]
+fn mra_attention_past_one_buffer_runs_in_groups() {
+    // Q of one batch entry is 4 x 100 x 16 f32 = 25 KiB: 30 KiB buffers take one entry per
+    // group, 16 KiB ones one kv head with its 2 query heads (GQA), each group with its slices'
+    // MRA row terms (CPU-folded, or GPU-folded when built on the engine).
+    let Some(mut small) = own_engine() else { return };
+    let limits = small.plan_limits();
+    let shape = AttentionShape::new(2, 4, 100, 16).with_kv_heads(2).with_seq_kv(83);
+    let (q, k, v) = qkv(&shape, 410);
+    for mode in [MraMode::Full, MraMode::SparseOnly] {
+        let cfg = MraConfig::new(16, 2).with_mode(mode);
+        let cpu = cfg.build(&q.view(), &k.view(), Some(&v.view()), &shape).unwrap();
+        let gpu = cfg.build_with_engine(&small, &q.view(), &k.view(), Some(&v.view()), &shape).unwrap();
+        let want = mra::reference::attention(&q, &k, &v, &cpu, Normalizer::Softmax, None).unwrap();
+        for kib in [30, 16] {
+            small.set_plan_limits(sparse_attn::gpu::plan::PlanLimits { max_buffer_bytes: kib * 1024, ..limits });
+            for path in [ExecPath::Fused, ExecPath::ThreeKernel] {
+                let opts = AttentionOptions { path, ..AttentionOptions::new(Normalizer::Softmax) };
+                assert!(matches!(small.plan(&shape, &cpu.pattern, &opts), Err(Error::Limit { .. })), "one plan must not fit {kib} KiB");
+                for (built, m) in [("cpu", &cpu), ("gpu", &gpu)] {
+                    let got = small.attention_mra(&q, &k, &v, m, &opts).unwrap_or_else(|e| panic!("{mode:?} {path:?} {kib} KiB {built}: {e}")).o;
+                    assert_close(&format!("{mode:?} {path:?} {kib} KiB {built}-built"), got.as_slice().unwrap(), want.as_slice().unwrap(), (1e-4, 2e-5));
+                }
+            }
+        }
+        small.set_plan_limits(limits);
+    }
+}
+
+#[test]
 fn gpu_build_chunks_under_lowered_plan_limits() {
     let Some(mut small) = own_engine() else { return };
     let limits = small.plan_limits();

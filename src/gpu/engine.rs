@@ -975,19 +975,36 @@ impl Engine {
             let prepared = self.prepare_attention(q, k, v, pattern, opts)?;
             return prepared.run_and_read(opts.return_probabilities, opts.return_row_stats);
         }
-        // Buffers past max_buffer_size: run groups of batch entries, or of one entry's kv
-        // heads with their query heads, each its own upload (groups share nothing; a per-slice
-        // pattern is cut to the group's slices, which are consecutive). Inputs are checked
-        // once, whole, so an error names an index of the caller's tensors. The groups' slices
-        // follow one another, so their probability tiles (slice-major in the pattern's layout)
-        // and row stats join by concatenation.
         check_inputs(&q, &k, &v, opts)?;
         pattern.check_fits(&shape)?;
+        self.run_groups(q, k, v, &shape, pattern, opts, &pieces, None)
+    }
+
+    /// Runs a call whose buffers pass max_buffer_size as `pieces` (from `buffer_groups`):
+    /// groups of batch entries, or of one entry's kv heads with their query heads, each its
+    /// own upload (groups share nothing; a per-slice pattern is cut to the group's slices, which
+    /// are consecutive, and so are MRA row terms, `[slices·q_blocks][head_dim + 2]`). The caller
+    /// has checked the inputs once, whole, so an error names an index of the caller's tensors.
+    /// The groups' slices follow one another, so their probability tiles (slice-major in the
+    /// pattern's layout) and row stats join by concatenation.
+    #[allow(clippy::too_many_arguments)]
+    fn run_groups(
+        &self,
+        q: ArrayView4<'_, f32>,
+        k: ArrayView4<'_, f32>,
+        v: ArrayView4<'_, f32>,
+        shape: &AttentionShape,
+        pattern: &BlockPattern,
+        opts: &AttentionOptions,
+        pieces: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
+        mra_rows: Option<&[f32]>,
+    ) -> Result<AttentionOutput> {
         let mut o = ndarray::Array4::<f32>::zeros((shape.batch, shape.heads, shape.seq_q, shape.head_dim));
         let mut paths: Option<EntmaxPaths> = None;
         let mut tiles: Vec<f32> = Vec::new();
         let (mut support, mut iterations) = (Vec::new(), Vec::new());
-        for (batches, kv_heads) in pieces {
+        let rows_per_slice = mra_rows.map_or(0, |rows| rows.len() / shape.slices().max(1));
+        for (batches, kv_heads) in pieces.iter().cloned() {
             let heads = kv_heads.start * shape.group()..kv_heads.end * shape.group();
             let first = batches.start * shape.heads + heads.start;
             let last = (batches.end - 1) * shape.heads + heads.end;
@@ -995,7 +1012,12 @@ impl Engine {
             let (qs, kvs) = (ndarray::s![batches.clone(), heads.clone(), .., ..], ndarray::s![batches.clone(), kv_heads, .., ..]);
             let (qg, kg, vg) = (q.slice(qs), k.slice(kvs), v.slice(kvs));
             let group_shape = AttentionShape::from_qkv(&qg, &kg, &vg)?;
-            let out = self.prepare_checked(qg, kg, vg, group_shape, &part, opts)?.run_and_read(opts.return_probabilities, opts.return_row_stats)?;
+            let mut prepared = self.prepare_checked(qg, kg, vg, group_shape, &part, opts)?;
+            if let Some(rows) = mra_rows {
+                let group_rows = rows.get(first * rows_per_slice..last * rows_per_slice).ok_or_else(|| Error::Shape(format!("MRA row terms of slices {first}..{last} lie past the {} floats held", rows.len())))?;
+                self.attach_mra(&mut prepared, group_rows)?;
+            }
+            let out = prepared.run_and_read(opts.return_probabilities, opts.return_row_stats)?;
             if let Some(p) = out.entmax_paths {
                 let sum: Vec<u32> = paths.map_or([0; 7], |a| a.counts()).iter().zip(p.counts()).map(|(a, b)| a + b).collect();
                 paths = Some(EntmaxPaths::from_words(&sum));
@@ -1116,8 +1138,21 @@ impl Engine {
         mra: &crate::patterns::mra::Mra,
         opts: &AttentionOptions,
     ) -> Result<AttentionOutput> {
-        let prepared = self.prepare_attention_mra(q, k, v, mra, opts)?;
-        prepared.run_and_read(opts.return_probabilities, opts.return_row_stats)
+        let (q, k, v) = (q.into(), k.into(), v.into());
+        let shape = AttentionShape::from_qkv(&q, &k, &v)?;
+        let pieces = self.buffer_groups(&shape, &mra.pattern, opts)?;
+        if pieces.len() <= 1 {
+            let prepared = self.prepare_attention_mra(q, k, v, mra, opts)?;
+            return prepared.run_and_read(opts.return_probabilities, opts.return_row_stats);
+        }
+        // Past max_buffer_size: the groups of `attention_with`, each with its slices' row terms.
+        check_inputs(&q, &k, &v, opts)?;
+        mra.pattern.check_fits(&shape)?;
+        let rows = match mra.mode {
+            crate::patterns::mra::MraMode::SparseOnly => None,
+            crate::patterns::mra::MraMode::Full => Some(self.mra_row_terms(mra, &shape, opts)?),
+        };
+        self.run_groups(q, k, v, &shape, &mra.pattern, opts, &pieces, rows.as_deref())
     }
 
     /// [`Engine::prepare_attention`] for an MRA pattern and its remainder.
@@ -1135,33 +1170,48 @@ impl Engine {
         if mra.mode == MraMode::SparseOnly {
             return Ok(prepared);
         }
+        let rows = self.mra_row_terms(mra, &prepared.plan.shape, opts)?;
+        self.attach_mra(&mut prepared, &rows)?;
+        Ok(prepared)
+    }
+
+    /// MRA-2's row terms for a call of `shape` (checked against the remainder: normaliser,
+    /// shape, blocks, scale): folded on the GPU by `MraConfig::build_with_engine`, else on the
+    /// CPU now.
+    fn mra_row_terms(&self, mra: &crate::patterns::mra::Mra, shape: &AttentionShape, opts: &AttentionOptions) -> Result<Vec<f32>> {
         mra.check_normalizer(opts.normalizer)?;
         let rem = &mra.remainder;
-        let shape = prepared.plan.shape;
-        if rem.shape != shape {
+        if rem.shape != *shape {
             return Err(Error::Shape(format!("the MRA remainder was built for {:?}, the call is {shape:?}", rem.shape)));
         }
-        if rem.block != prepared.plan.block_q || rem.block != prepared.plan.block_k {
-            return Err(Error::Shape(format!("the MRA remainder has block {}, the pattern {}x{}", rem.block, prepared.plan.block_q, prepared.plan.block_k)));
+        if rem.block != mra.pattern.block_q() || rem.block != mra.pattern.block_k() {
+            return Err(Error::Shape(format!("the MRA remainder has block {}, the pattern {}x{}", rem.block, mra.pattern.block_q(), mra.pattern.block_k())));
         }
         let scale = opts.scale.unwrap_or_else(|| shape.default_scale());
         if (scale - rem.scale).abs() > 1e-6 * rem.scale.abs().max(1.0) {
             return Err(Error::Shape(format!("the call's scale {scale} differs from the MRA remainder's {}", rem.scale)));
         }
-        // Row terms folded on the GPU by `MraConfig::build_with_engine`, else on the CPU now.
-        let folded;
-        let rows: &[f32] = match rem.precomputed_row_terms() {
-            Some(rows) => rows,
-            None => {
-                folded = rem.row_terms_cpu()?;
-                &folded
-            }
+        let rows = match rem.precomputed_row_terms() {
+            Some(rows) => rows.to_vec(),
+            None => rem.row_terms_cpu()?,
         };
         let want_len = shape.slices() * rem.q_blocks as usize * rem.row_stride();
         if rows.len() != want_len {
             return Err(Error::Shape(format!("the MRA remainder has {} row-term floats, its shape needs {want_len}", rows.len())));
         }
-        let weights_bytes = (shape.slices() as u64 * rem.q_blocks as u64 * rem.block as u64 * 4).max(4);
+        Ok(rows)
+    }
+
+    /// Uploads MRA-2 row terms (`[slices·q_blocks][head_dim + 2]` of the prepared call's
+    /// slices) and the remainder weights, and compiles the MRA kernels.
+    fn attach_mra(&self, prepared: &mut PreparedAttention<'_>, rows: &[f32]) -> Result<()> {
+        let shape = prepared.plan.shape;
+        let q_blocks = shape.seq_q.div_ceil(prepared.plan.block_q as usize) as u64;
+        let want_len = shape.slices() as u64 * q_blocks * (shape.head_dim as u64 + 2);
+        if rows.len() as u64 != want_len {
+            return Err(Error::Shape(format!("{} MRA row-term floats for a call that needs {want_len}", rows.len())));
+        }
+        let weights_bytes = (shape.slices() as u64 * q_blocks * prepared.plan.block_q as u64 * 4).max(4);
         let rows_bytes = (rows.len() as u64 * 4).max(4);
         for (what, bytes) in [("max_storage_buffer_binding_size (MRA remainder rows)", rows_bytes), ("max_storage_buffer_binding_size (MRA remainder weights)", weights_bytes)] {
             if bytes > self.plan_limits.max_binding_bytes {
@@ -1179,7 +1229,7 @@ impl Engine {
             self.kernel(kind, &prepared.plan)?;
         }
         prepared.mra = Some(MraBuffers { rows, weights });
-        Ok(prepared)
+        Ok(())
     }
 
     /// Validates, plans, compiles and uploads once; the result can be run many times

@@ -465,7 +465,8 @@ pub fn plan(
     let fits = |q: &Window, kv: &Window, stats: &Window, scores: u64| {
         // `scores` is the chunk's score tiles (three-kernel) or split partials (fused).
         let extra = if fused.is_some() { if key_splits > 1 { scores } else { 0 } } else { stats.size.max(scores) };
-        [q.size, kv.size, extra].into_iter().all(|b| b <= limits.max_binding_bytes)
+        // The scratch buffers are sized by the largest chunk: its scores must fit a buffer too.
+        [q.size, kv.size].into_iter().all(|b| b <= limits.max_binding_bytes) && extra <= limits.max_binding_bytes.min(limits.max_buffer_bytes)
     };
 
 
@@ -759,18 +760,19 @@ mod row_class_tests {
                 other => panic!("expected the {which} buffer limit, got {:?}", other.map(|p| p.fused)),
             }
         }
-        // At head_dim 1 the row stats scratch (8 bytes per padded query row: 2 x 160 x 8 =
-        // 2560) outgrows Q (2 x 160 x 4 = 1280) and is checked as a buffer of its own.
-        let g = PatternGeometry { block_q: 32, block_k: 32, seq_q: 160, seq_kv: 64, slices: 1 };
+        // At head_dim 1 the row stats scratch (8 bytes per padded query row: 2 x 640 x 8 =
+        // 10 KiB) outgrows Q (2 x 640 x 4 = 5 KiB) and is checked as a buffer of its own (one
+        // 32-key block per row: each row's 4 KiB of scores fit the 8 KiB buffers).
+        let g = PatternGeometry { block_q: 32, block_k: 32, seq_q: 640, seq_kv: 32, slices: 1 };
         let mut acc = PatternAccumulator::new(g).unwrap_or_else(|e| panic!("{e}"));
-        for _ in 0..5 {
-            acc.push_row((0..2u32).map(|b| (b, BlockMask::Full)));
+        for _ in 0..20 {
+            acc.push_row([(0u32, BlockMask::Full)]);
         }
         let narrow_pattern = acc.finish().unwrap_or_else(|e| panic!("{e}"));
-        let narrow = AttentionShape::new(1, 2, 160, 1).with_seq_kv(64);
+        let narrow = AttentionShape::new(1, 2, 640, 1).with_seq_kv(32);
         let three_kernel = PlanOptions { fused: None, ..opts(entmax, Vec::new()) };
-        match plan(&narrow, &narrow_pattern, &three_kernel, &PlanLimits { max_buffer_bytes: 2048, ..LIMITS }) {
-            Err(Error::Limit { limit, required, .. }) => assert!(limit.contains("row stats") && required == 2560, "{limit}: {required}"),
+        match plan(&narrow, &narrow_pattern, &three_kernel, &PlanLimits { max_buffer_bytes: 8192, ..LIMITS }) {
+            Err(Error::Limit { limit, required, .. }) => assert!(limit.contains("row stats") && required == 10240, "{limit}: {required}"),
             other => panic!("expected the row stats buffer limit, got {:?}", other.map(|p| p.fused)),
         }
     }
