@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, engine};
+use common::{assert_close, engine, own_engine};
 use ndarray::{array, Array2, Array3};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -126,4 +126,32 @@ fn gpu_matches_cpu() {
     let s = array![[3.0f32, 1.0, 2.0, 0.0]];
     let got = pooler.pool(engine, &e.view(), &s.view(), 2, 2.0).unwrap();
     assert!(close(got.embeddings[[0, 0, 0]], 6.0) && close(got.embeddings[[0, 0, 1]], 5.0 / 3.0) && close(got.scores[[0, 0]], 7.0 / 3.0), "{got:?}");
+}
+
+#[test]
+fn gpu_batches_past_one_dispatch_or_buffer_run_in_chunks() {
+    // Five sequences of 100 tokens (padded to 128) x 8 dims: 8 KiB each, twice over. Two
+    // workgroups per dimension, or 20 KiB buffers (two sequences), force chunks of sequences;
+    // the result is the CPU's either way.
+    let Some(mut small) = own_engine() else { return };
+    let limits = small.plan_limits();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let e = Array3::from_shape_simple_fn((5, 100, 8), || rng.random::<f32>() * 2.0 - 1.0);
+    let s = Array2::from_shape_simple_fn((5, 100), || rng.random::<f32>() * 3.0 - 1.0);
+    let want = pool(&e.view(), &s.view(), 3, PAPER_BASE).unwrap();
+    for lowered in [
+        sparse_attn::gpu::plan::PlanLimits { max_workgroups_per_dim: 2, ..limits },
+        sparse_attn::gpu::plan::PlanLimits { max_binding_bytes: 20 * 1024, ..limits },
+    ] {
+        small.set_plan_limits(lowered);
+        let got = small.pooling().unwrap().pool(&small, &e.view(), &s.view(), 3, PAPER_BASE).unwrap();
+        assert_close(&format!("{lowered:?} embeddings"), got.embeddings.as_slice().unwrap(), want.embeddings.as_slice().unwrap(), (1e-4, 1e-5));
+        assert_close(&format!("{lowered:?} scores"), got.scores.as_slice().unwrap(), want.scores.as_slice().unwrap(), (1e-4, 1e-5));
+    }
+    // One sequence past a buffer: a typed Limit, not a partial result.
+    small.set_plan_limits(sparse_attn::gpu::plan::PlanLimits { max_binding_bytes: 4096, ..limits });
+    match small.pooling().unwrap().pool(&small, &e.view(), &s.view(), 3, PAPER_BASE) {
+        Err(Error::Limit { required, .. }) => assert_eq!(required, 2 * 128 * 8 * 4),
+        other => panic!("expected Limit, got {other:?}"),
+    }
 }

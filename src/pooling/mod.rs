@@ -148,20 +148,39 @@ impl GpuPooling {
     }
 
     /// The operator on the GPU; same inputs and result as [`pool`]. `engine` must be the one
-    /// this was created with.
+    /// this was created with. Sequences are independent: a batch past one dispatch
+    /// (`max_compute_workgroups_per_dimension`, one workgroup per sequence) or one buffer runs in
+    /// chunks of sequences (the engine's plan limits); one sequence past a buffer is a `Limit`.
     pub fn pool(&self, engine: &Engine, embeddings: &ArrayView3<f32>, scores: &ArrayView2<f32>, depth: u32, base: f32) -> Result<Pooled> {
-        use wgpu::util::DeviceExt;
         let (batch, np, dim, e, s) = prepare(embeddings, scores, depth, base)?;
+        let limits = engine.plan_limits();
+        // The embeddings' two regions (input and ping-pong) are the largest buffer.
+        let per_sequence = (2 * np * dim * 4) as u64;
+        let max = limits.max_binding_bytes.min(limits.max_buffer_bytes);
+        if per_sequence > max {
+            return Err(Error::Limit { limit: "max_storage_buffer_binding_size (pooling: one sequence's embeddings, twice)", required: per_sequence, available: max });
+        }
+        let step = ((max / per_sequence) as usize).min(limits.max_workgroups_per_dim.max(1) as usize).max(1);
+        let k = np >> depth;
+        let (mut out_e, mut out_s) = (Vec::with_capacity(batch * k * dim), Vec::with_capacity(batch * k));
+        for b0 in (0..batch).step_by(step) {
+            let b1 = (b0 + step).min(batch);
+            let (ce, cs) = self.pool_padded(engine, b1 - b0, np, dim, &e[b0 * np * dim..b1 * np * dim], &s[b0 * np..b1 * np], depth, base)?;
+            out_e.extend(ce);
+            out_s.extend(cs);
+        }
+        Ok(Pooled {
+            embeddings: Array3::from_shape_vec((batch, k, dim), out_e).map_err(|e| Error::Shape(e.to_string()))?,
+            scores: Array2::from_shape_vec((batch, k), out_s).map_err(|e| Error::Shape(e.to_string()))?,
+        })
+    }
+
+    /// One dispatch over `batch` padded sequences (`e`: `[batch, np, dim]`, `s`: `[batch, np]`):
+    /// the pooled embeddings and scores, flat.
+    #[allow(clippy::too_many_arguments)]
+    fn pool_padded(&self, engine: &Engine, batch: usize, np: usize, dim: usize, e: &[f32], s: &[f32], depth: u32, base: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+        use wgpu::util::DeviceExt;
         let device = engine.device();
-        let limits = device.limits();
-        if batch as u64 > limits.max_compute_workgroups_per_dimension as u64 {
-            return Err(Error::Limit { limit: "max_compute_workgroups_per_dimension", required: batch as u64, available: limits.max_compute_workgroups_per_dimension as u64 });
-        }
-        let emb_bytes = (batch * 2 * np * dim * 4) as u64;
-        let max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
-        if emb_bytes > max {
-            return Err(Error::Limit { limit: "max_storage_buffer_binding_size", required: emb_bytes, available: max });
-        }
         let u32s = |x: usize, what: &str| u32::try_from(x).map_err(|_| Error::Shape(format!("pooling {what} {x} exceeds u32")));
         let params = Params { batch: u32s(batch, "batch")?, n: u32s(np, "length")?, dim: u32s(dim, "dim")?, depth, ln_base: base.ln(), pad: [0; 3] };
         // Region 0 holds the input; region 1 starts zeroed.
@@ -225,9 +244,6 @@ impl GpuPooling {
             out_e.extend_from_slice(ef.get(se * dim..(se + k) * dim).ok_or_else(|| Error::Gpu("pooling readback too short".into()))?);
             out_s.extend_from_slice(sf.get(se..se + k).ok_or_else(|| Error::Gpu("pooling readback too short".into()))?);
         }
-        Ok(Pooled {
-            embeddings: Array3::from_shape_vec((batch, k, dim), out_e).map_err(|e| Error::Shape(e.to_string()))?,
-            scores: Array2::from_shape_vec((batch, k), out_s).map_err(|e| Error::Shape(e.to_string()))?,
-        })
+        Ok((out_e, out_s))
     }
 }
