@@ -112,11 +112,11 @@ pub fn check_finite(tensor: &'static str, a: &ArrayView4<f32>) -> Result<()> {
     check_finite_values(tensor, a.iter())
 }
 
-/// [`check_finite`] over any sequence of values (2-D views, weight vectors, scalars), the
-/// index counted over the whole sequence.
-pub fn check_finite_values<'a>(tensor: &'static str, values: impl IntoIterator<Item = &'a f32>) -> Result<()> {
-    match values.into_iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        Some((index, &value)) => Err(Error::NonFinite { tensor, index, value }),
+/// [`check_finite`] over any sequence of f32 or f64 values (2-D views, weight vectors,
+/// scalars), the index counted over the whole sequence (the error holds the value as f32).
+pub fn check_finite_values<'a, T: Copy + Into<f64> + 'a>(tensor: &'static str, values: impl IntoIterator<Item = &'a T>) -> Result<()> {
+    match values.into_iter().map(|&x| x.into()).enumerate().find(|(_, x)| !x.is_finite()) {
+        Some((index, value)) => Err(Error::NonFinite { tensor, index, value: value as f32 }),
         None => Ok(()),
     }
 }

@@ -402,3 +402,33 @@ fn rows_with_one_allowed_key_output_that_keys_value() {
         }
     }
 }
+
+#[test]
+fn batched_projection_matches_the_cpu_and_names_non_finite_inputs() {
+    let Some(engine) = engine() else { return };
+    let (slices, rows, dim, rank) = (3, 37, 12, 5);
+    let x = random4((1, slices, rows, dim), 91, 1.0).index_axis_move(ndarray::Axis(0), 0);
+    let w: Vec<f32> = random4((1, 1, slices * dim, rank), 92, 1.0).iter().copied().collect();
+    let b: Vec<f32> = random4((1, 1, slices, rank), 93, 1.0).iter().copied().collect();
+    let got = engine.project_batched(&x.view(), &w, &b, rank).expect("projection");
+    let mut want = Vec::with_capacity(slices * rows * rank);
+    for s in 0..slices {
+        for r in 0..rows {
+            for j in 0..rank {
+                let dot: f64 = (0..dim).map(|c| x[[s, r, c]] as f64 * w[(s * dim + c) * rank + j] as f64).sum();
+                want.push((dot + b[s * rank + j] as f64) as f32);
+            }
+        }
+    }
+    assert_close("projection", got.as_slice().unwrap(), &want, tolerance(DType::F32));
+    // Each input is checked on its own: the index is the bad value's place in that input.
+    let mut w_bad = w.clone();
+    w_bad[17] = f32::INFINITY;
+    match engine.project_batched(&x.view(), &w_bad, &b, rank) {
+        Err(Error::NonFinite { tensor: "projection weights", index: 17, .. }) => {}
+        other => panic!("expected NonFinite weights at 17, got {:?}", other.map(|y| y.dim())),
+    }
+    let mut b_bad = b.clone();
+    b_bad[4] = f32::NAN;
+    assert!(matches!(engine.project_batched(&x.view(), &w, &b_bad, rank), Err(Error::NonFinite { tensor: "projection biases", index: 4, .. })));
+}

@@ -44,9 +44,9 @@ impl Engine {
                 b.len()
             )));
         }
-        if let Some((index, value)) = x.iter().chain(w).chain(b).enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::NonFinite { tensor: "projection input", index, value: *value });
-        }
+        crate::shape::check_finite_values("projection input", x)?;
+        crate::shape::check_finite_values("projection weights", w)?;
+        crate::shape::check_finite_values("projection biases", b)?;
         let device = self.device();
         let limits = device.limits();
         let max_binding = limits.max_storage_buffer_binding_size;

@@ -25,13 +25,7 @@ pub fn symmetric_eigen(a: &[f64], n: usize) -> Result<SymmetricEigen> {
             a.len()
         )));
     }
-    if let Some((i, x)) = a.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        return Err(Error::NonFinite {
-            tensor: "eigen-solver matrix",
-            index: i,
-            value: *x as f32,
-        });
-    }
+    crate::shape::check_finite_values("eigen-solver matrix", a)?;
     // v[i][j] as v[i * n + j]; symmetrise from the lower triangle.
     let mut v = vec![0f64; n * n];
     for i in 0..n {
@@ -231,13 +225,7 @@ fn tql2(n: usize, v: &mut [f64], d: &mut [f64], e: &mut [f64]) -> Result<()> {
         d[l] += f;
         e[l] = 0.0;
     }
-    if let Some((i, x)) = d.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        return Err(Error::NonFinite {
-            tensor: "eigenvalues",
-            index: i,
-            value: *x as f32,
-        });
-    }
+    crate::shape::check_finite_values("eigenvalues", &*d)?;
     Ok(())
 }
 

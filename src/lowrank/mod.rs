@@ -246,20 +246,10 @@ impl LengthBasis {
                 self.eigenvalues.len()
             )));
         }
-        if let Some((i, x)) = self
-            .mean
-            .iter()
-            .chain(&self.basis)
-            .chain(&self.eigenvalues)
-            .enumerate()
-            .find(|(_, x)| !x.is_finite())
-        {
-            return Err(Error::NonFinite {
-                tensor: "lowrank model",
-                index: i,
-                value: *x as f32,
-            });
-        }
+        use crate::shape::check_finite_values;
+        check_finite_values("lowrank mean", &self.mean)?;
+        check_finite_values("lowrank basis", &self.basis)?;
+        check_finite_values("lowrank eigenvalues", &self.eigenvalues)?;
         Ok(())
     }
 }
@@ -558,13 +548,7 @@ impl LowRankFitter {
         if row.is_empty() {
             return Err(Error::ZeroSize("lowrank calibration row"));
         }
-        if let Some((i, x)) = row.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-            return Err(Error::NonFinite {
-                tensor: "lowrank calibration row",
-                index: i,
-                value: *x as f32,
-            });
-        }
+        crate::shape::check_finite_values("lowrank calibration row", row)?;
         self.buckets
             .entry(row.len())
             .or_insert_with(|| Moments::new(row.len()))

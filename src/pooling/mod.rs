@@ -60,12 +60,8 @@ fn prepare(embeddings: &ArrayView3<f32>, scores: &ArrayView2<f32>, depth: u32, b
     if pooled_len(n, depth) == 0 {
         return Err(Error::Shape(format!("pooling: depth {depth} halves {n} (padded {np}) tokens below one")));
     }
-    if let Some((i, x)) = scores.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        return Err(Error::NonFinite { tensor: "pooling scores", index: i, value: *x });
-    }
-    if let Some((i, x)) = embeddings.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        return Err(Error::NonFinite { tensor: "pooling embeddings", index: i, value: *x });
-    }
+    crate::shape::check_finite_values("pooling scores", scores)?;
+    crate::shape::check_finite_values("pooling embeddings", embeddings)?;
     let mut e = vec![0f32; batch * np * dim];
     let mut s = vec![PAD_SCORE; batch * np];
     for b in 0..batch {
