@@ -111,6 +111,30 @@ fn assert_same_outputs(what: &str, got: &sparse_attn::AttentionOutput, want: &sp
 }
 
 #[test]
+fn per_slice_patterns_past_one_binding_run_in_slice_groups() {
+    // A per-slice pattern is bound whole: 8 slices of 4 x 4 blocks of 16 x 16, every kept block
+    // with a bitmask (8 words each), pack to ~4.7 KiB, past 4 KiB bindings; one slice's ~0.6
+    // KiB fits (and one row's three-kernel scores, 4 KiB at most), so the call runs in groups
+    // of slices, each with its cut of the pattern.
+    let Some(mut small) = own_engine() else { return };
+    let limits = small.plan_limits();
+    small.set_plan_limits(PlanLimits { max_binding_bytes: 4096, ..limits });
+    let shape = AttentionShape::new(2, 4, 64, 4);
+    let (q, k, v) = random_qkv((2, 4, 64, 4), (2, 4, 64, 4), 95, 2.0);
+    let pattern = RandomBlocks::new(0.8, 6).with_partial(1.0).per_slice(true).with_blocks(16, 16).build(&shape).unwrap();
+    for (normalizer, path) in [(Normalizer::Softmax, ExecPath::Fused), (Normalizer::ENTMAX15, ExecPath::Fused), (Normalizer::ENTMAX15, ExecPath::ThreeKernel)] {
+        let opts = AttentionOptions { path, ..AttentionOptions::new(normalizer) };
+        match small.plan(&shape, &pattern, &opts) {
+            Err(Error::Limit { limit, .. }) => assert!(limit.contains("packed pattern"), "{limit}"),
+            other => panic!("one plan must not fit: {:?}", other.map(|p| p.path)),
+        }
+        let got = small.attention_with(&q, &k, &v, &pattern, &opts).unwrap_or_else(|e| panic!("{normalizer:?} {path:?}: {e}"));
+        let want = reference::attention(&q, &k, &v, &pattern, normalizer).unwrap();
+        assert_close(&format!("{} {path:?} slice groups", normalizer.label()), got.o.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+    }
+}
+
+#[test]
 fn probabilities_and_row_stats_match_reference() {
     let Some(engine) = engine() else { return };
     let shape = AttentionShape::new(1, 2, 90, 32);

@@ -1050,42 +1050,57 @@ impl Engine {
     /// query heads). One part when the call fits; a `Limit` naming the buffer when not even one
     /// kv head fits.
     fn buffer_groups(&self, shape: &AttentionShape, pattern: &BlockPattern, opts: &AttentionOptions) -> Result<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
-        let max = self.plan_limits.max_buffer_bytes;
+        let max_buffer = self.plan_limits.max_buffer_bytes;
+        // The packed pattern is bound whole; 8 bytes spare for its shared row_ptr end and
+        // at-least-one mask word.
+        let max_pattern = self.plan_limits.max_binding_bytes.min(max_buffer).saturating_sub(8);
+        let max = [max_buffer, max_buffer, max_buffer, max_buffer, max_pattern];
         let whole = vec![(0..shape.batch, 0..shape.kv_heads)];
         let eb = opts.dtype.bytes();
         let (bq, bk) = (pattern.block_q().max(1) as u64, pattern.block_k() as u64);
         let q_head = (shape.seq_q * shape.head_dim) as u64 * eb;
         let kv_head = (shape.seq_kv * shape.head_dim) as u64 * eb;
         let stats_head = (shape.seq_q as u64).div_ceil(bq) * bq * 8;
-        // A slice past a mismatched pattern counts no tiles; the plan reports the mismatch.
-        let tiles_of = |slice: usize| {
+        // Stored blocks and packed-pattern bytes of problem slice `slice` (plan::PackedPatternLayout:
+        // a row_ptr word per query block, col_idx, mask_of and blk_row words per block, mask
+        // words per partial block); the pattern's bytes count only for a per-slice pattern (a
+        // shared one is the same in every group). A slice past a mismatched pattern counts
+        // nothing: the plan reports the mismatch.
+        let per_slice = pattern.slices() > 1;
+        let slice_cost = |slice: usize| -> (u64, u64) {
             let ps = pattern.pattern_slice(slice);
-            if ps < pattern.slices() as usize { pattern.slice_nnz(ps) as u64 } else { 0 }
+            if ps >= pattern.slices() as usize {
+                return (0, 0);
+            }
+            let qb = pattern.q_blocks() as usize;
+            let blocks = pattern.row_ptr()[ps * qb] as usize..pattern.row_ptr()[(ps + 1) * qb] as usize;
+            let partial = pattern.mask_of()[blocks.clone()].iter().filter(|&&m| m != crate::pattern::FULL).count();
+            let words = qb + 3 * blocks.len() + partial * pattern.geometry().mask_words();
+            (blocks.len() as u64, if per_slice { words as u64 * 4 } else { 0 })
         };
-        // [Q/O, K/V, row stats, probabilities] bytes of kv head `h` of batch entry `b`.
-        let unit = |b: usize, h: usize| -> [u64; 4] {
+        // [Q/O, K/V, row stats, probabilities, packed pattern] bytes of kv head `h` of batch entry `b`.
+        let unit = |b: usize, h: usize| -> [u64; 5] {
             let g = shape.group();
-            let probs = match opts.return_probabilities {
-                true => (0..g).map(|i| tiles_of(b * shape.heads + h * g + i)).sum::<u64>() * bq * bk * 4,
-                false => 0,
-            };
-            [g as u64 * q_head, kv_head, g as u64 * stats_head, probs]
+            let (tiles, pattern_bytes) = (0..g).map(|i| slice_cost(b * shape.heads + h * g + i)).fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
+            let probs = if opts.return_probabilities { tiles * bq * bk * 4 } else { 0 };
+            [g as u64 * q_head, kv_head, g as u64 * stats_head, probs, pattern_bytes]
         };
-        let add = |a: [u64; 4], b: [u64; 4]| [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]];
-        let fits = |c: [u64; 4]| c.iter().all(|&x| x <= max);
-        let entry = |b: usize| (0..shape.kv_heads).fold([0; 4], |c, h| add(c, unit(b, h)));
-        if fits((0..shape.batch).fold([0; 4], |c, b| add(c, entry(b)))) {
+        let add = |a: [u64; 5], b: [u64; 5]| std::array::from_fn(|i| a[i] + b[i]);
+        let fits = |c: [u64; 5]| (0..5).all(|i| c[i] <= max[i]);
+        let entry = |b: usize| (0..shape.kv_heads).fold([0; 5], |c, h| add(c, unit(b, h)));
+        if fits((0..shape.batch).fold([0; 5], |c, b| add(c, entry(b)))) {
             return Ok(whole);
         }
-        const ONE_KV_HEAD: [&str; 4] = [
+        const ONE_KV_HEAD: [&str; 5] = [
             "max_buffer_size (Q and O of one kv head's query heads)",
             "max_buffer_size (K and V of one kv head)",
             "max_buffer_size (row stats of one kv head's query heads)",
             "max_buffer_size (probabilities of one kv head's query heads)",
+            "max_storage_buffer_binding_size (the packed pattern of one kv head's query heads)",
         ];
         let mut parts = Vec::new();
         // The open group of whole batch entries: (first entry, summed bytes).
-        let mut open: Option<(usize, [u64; 4])> = None;
+        let mut open: Option<(usize, [u64; 5])> = None;
         for b in 0..shape.batch {
             let e = entry(b);
             if fits(e) {
@@ -1102,11 +1117,11 @@ impl Engine {
             if let Some((first, _)) = open.take() {
                 parts.push((first..b, 0..shape.kv_heads));
             }
-            let (mut h0, mut c) = (0, [0; 4]);
+            let (mut h0, mut c) = (0, [0; 5]);
             for h in 0..shape.kv_heads {
                 let u = unit(b, h);
-                if let Some(i) = (0..4).find(|&i| u[i] > max) {
-                    return Err(Error::Limit { limit: ONE_KV_HEAD[i], required: u[i], available: max });
+                if let Some(i) = (0..5).find(|&i| u[i] > max[i]) {
+                    return Err(Error::Limit { limit: ONE_KV_HEAD[i], required: u[i], available: max[i] });
                 }
                 if h > h0 && !fits(add(c, u)) {
                     parts.push((b..b + 1, h0..h));
