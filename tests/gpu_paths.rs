@@ -30,7 +30,7 @@ fn forced_chunking_splits_bindings_and_dispatches() {
 }
 
 #[test]
-fn tensors_past_one_buffer_run_in_batch_or_head_groups() {
+fn tensors_past_one_buffer_run_in_batch_kv_head_or_query_head_groups() {
     let Some(mut small) = own_engine() else { return };
     // One batch entry's Q is 2 x 40 x 16 f32 = 5 KiB: 12 KiB buffers hold two of the three.
     let buffers_of = |max_buffer_bytes| PlanLimits { max_binding_bytes: 4096, max_workgroups_per_dim: 65535, binding_alignment: 256, max_buffer_bytes };
@@ -65,23 +65,26 @@ fn tensors_past_one_buffer_run_in_batch_or_head_groups() {
     }
     // Probabilities past a buffer, the tensors not (Q is 20 KiB, the probabilities 8 slices x
     // 9 tiles x 1 KiB): groups of batch entries (36 KiB each) in 40 KiB buffers, of kv heads
-    // (18 KiB) in 20 KiB ones; the groups' probabilities and row stats join into the whole
-    // call's, the same as one call on an engine whose buffers hold everything.
+    // (18 KiB) in 20 KiB ones, of query heads (9 KiB) in 16 KiB ones; the groups'
+    // probabilities and row stats join into the whole call's, the same as one call on an
+    // engine whose buffers hold everything.
     let p_dense = Dense::new().with_blocks(16, 16).build(&gqa).unwrap();
     let Some(big) = engine() else { return };
     for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15] {
         let outputs = AttentionOptions { return_probabilities: true, return_row_stats: true, ..AttentionOptions::new(normalizer) };
         let want = big.attention_with(&qg, &kg, &vg, &p_dense, &outputs).expect("one call");
-        for kib in [40, 20] {
+        for kib in [40, 20, 16] {
             small.set_plan_limits(buffers_of(kib * 1024));
-            small.plan(&gqa, &p_dense, &outputs).expect("the tensors fit one buffer each");
+            if kib >= 20 {
+                small.plan(&gqa, &p_dense, &outputs).expect("the tensors fit one buffer each");
+            }
             let got = small.attention_with(&qg, &kg, &vg, &p_dense, &outputs).expect("grouped by probabilities");
             assert_same_outputs(&format!("{} probabilities in {kib} KiB buffers", normalizer.label()), &got, &want);
         }
-        // Not even one kv head's probabilities fit: a Limit naming them.
-        small.set_plan_limits(buffers_of(16 * 1024));
+        // Not even one query head's probabilities fit: a Limit naming them.
+        small.set_plan_limits(buffers_of(8 * 1024));
         match small.attention_with(&qg, &kg, &vg, &p_dense, &outputs) {
-            Err(Error::Limit { limit, required, .. }) => assert!(limit.contains("probabilities") && required == 18 * 1024, "{limit}: {required}"),
+            Err(Error::Limit { limit, required, .. }) => assert!(limit.contains("probabilities of one query head") && required == 9 * 1024, "{limit}: {required}"),
             other => panic!("expected Limit, got {:?}", other.map(|o| o.o.len())),
         }
     }
@@ -93,9 +96,21 @@ fn tensors_past_one_buffer_run_in_batch_or_head_groups() {
         Err(Error::NonFinite { tensor: "q", index, .. }) => assert_eq!(index, ((4 + 3) * 40 + 7) * 16 + 2),
         other => panic!("expected NonFinite, got {:?}", other.map(|o| o.len())),
     }
-    // Not even one kv head with its query heads fits: the typed Limit error, not a partial run.
+    // One kv head with its 2 query heads (Q 5 KiB) past 4 KiB buffers: its query heads run one
+    // by one (2.5 KiB each), each with the kv head.
     small.set_plan_limits(buffers_of(4096));
-    assert!(matches!(small.attention(&q, &k, &v, &per_slice, Normalizer::Softmax), Err(Error::Limit { .. })));
+    for normalizer in [Normalizer::Softmax, Normalizer::ENTMAX15] {
+        let got = small.attention(&q, &k, &v, &per_slice, normalizer).expect("query-head groups");
+        let want = reference::attention(&q, &k, &v, &per_slice, normalizer).unwrap();
+        assert_close("query-head groups", got.as_slice().unwrap(), want.as_slice().unwrap(), tolerance(DType::F32));
+    }
+    // Not even one query head with its kv head fits (Q, O, K and V are 2.5 KiB each): the
+    // typed Limit error naming the first, not a partial run.
+    small.set_plan_limits(buffers_of(2048));
+    match small.attention(&q, &k, &v, &per_slice, Normalizer::Softmax) {
+        Err(Error::Limit { limit, required, .. }) => assert!(limit.contains("Q and O of one query head") && required == 2560, "{limit}: {required}"),
+        other => panic!("expected Limit, got {:?}", other.map(|o| o.len())),
+    }
 }
 
 /// A grouped call's outputs against one call's: O within f32 tolerance, probabilities too,

@@ -232,6 +232,15 @@ fn row_stats_bytes(plan: &Plan) -> u64 {
     (rows * 2 * 4).max(4)
 }
 
+/// One part of a call run in buffer groups (`Engine::buffer_groups`): batch entries × kv heads
+/// × the query heads of each kv head's group (`0..group` unless one kv head is split).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct BufferGroup {
+    batches: std::ops::Range<usize>,
+    kv_heads: std::ops::Range<usize>,
+    group_heads: std::ops::Range<usize>,
+}
+
 /// The fused entmax kernels' branch counters, one word each, padded to 16 bytes.
 const ENTMAX_PATHS_BYTES: u64 = (EntmaxPaths::NAMES.len() * 4).next_multiple_of(16) as u64;
 
@@ -981,8 +990,8 @@ impl Engine {
     }
 
     /// Runs a call whose buffers pass max_buffer_size as `pieces` (from `buffer_groups`):
-    /// groups of batch entries, or of one entry's kv heads with their query heads, each its
-    /// own upload (groups share nothing; a per-slice pattern is cut to the group's slices, which
+    /// groups of batch entries, of one entry's kv heads with their query heads, or of one kv
+    /// head's query heads, each its own upload (groups share nothing; a per-slice pattern is cut to the group's slices, which
     /// are consecutive, and so are MRA row terms, `[slices·q_blocks][head_dim + 2]`). The caller
     /// has checked the inputs once, whole, so an error names an index of the caller's tensors.
     /// The groups' slices follow one another, so their probability tiles (slice-major in the
@@ -996,7 +1005,7 @@ impl Engine {
         shape: &AttentionShape,
         pattern: &BlockPattern,
         opts: &AttentionOptions,
-        pieces: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
+        pieces: &[BufferGroup],
         mra_rows: Option<&[f32]>,
     ) -> Result<AttentionOutput> {
         let mut o = ndarray::Array4::<f32>::zeros((shape.batch, shape.heads, shape.seq_q, shape.head_dim));
@@ -1004,8 +1013,9 @@ impl Engine {
         let mut tiles: Vec<f32> = Vec::new();
         let (mut support, mut iterations) = (Vec::new(), Vec::new());
         let rows_per_slice = mra_rows.map_or(0, |rows| rows.len() / shape.slices().max(1));
-        for (batches, kv_heads) in pieces.iter().cloned() {
-            let heads = kv_heads.start * shape.group()..kv_heads.end * shape.group();
+        for BufferGroup { batches, kv_heads, group_heads } in pieces.iter().cloned() {
+            let g = shape.group();
+            let heads = kv_heads.start * g + group_heads.start..(kv_heads.end - 1) * g + group_heads.end;
             let first = batches.start * shape.heads + heads.start;
             let last = (batches.end - 1) * shape.heads + heads.end;
             let part = pattern.select_slices(first..last)?;
@@ -1043,19 +1053,21 @@ impl Engine {
         Ok(AttentionOutput { o, probabilities, row_stats, entmax_paths: paths })
     }
 
-    /// How a call splits so that each part's buffers fit `max_buffer_size` of the plan limits:
-    /// (batch entries, kv heads) per part. Its Q/O, K/V, row stats and, when asked for, its
-    /// probabilities each fit one buffer: consecutive whole batch entries while they fit
-    /// together, an entry that does not fit alone as groups of its kv heads (each with its
-    /// query heads). One part when the call fits; a `Limit` naming the buffer when not even one
-    /// kv head fits.
-    fn buffer_groups(&self, shape: &AttentionShape, pattern: &BlockPattern, opts: &AttentionOptions) -> Result<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
+    /// How a call splits so that each part's buffers fit: its Q/O, K/V, row stats and, when
+    /// asked for, its probabilities each fit `max_buffer_size` of the plan limits, a per-slice
+    /// pattern's packed words one binding. Consecutive whole batch entries while they fit
+    /// together; an entry that does not fit alone as groups of its kv heads (each with its
+    /// query heads); a kv head that does not fit alone as groups of its query heads (each with
+    /// the kv head). One part when the call fits; a `Limit` naming the buffer when not even one
+    /// query head with its kv head fits.
+    fn buffer_groups(&self, shape: &AttentionShape, pattern: &BlockPattern, opts: &AttentionOptions) -> Result<Vec<BufferGroup>> {
         let max_buffer = self.plan_limits.max_buffer_bytes;
         // The packed pattern is bound whole; 8 bytes spare for its shared row_ptr end and
         // at-least-one mask word.
         let max_pattern = self.plan_limits.max_binding_bytes.min(max_buffer).saturating_sub(8);
         let max = [max_buffer, max_buffer, max_buffer, max_buffer, max_pattern];
-        let whole = vec![(0..shape.batch, 0..shape.kv_heads)];
+        let g = shape.group();
+        let whole = vec![BufferGroup { batches: 0..shape.batch, kv_heads: 0..shape.kv_heads, group_heads: 0..g }];
         let eb = opts.dtype.bytes();
         let (bq, bk) = (pattern.block_q().max(1) as u64, pattern.block_k() as u64);
         let q_head = (shape.seq_q * shape.head_dim) as u64 * eb;
@@ -1078,62 +1090,77 @@ impl Engine {
             let words = qb + 3 * blocks.len() + partial * pattern.geometry().mask_words();
             (blocks.len() as u64, if per_slice { words as u64 * 4 } else { 0 })
         };
-        // [Q/O, K/V, row stats, probabilities, packed pattern] bytes of kv head `h` of batch entry `b`.
-        let unit = |b: usize, h: usize| -> [u64; 5] {
-            let g = shape.group();
-            let (tiles, pattern_bytes) = (0..g).map(|i| slice_cost(b * shape.heads + h * g + i)).fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
-            let probs = if opts.return_probabilities { tiles * bq * bk * 4 } else { 0 };
-            [g as u64 * q_head, kv_head, g as u64 * stats_head, probs, pattern_bytes]
-        };
         let add = |a: [u64; 5], b: [u64; 5]| std::array::from_fn(|i| a[i] + b[i]);
+        // [Q/O, K/V, row stats, probabilities, packed pattern] bytes of query heads `heads` (of
+        // one group) with their kv head `h` of batch entry `b`.
+        let part = |b: usize, h: usize, heads: std::ops::Range<usize>| -> [u64; 5] {
+            let n = heads.len() as u64;
+            let (tiles, pattern_bytes) = heads.map(|i| slice_cost(b * shape.heads + h * g + i)).fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
+            let probs = if opts.return_probabilities { tiles * bq * bk * 4 } else { 0 };
+            [n * q_head, kv_head, n * stats_head, probs, pattern_bytes]
+        };
+        let unit = |b: usize, h: usize| part(b, h, 0..g);
         let fits = |c: [u64; 5]| (0..5).all(|i| c[i] <= max[i]);
         let entry = |b: usize| (0..shape.kv_heads).fold([0; 5], |c, h| add(c, unit(b, h)));
         if fits((0..shape.batch).fold([0; 5], |c, b| add(c, entry(b)))) {
             return Ok(whole);
         }
-        const ONE_KV_HEAD: [&str; 5] = [
-            "max_buffer_size (Q and O of one kv head's query heads)",
+        const ONE_QUERY_HEAD: [&str; 5] = [
+            "max_buffer_size (Q and O of one query head)",
             "max_buffer_size (K and V of one kv head)",
-            "max_buffer_size (row stats of one kv head's query heads)",
-            "max_buffer_size (probabilities of one kv head's query heads)",
-            "max_storage_buffer_binding_size (the packed pattern of one kv head's query heads)",
+            "max_buffer_size (row stats of one query head)",
+            "max_buffer_size (probabilities of one query head)",
+            "max_storage_buffer_binding_size (the packed pattern of one query head)",
         ];
+        // Greedy over a run of units: groups of consecutive units while their sum fits.
+        fn pack(n: usize, cost: impl Fn(usize) -> [u64; 5], fits: impl Fn([u64; 5]) -> bool, add: impl Fn([u64; 5], [u64; 5]) -> [u64; 5]) -> Vec<std::ops::Range<usize>> {
+            let (mut out, mut start, mut sum) = (Vec::new(), 0, [0u64; 5]);
+            for i in 0..n {
+                let c = cost(i);
+                if i > start && !fits(add(sum, c)) {
+                    out.push(start..i);
+                    (start, sum) = (i, c);
+                } else {
+                    sum = add(sum, c);
+                }
+            }
+            out.push(start..n);
+            out
+        }
         let mut parts = Vec::new();
-        // The open group of whole batch entries: (first entry, summed bytes).
-        let mut open: Option<(usize, [u64; 5])> = None;
-        for b in 0..shape.batch {
-            let e = entry(b);
-            if fits(e) {
-                open = match open {
-                    Some((first, c)) if fits(add(c, e)) => Some((first, add(c, e))),
-                    Some((first, _)) => {
-                        parts.push((first..b, 0..shape.kv_heads));
-                        Some((b, e))
-                    }
-                    None => Some((b, e)),
-                };
+        let mut b = 0;
+        while b < shape.batch {
+            if fits(entry(b)) {
+                // The run of entries that fit alone, packed into groups.
+                let run_end = (b..shape.batch).find(|&e| !fits(entry(e))).unwrap_or(shape.batch);
+                for r in pack(run_end - b, |i| entry(b + i), fits, add) {
+                    parts.push(BufferGroup { batches: b + r.start..b + r.end, kv_heads: 0..shape.kv_heads, group_heads: 0..g });
+                }
+                b = run_end;
                 continue;
             }
-            if let Some((first, _)) = open.take() {
-                parts.push((first..b, 0..shape.kv_heads));
-            }
-            let (mut h0, mut c) = (0, [0; 5]);
-            for h in 0..shape.kv_heads {
-                let u = unit(b, h);
-                if let Some(i) = (0..5).find(|&i| u[i] > max[i]) {
-                    return Err(Error::Limit { limit: ONE_KV_HEAD[i], required: u[i], available: max[i] });
+            let mut h = 0;
+            while h < shape.kv_heads {
+                if fits(unit(b, h)) {
+                    let run_end = (h..shape.kv_heads).find(|&e| !fits(unit(b, e))).unwrap_or(shape.kv_heads);
+                    for r in pack(run_end - h, |i| unit(b, h + i), fits, add) {
+                        parts.push(BufferGroup { batches: b..b + 1, kv_heads: h + r.start..h + r.end, group_heads: 0..g });
+                    }
+                    h = run_end;
+                    continue;
                 }
-                if h > h0 && !fits(add(c, u)) {
-                    parts.push((b..b + 1, h0..h));
-                    (h0, c) = (h, u);
-                } else {
-                    c = add(c, u);
+                for i in 0..g {
+                    let one = part(b, h, i..i + 1);
+                    if let Some(c) = (0..5).find(|&c| one[c] > max[c]) {
+                        return Err(Error::Limit { limit: ONE_QUERY_HEAD[c], required: one[c], available: max[c] });
+                    }
                 }
+                for r in pack(g, |i| part(b, h, i..i + 1), fits, add) {
+                    parts.push(BufferGroup { batches: b..b + 1, kv_heads: h..h + 1, group_heads: r });
+                }
+                h += 1;
             }
-            parts.push((b..b + 1, h0..shape.kv_heads));
-        }
-        if let Some((first, _)) = open {
-            parts.push((first..shape.batch, 0..shape.kv_heads));
+            b += 1;
         }
         Ok(parts)
     }
