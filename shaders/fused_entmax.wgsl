@@ -168,6 +168,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (!in_row_class(t)) {
         return;
     }
+    if (t.first == t.last) {
+        store_empty_tile(t, lid, PATH_POOL_GATHERED);
+        return;
+    }
     let ty = lid / TX; // register-tile layout
     let tx = lid % TX;
     let row = lid / TPR; // per-score layout

@@ -91,6 +91,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (!in_row_class(t)) {
         return;
     }
+    if (t.first == t.last) {
+        store_empty_tile(t, lid, PATH_CACHE_GATHERED);
+        return;
+    }
     let ty = lid / TX; // register-tile layout
     let tx = lid % TX;
     let row = lid / TPR; // per-score layout
@@ -139,12 +143,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     // ---- scores become p in place; each row's Σp; which chunks hold a p > 0; the supports ----
     var psum = 0.0;
     var support = 0u;
+    // A thread walks its keys in order: it marks each live chunk once, not once per key (on a
+    // GPU, stores of many threads to one atomic word serialise).
+    var marked = CHUNKS;
     for (var kk = lane; kk < len; kk += TPR) {
         let p = moments(p_tile[row * PS + kk], m, st.tau).x;
         p_tile[row * PS + kk] = p;
         psum += p;
         if (p > 0.0) {
-            atomicStore(&chunk_live[kk / KC], 1u);
+            if (kk / KC != marked) {
+                marked = kk / KC;
+                atomicStore(&chunk_live[marked], 1u);
+            }
             if (support < SUPPORT_SLOTS) {
                 pair_set(WG, support_slot(row, lane, support), p, f32(kk));
             }

@@ -130,3 +130,14 @@ fn solve_tau(lid: u32, row: u32, lane: u32, count: u32, m: f32, start: Search, t
     }
     return st;
 }
+
+// A tile of a query block row without stored blocks: every row is empty, so O = 0, written
+// without staging Q or searching τ (such rows are common in sparse patterns: at block density
+// 0.04 over 16 key blocks, half of them). Counted as `gathered` (its support, none, was
+// gathered). `t` is uniform: call from uniform control flow, and return after it.
+fn store_empty_tile(t: Tile, lid: u32, gathered: u32) {
+    count_path(lid, gathered);
+    var zero: array<vec4<f32>, RQ * NC>;
+    var none: array<f32, RQ>;
+    store_rows(t, lid / TX, lid % TX, &zero, none);
+}

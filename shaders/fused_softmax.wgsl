@@ -25,7 +25,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     t.first = t.first + n_blocks * split / splits;
     let ty = lid / TX;
     let tx = lid % TX;
-    stage_q(t, lid);
+    // A share without stored blocks reads no Q (its rows are empty, or MRA's remainder only).
+    if (t.first < t.last) {
+        stage_q(t, lid);
+    }
     var m: array<f32, RQ>;
     var l: array<f32, RQ>;
     var acc: array<vec4<f32>, RQ * NC>;
