@@ -1155,7 +1155,14 @@ impl Engine {
                         return Err(Error::Limit { limit: ONE_QUERY_HEAD[c], required: one[c], available: max[c] });
                     }
                 }
-                for r in pack(g, |i| part(b, h, i..i + 1), fits, add) {
+                // The kv head is uploaded once per group, whatever its query heads: counted
+                // once (it fits, checked above), not once per query head.
+                let query_head = |i: usize| {
+                    let mut c = part(b, h, i..i + 1);
+                    c[1] = 0;
+                    c
+                };
+                for r in pack(g, query_head, fits, add) {
                     parts.push(BufferGroup { batches: b..b + 1, kv_heads: h..h + 1, group_heads: r });
                 }
                 h += 1;
