@@ -1073,23 +1073,15 @@ impl Engine {
         let q_head = (shape.seq_q * shape.head_dim) as u64 * eb;
         let kv_head = (shape.seq_kv * shape.head_dim) as u64 * eb;
         let stats_head = (shape.seq_q as u64).div_ceil(bq) * bq * 8;
-        // Stored blocks and packed-pattern bytes of problem slice `slice` (plan::PackedPatternLayout:
-        // a row_ptr word per query block, col_idx, mask_of and blk_row words per block, mask
-        // words per partial block); the pattern's bytes count only for a per-slice pattern (a
-        // shared one is the same in every group). A slice past a mismatched pattern counts
-        // nothing: the plan reports the mismatch.
+        // Stored blocks and packed-pattern bytes of each pattern slice, once per call; the
+        // pattern's bytes count only for a per-slice pattern (a shared one is the same in
+        // every group). A slice past a mismatched pattern counts nothing: the plan reports the
+        // mismatch.
         let per_slice = pattern.slices() > 1;
-        let slice_cost = |slice: usize| -> (u64, u64) {
-            let ps = pattern.pattern_slice(slice);
-            if ps >= pattern.slices() as usize {
-                return (0, 0);
-            }
-            let qb = pattern.q_blocks() as usize;
-            let blocks = pattern.row_ptr()[ps * qb] as usize..pattern.row_ptr()[(ps + 1) * qb] as usize;
-            let partial = pattern.mask_of()[blocks.clone()].iter().filter(|&&m| m != crate::pattern::FULL).count();
-            let words = qb + 3 * blocks.len() + partial * pattern.geometry().mask_words();
-            (blocks.len() as u64, if per_slice { words as u64 * 4 } else { 0 })
-        };
+        let pattern_slices: Vec<(u64, u64)> = (0..pattern.slices() as usize)
+            .map(|ps| (pattern.slice_nnz(ps) as u64, if per_slice { plan::PackedPatternLayout::slice_words(pattern, ps) * 4 } else { 0 }))
+            .collect();
+        let slice_cost = |slice: usize| pattern_slices.get(pattern.pattern_slice(slice)).copied().unwrap_or((0, 0));
         let add = |a: [u64; 5], b: [u64; 5]| std::array::from_fn(|i| a[i] + b[i]);
         // [Q/O, K/V, row stats, probabilities, packed pattern] bytes of query heads `heads` (of
         // one group) with their kv head `h` of batch entry `b`.

@@ -159,6 +159,17 @@ impl PackedPatternLayout {
         let words = masks + (p.masks().len() as u32).max(1);
         Self { row_ptr, col_idx, mask_of, blk_row, masks, words, contents: contents_hash(p) }
     }
+
+    /// Words that pattern slice `slice` of `p` brings into this layout: its row_ptr entries,
+    /// a col_idx, mask_of and blk_row word per stored block, and at most a mask per partial
+    /// block. A cut of consecutive slices packs to their sum plus at most 2 (row_ptr's last
+    /// entry, the at-least-one mask word): how buffer groups size a per-slice pattern's cuts.
+    pub fn slice_words(p: &BlockPattern, slice: usize) -> u64 {
+        let qb = p.q_blocks() as usize;
+        let blocks = p.row_ptr()[slice * qb] as usize..p.row_ptr()[(slice + 1) * qb] as usize;
+        let partial = p.mask_of()[blocks.clone()].iter().filter(|&&m| m != crate::pattern::FULL).count();
+        (qb + 3 * blocks.len() + partial * p.geometry().mask_words()) as u64
+    }
 }
 
 /// Hash of everything that decides which pairs a pattern allows (in-process comparisons only).
@@ -760,6 +771,10 @@ mod row_class_tests {
                 other => panic!("expected the {which} buffer limit, got {:?}", other.map(|p| p.fused)),
             }
         }
+        // A per-slice pattern's slices pack to the whole layout's words, less row_ptr's end.
+        let per_slice = crate::patterns::RandomBlocks::new(0.6, 3).with_partial(0.5).per_slice(true).build(&AttentionShape::new(2, 3, 100, 16)).unwrap_or_else(|e| panic!("{e}"));
+        let sum: u64 = (0..per_slice.slices() as usize).map(|s| PackedPatternLayout::slice_words(&per_slice, s)).sum();
+        assert_eq!(sum + 1, PackedPatternLayout::of(&per_slice).words as u64);
         // At head_dim 1 the row stats scratch (8 bytes per padded query row: 2 x 640 x 8 =
         // 10 KiB) outgrows Q (2 x 640 x 4 = 5 KiB) and is checked as a buffer of its own (one
         // 32-key block per row: each row's 4 KiB of scores fit the 8 KiB buffers).
