@@ -1219,7 +1219,7 @@ impl Engine {
     /// MRA-2's row terms for a call of `shape` (checked against the remainder: normaliser,
     /// shape, blocks, scale): folded on the GPU by `MraConfig::build_with_engine`, else on the
     /// CPU now.
-    fn mra_row_terms(&self, mra: &crate::patterns::mra::Mra, shape: &AttentionShape, opts: &AttentionOptions) -> Result<Vec<f32>> {
+    fn mra_row_terms<'m>(&self, mra: &'m crate::patterns::mra::Mra, shape: &AttentionShape, opts: &AttentionOptions) -> Result<std::borrow::Cow<'m, [f32]>> {
         mra.check_normalizer(opts.normalizer)?;
         let rem = &mra.remainder;
         if rem.shape != *shape {
@@ -1233,8 +1233,8 @@ impl Engine {
             return Err(Error::Shape(format!("the call's scale {scale} differs from the MRA remainder's {}", rem.scale)));
         }
         let rows = match rem.precomputed_row_terms() {
-            Some(rows) => rows.to_vec(),
-            None => rem.row_terms_cpu()?,
+            Some(rows) => std::borrow::Cow::Borrowed(rows),
+            None => std::borrow::Cow::Owned(rem.row_terms_cpu()?),
         };
         let want_len = shape.slices() * rem.q_blocks as usize * rem.row_stride();
         if rows.len() != want_len {
