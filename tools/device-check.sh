@@ -6,7 +6,7 @@
 # Writes at most 7 files to $OUT (the tool returns 8): info.txt, tests.log, speed.log,
 # speed.csv (every finished part, one header), speed_no_subgroups.csv (seq 4096 again with
 # SPARSE_ATTN_NO_SUBGROUPS=1 on the same tuned tiles: the fused kernels' subgroup reductions
-# on ÷ off), tune.json (the tuner's choices) and commit.
+# on ÷ off), tune.json (the tuner's choices; speed.log has each candidate's time) and commit.
 #
 # Env: TEST_S (seconds per test binary, default 80), SPEED_S (per sweep part, default 75),
 #      AB_S (the subgroups-off part, default 60): at most 525 s in all, inside one call (600 s)
@@ -51,6 +51,9 @@ for t in gpu_suite gpu_fused gpu_paths; do
   echo "== $t rc $? in $((SECONDS - start)) s" >>"$OUT/tests.log"
 done
 export SPARSE_ATTN_TUNE_CACHE=$OUT/tune.json
+# The tuner's stand-in sizes and every candidate's median go to speed.log: what a tile sweep
+# on this GPU would show, without one.
+export RUST_LOG=sparse_attn=debug
 : >"$OUT/speed.log"
 for seq in ${SEQS:-1024 4096 16384}; do
   part=$OUT/speed_$seq

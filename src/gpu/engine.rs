@@ -293,6 +293,14 @@ pub struct Engine {
 /// Env switch: `SPARSE_ATTN_AUTOTUNE=0` keeps the default fused tile instead of timing candidates.
 pub const ENV_AUTOTUNE: &str = "SPARSE_ATTN_AUTOTUNE";
 
+/// The tuner's synthetic problem (one batch entry).
+struct StandIn {
+    pattern: BlockPattern,
+    q: Array4<f32>,
+    k: Array4<f32>,
+    v: Array4<f32>,
+}
+
 impl Engine {
     /// Best adapter (discrete → integrated → CPU), or the one `SPARSE_ATTN_ADAPTER` names.
     pub fn new() -> Result<Self> {
@@ -548,8 +556,11 @@ impl Engine {
     /// that interleave the candidates) on a synthetic problem standing in for the key's bucket
     /// and returns the fastest; None when no candidate ran. The stand-in has at most
     /// `TUNE_MAX_SEQ` tokens (tuning must stay cheap on slow adapters) and seeded data whose
-    /// scores spread like real attention (std ≈ 1 in one head, ≈ 0.45 in the other), so entmax
-    /// rows have realistic supports, narrow and broad.
+    /// scores spread like real attention (std ≈ 1 in even heads, ≈ 0.45 in odd ones), so entmax
+    /// rows have realistic supports, narrow and broad. It has as many heads as
+    /// [`tiles::stand_in_heads`] finds it needs to keep the adapter busy: timed on a handful of
+    /// workgroups, a GPU would rank tiles by their latency, not by their throughput on the
+    /// calls that matter (a large tile leaves most of its cores idle there).
     fn tune(&self, key: &TuneKey, opts: &AttentionOptions) -> Option<FusedTile> {
         const TUNE_MAX_SEQ: usize = 1024;
         // Timed runs per candidate (the median counts): two were a coin toss between close
@@ -557,28 +568,45 @@ impl Engine {
         const TUNE_REPEATS: usize = 5;
         let d = key.head_dim as usize;
         let n = (key.seq_bucket as usize).min(TUNE_MAX_SEQ);
-        let heads = 2;
-        let shape = AttentionShape::new(1, heads, n, d);
-        let pattern = if key.row_blocks > 0 {
-            Self::stand_in_rows(&shape, key.block_q, key.block_k, key.row_blocks).ok()?
-        } else {
-            crate::patterns::Dense::new().with_blocks(key.block_q, key.block_k).build(&shape).ok()?
+        let row_blocks = (key.row_blocks > 0).then_some(key.row_blocks);
+        let candidates = tiles::call_candidates(key.block_q, key.block_k, key.head_dim, key.entmax, row_blocks, &self.device.limits());
+        let stand_in = |heads: usize| -> Option<StandIn> {
+            let shape = AttentionShape::new(1, heads, n, d);
+            let pattern = if key.row_blocks > 0 {
+                Self::stand_in_rows(&shape, key.block_q, key.block_k, key.row_blocks).ok()?
+            } else {
+                crate::patterns::Dense::new().with_blocks(key.block_q, key.block_k).build(&shape).ok()?
+            };
+            let data = |seed: u64| {
+                use rand::{Rng, SeedableRng};
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                Array4::from_shape_simple_fn((1, heads, n, d), || rng.random::<f32>() * 3.4 - 1.7)
+            };
+            let (mut q, k, v) = (data(1), data(2), data(3));
+            // Odd heads are flatter (score std ≈ 0.45): their entmax rows keep ~6 % of the
+            // keys, as the broad heads of real models do, so an entmax tile whose pools cannot
+            // hold such rows pays for its fallback here rather than on the caller's data.
+            for h in (1..heads).step_by(2) {
+                q.index_axis_mut(ndarray::Axis(1), h).mapv_inplace(|x| x * 0.47);
+            }
+            Some(StandIn { pattern, q, k, v })
         };
-        let data = |seed: u64| {
-            use rand::{Rng, SeedableRng};
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            Array4::from_shape_simple_fn((1, heads, n, d), || rng.random::<f32>() * 3.4 - 1.7)
-        };
-        let (mut q, k, v) = (data(1), data(2), data(3));
-        // Head 1 is flatter (score std ≈ 0.45): its entmax rows keep ~6 % of the keys, as the
-        // broad heads of real models do, so an entmax tile whose pools cannot hold such rows
-        // pays for its fallback here rather than on the caller's data.
-        q.index_axis_mut(ndarray::Axis(1), 1).mapv_inplace(|x| x * 0.47);
+        // How many heads keep the adapter busy, timed on the first candidate.
+        let probe = candidates.first().copied()?;
+        let heads = tiles::stand_in_heads(n, |heads| {
+            let s = stand_in(heads)?;
+            let o = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(probe), return_probabilities: false, return_row_stats: false, ..*opts };
+            let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let ms = self.prepare_attention(&s.q, &s.k, &s.v, &s.pattern, &o).and_then(|p| p.time(1, 1)).map(|t| t.median_ms());
+            let failed = pollster::block_on(scope.pop()).is_some();
+            ms.ok().filter(|_| !failed)
+        });
+        let StandIn { pattern, q, k, v } = stand_in(heads)?;
+        tracing::debug!(?key, heads, seq = n, "tuning on a stand-in");
         // Every fitting candidate: the sets are small (10 at most, 12 for entmax rows that fit a
         // score cache), and a cut would silently drop the last ones as candidates are added.
-        let row_blocks = (key.row_blocks > 0).then_some(key.row_blocks);
         let mut prepared = Vec::new();
-        for tile in tiles::call_candidates(key.block_q, key.block_k, key.head_dim, key.entmax, row_blocks, &self.device.limits()) {
+        for tile in candidates {
             let o = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), return_probabilities: false, return_row_stats: false, ..*opts };
             let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
             let warm = self.prepare_attention(&q, &k, &v, &pattern, &o).and_then(|p| p.time(1, 0).map(|_| p));
@@ -603,7 +631,7 @@ impl Engine {
                 continue;
             }
             let ms = median(runs);
-            tracing::debug!(?tile, ms, "tile candidate");
+            tracing::debug!(?tile, ms, heads, "tile candidate");
             if best.is_none_or(|(b, _)| ms < b) {
                 best = Some((ms, *tile));
             }

@@ -348,6 +348,38 @@ pub fn default_tile(block_q: u32, block_k: u32, head_dim: u32, entmax: bool, lim
     })
 }
 
+/// Shortest run the tuner times a candidate on: a shorter one is mostly launch latency and, on a
+/// GPU, a device with idle cores.
+pub const TUNE_MIN_RUN_MS: f64 = 2.0;
+/// Most query rows (heads × tokens) of the tuner's stand-in.
+pub const TUNE_MAX_ROWS: usize = 65_536;
+
+/// Heads of the tuner's stand-in with `seq` tokens per head: from 2, multiplied by powers of
+/// two while a run takes less than `TUNE_MIN_RUN_MS` (`time_ms(heads)`: one run's
+/// milliseconds, None when it could not run), up to `TUNE_MAX_ROWS` rows. A CPU adapter is busy
+/// with 2 heads and stays there; a large GPU needs thousands of workgroups before the tiles'
+/// throughput, rather than their latency, decides.
+pub fn stand_in_heads(seq: usize, mut time_ms: impl FnMut(usize) -> Option<f64>) -> usize {
+    let most = (TUNE_MAX_ROWS / seq.max(1)).max(2);
+    let mut ran = 2; // the largest size that ran (or the first, untried)
+    let mut heads = 2;
+    loop {
+        let ms = match time_ms(heads).filter(|ms| ms.is_finite()) {
+            Some(ms) => ms,
+            // Too large for the adapter (or not runnable at all): the last size that ran.
+            None => return ran,
+        };
+        ran = heads;
+        if ms >= TUNE_MIN_RUN_MS || heads >= most {
+            return heads;
+        }
+        // Straight to the size that should reach the target (time grows about linearly with
+        // heads once the device is full, slower before), at least double.
+        let factor = (TUNE_MIN_RUN_MS / ms.max(1e-3)).ceil() as usize;
+        heads = (heads * factor.next_power_of_two().max(2)).min(most);
+    }
+}
+
 /// What a tuned choice is keyed by: the adapter and a shape bucket.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct TuneKey {
@@ -440,6 +472,34 @@ mod tests {
     /// llvmpipe's limits: 32 KiB of workgroup memory.
     fn limits() -> wgpu::Limits {
         wgpu::Limits { max_compute_workgroup_storage_size: 32 << 10, max_compute_invocations_per_workgroup: 256, max_compute_workgroup_size_x: 256, ..wgpu::Limits::default() }
+    }
+
+    #[test]
+    fn stand_in_grows_until_runs_are_long_enough_and_stops_at_the_row_cap() {
+        // A CPU adapter: 2 heads already take long enough, and only one run is timed.
+        let mut timed = Vec::new();
+        assert_eq!(stand_in_heads(1024, |h| { timed.push(h); Some(80.0) }), 2);
+        assert_eq!(timed, [2]);
+        // A GPU whose time is flat until it fills (latency 0.05 ms), then linear at 0.1 ms per
+        // head: 2 → 64 (the 40x shortfall rounded up to a power of two), capped at 64 heads of
+        // 1024 rows.
+        let gpu = |h: usize| Some(0.05f64.max(0.1 * h as f64 / 8.0));
+        assert_eq!(stand_in_heads(1024, gpu), TUNE_MAX_ROWS / 1024);
+        // Short rows leave room for more heads; growth stops at the first run that reaches
+        // the target (latency 0.5 ms, then 0.05 ms per head): 2 → 8 → 32 → 64.
+        let mut timed = Vec::new();
+        let slow_start = |h: usize| Some(0.5f64.max(0.05 * h as f64));
+        let heads = stand_in_heads(256, |h| { timed.push(h); slow_start(h) });
+        assert_eq!(timed, [2, 8, 32, 64]);
+        assert_eq!(heads, 64);
+        assert!(heads < TUNE_MAX_ROWS / 256);
+        // A size that cannot run (or a broken timer) stops the growth at the last size that ran.
+        let mut timed = Vec::new();
+        assert_eq!(stand_in_heads(512, |h| { timed.push(h); (h < 8).then_some(0.01) }), 2);
+        assert_eq!(timed, [2, 128]);
+        assert_eq!(stand_in_heads(512, |_| Some(f64::NAN)), 2);
+        // Rows longer than the cap still get 2 heads.
+        assert_eq!(stand_in_heads(TUNE_MAX_ROWS * 2, |_| Some(0.01)), 2);
     }
 
     fn fast_cache_tile(row_blocks: u32) -> Option<FusedTile> {
