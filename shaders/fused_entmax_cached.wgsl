@@ -15,9 +15,11 @@ var<workgroup> chunk_live: array<atomic<u32>, CHUNKS>;
 
 // Support lists for the gathered p·V: each (row, lane) keeps up to SUPPORT_SLOTS (host
 // constant, `FusedTile::support_slots`: even, at most an eighth of its share of the cache) (p,
-// cache position) pairs in kv_tile after the row reductions' scratch (no chunk is staged
-// between the passes): small supports, where reading only their V rows beats staging every
-// chunk that one of the tile's rows needs.
+// cache position) pairs in kv_tile from WG (no chunk is staged between the passes): small
+// supports, where reading only their V rows beats staging every chunk that one of the tile's
+// rows needs. The lists overlap the second half of solve_tau's scratch, [WG, 2·WG): safe
+// because its loop leaves only through its uniform load, after its last scratch access, and
+// row_reduce's scratch is [0, WG).
 var<workgroup> support_count: array<u32, WG>;
 
 fn support_slot(row: u32, lane: u32, c: u32) -> u32 {

@@ -93,7 +93,8 @@ fn any_thread(a: bool, tick: u32) -> bool {
 // alone). Each iteration's moments and the vote on whether any row still searches share one
 // uniform load (its barriers publish both). The moments alternate between two halves of
 // kv_tile, so the next iteration's writes never meet this one's reads and no third barrier is
-// needed. Call from uniform control flow.
+// needed. The loop leaves only through that load, after its last scratch access: the score
+// cache's support lists, written next, share [WG, 2·WG). Call from uniform control flow.
 fn solve_tau(lid: u32, row: u32, lane: u32, count: u32, m: f32, start: Search, tick: ptr<function, u32>) -> Search {
     var st = start;
     var iterations = 0u;
