@@ -15,9 +15,19 @@ struct LaneIds {
 var<workgroup> lanes_split: atomic<u32>;
 
 // Whether the row groups of `lanes` (a power of two) lanes lie in subgroups, in lane order: the
-// same answer on every thread. Call once, from uniform control flow.
+// same answer on every thread. Besides the ids, each butterfly partner the reductions use is
+// asked for its index: a subgroup made of non-adjacent runs of invocations (which no driver is
+// known to build, and which the ids alone would not reveal) splits row groups. Call once,
+// from uniform control flow.
 fn row_lanes_in_subgroups(ids: LaneIds, lanes: u32) -> bool {
-    if (ids.sg_size % lanes != 0u || ids.sg_lane != ids.lid % ids.sg_size) {
+    var split = ids.sg_size % lanes != 0u || ids.sg_lane != ids.lid % ids.sg_size;
+    // sg_size is uniform in the subgroup, so every shuffle runs on all its invocations.
+    for (var off = 1u; off < min(lanes, ids.sg_size); off *= 2u) {
+        // Outside the `||`, which would skip it on invocations already split.
+        let partner = subgroupShuffleXor(ids.lid, off);
+        split = split || partner != (ids.lid ^ off);
+    }
+    if (split) {
         atomicOr(&lanes_split, 1u);
     }
     return workgroupUniformLoad(&lanes_split) == 0u;

@@ -77,6 +77,10 @@ impl FusedTile {
             format!("dp must be head_dim = {head_dim} rounded up to a multiple of 4")
         } else if self.cap > 0 && self.rc > 0 {
             "cap (pooling entmax) and rc (score-caching entmax) exclude each other".to_string()
+        } else if self.cap > 0 && self.wg.is_multiple_of(self.tq) && !self.cap.is_multiple_of(2 * self.threads_per_row()) {
+            // Two (score, key) pairs share a vec4, and a write to one component may write the
+            // whole vector: each lane's pool must start on a vec4 of its own.
+            "cap must be a multiple of 2 · (wg / tq): an even pool per lane".to_string()
         } else if self.is_entmax() && (!self.wg.is_multiple_of(self.tq) || !self.kc.is_multiple_of(self.threads_per_row()) || self.tq * self.lanes() < self.wg) {
             "the entmax kernels need whole keys per thread: tq must divide wg, wg / tq must divide kc, and tq · lanes >= wg".to_string()
         } else {
@@ -472,6 +476,24 @@ mod tests {
     /// llvmpipe's limits: 32 KiB of workgroup memory.
     fn limits() -> wgpu::Limits {
         wgpu::Limits { max_compute_workgroup_storage_size: 32 << 10, max_compute_invocations_per_workgroup: 256, max_compute_workgroup_size_x: 256, ..wgpu::Limits::default() }
+    }
+
+    #[test]
+    fn pools_must_start_every_lane_on_a_vec4_of_its_own() {
+        // (32, 16, 4, 32): 2 lanes per row, so pools of 4n slots per row keep 2n per lane.
+        let tile = FusedTile { tq: 16, kc: 32, wg: 32, dp: 64, cap: 128, rq: 4, rc: 0 };
+        assert_eq!(tile.layout_problem(32, 32, 64), None);
+        // 2 slots per lane is the smallest even pool; 3 per lane (cap 6) would let two lanes'
+        // pairs share a vec4.
+        assert_eq!(FusedTile { cap: 4, ..tile }.layout_problem(32, 32, 64), None);
+        let odd = FusedTile { cap: 6, ..tile }.layout_problem(32, 32, 64);
+        assert!(odd.as_deref().is_some_and(|p| p.contains("multiple of 2 · (wg / tq)")), "{odd:?}");
+        // Every listed pool candidate meets it.
+        let listed = candidates(32, 32, 64, true, &limits());
+        assert!(listed.iter().any(|t| t.cap > 0), "{listed:?}");
+        for t in listed {
+            assert_eq!(t.layout_problem(32, 32, 64), None, "{t:?}");
+        }
     }
 
     #[test]
