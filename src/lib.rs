@@ -3,7 +3,7 @@
 //! Data flow: a pattern builder ([`patterns`]) produces a [`BlockPattern`]; the planner
 //! ([`gpu::plan`]) validates it against the problem and the adapter's limits and splits the work
 //! into chunks; the kernels (SDDMM → normalise → SpMM, WGSL in `shaders/`) run it; the
-//! [`reference`] computes the same thing on the CPU in f64.
+//! [`reference`](mod@reference) computes the same thing on the CPU in f64.
 //!
 //! ```no_run
 //! use sparse_attn::{patterns::Window, AttentionShape, Engine, Normalizer};
