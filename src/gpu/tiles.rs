@@ -435,9 +435,7 @@ impl TileCache {
             return Some(t);
         }
         let path = std::env::var(ENV_TUNE_CACHE).ok()?;
-        let text = std::fs::read_to_string(path).ok()?;
-        let disk: HashMap<String, FusedTile> = serde_json::from_str(&text).ok()?;
-        let t = disk.get(&key.file_key()).copied()?;
+        let t = read_disk_cache(std::path::Path::new(&path)).ok()?.get(&key.file_key()).copied()?;
         if let Ok(mut m) = self.map.lock() {
             m.insert(key.clone(), t);
         }
@@ -446,13 +444,8 @@ impl TileCache {
 
     pub fn insert(&self, key: TuneKey, tile: FusedTile) {
         if let Ok(path) = std::env::var(ENV_TUNE_CACHE) {
-            let mut disk: HashMap<String, FusedTile> =
-                std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-            disk.insert(key.file_key(), tile);
-            if let Ok(text) = serde_json::to_string_pretty(&disk) {
-                if let Err(e) = std::fs::write(&path, text) {
-                    tracing::warn!("cannot write tile cache {path}: {e}");
-                }
+            if let Err(e) = add_to_disk_cache(std::path::Path::new(&path), &key.file_key(), tile) {
+                tracing::warn!("tile cache {path} not updated: {e}");
             }
         }
         if let Ok(mut m) = self.map.lock() {
@@ -469,6 +462,33 @@ impl TileCache {
     }
 }
 
+/// The tiles of an on-disk cache by file key; a missing file is an empty cache, one that is not a
+/// tile cache (or cannot be read) an error naming why.
+fn read_disk_cache(path: &std::path::Path) -> std::result::Result<HashMap<String, FusedTile>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("not a tile cache: {e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
+        Err(e) => Err(format!("cannot read it: {e}")),
+    }
+}
+
+/// Adds one choice to an on-disk cache: read, add, write a temporary file beside it and rename
+/// it over the cache, so a reader (another process tuning at the same time) never sees half a
+/// file. A file that is not a tile cache is left as it is (an error), not replaced by one
+/// entry. Two processes adding at once may lose one's entry, which is only tuned again.
+fn add_to_disk_cache(path: &std::path::Path, file_key: &str, tile: FusedTile) -> std::result::Result<(), String> {
+    let mut disk = read_disk_cache(path)?;
+    disk.insert(file_key.to_string(), tile);
+    let text = serde_json::to_string_pretty(&disk).map_err(|e| e.to_string())?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot write it: {e}")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,6 +496,32 @@ mod tests {
     /// llvmpipe's limits: 32 KiB of workgroup memory.
     fn limits() -> wgpu::Limits {
         wgpu::Limits { max_compute_workgroup_storage_size: 32 << 10, max_compute_invocations_per_workgroup: 256, max_compute_workgroup_size_x: 256, ..wgpu::Limits::default() }
+    }
+
+    #[test]
+    fn disk_cache_adds_entries_atomically_and_leaves_foreign_files_alone() {
+        let dir = std::env::temp_dir().join(format!("sparse-attn-disk-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tiles.json");
+        let _ = std::fs::remove_file(&path);
+        let a = FusedTile { tq: 16, kc: 32, wg: 32, dp: 64, cap: 128, rq: 4, rc: 0 };
+        let b = FusedTile { tq: 32, kc: 32, wg: 32, dp: 64, cap: 0, rq: 4, rc: 0 };
+        // A missing file is an empty cache; entries accumulate.
+        assert_eq!(read_disk_cache(&path).unwrap().len(), 0);
+        add_to_disk_cache(&path, "a", a).unwrap();
+        add_to_disk_cache(&path, "b", b).unwrap();
+        let disk = read_disk_cache(&path).unwrap();
+        assert_eq!((disk.get("a"), disk.get("b"), disk.len()), (Some(&a), Some(&b), 2));
+        // Only the cache is left in the directory (the temporary file was renamed over it).
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, [std::ffi::OsString::from("tiles.json")]);
+        // A file that is not a tile cache is an error and stays as it was.
+        std::fs::write(&path, "not json").unwrap();
+        let err = add_to_disk_cache(&path, "a", a).unwrap_err();
+        assert!(err.contains("not a tile cache"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "not json");
+        assert!(read_disk_cache(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
