@@ -547,9 +547,20 @@ impl Engine {
         if !self.autotune {
             return Ok(fallback);
         }
-        let best = self.tune(&key, opts).unwrap_or(fallback);
-        self.tiles.insert(key, best);
-        Ok(best)
+        // A tuning where no candidate ran keeps the fallback for this engine only: a later
+        // process (a fixed driver, another adapter state) tunes again rather than reading it
+        // from the disk cache as a timed choice.
+        match self.tune(&key, opts) {
+            Some(best) => {
+                self.tiles.insert(key, best);
+                Ok(best)
+            }
+            None => {
+                tracing::warn!(?key, ?fallback, "no fused tile candidate ran while tuning; using the default tile");
+                self.tiles.remember(key, fallback);
+                Ok(fallback)
+            }
+        }
     }
 
     /// Times each candidate tile (median of `TUNE_REPEATS` runs after one warm-up, in rounds
@@ -596,9 +607,9 @@ impl Engine {
         let heads = tiles::stand_in_heads(n, |heads| {
             let s = stand_in(heads)?;
             let o = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(probe), return_probabilities: false, return_row_stats: false, ..*opts };
-            let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let scope = super::kernels::ErrorScopes::push(&self.device);
             let ms = self.prepare_attention(&s.q, &s.k, &s.v, &s.pattern, &o).and_then(|p| p.time(1, 1)).map(|t| t.median_ms());
-            let failed = pollster::block_on(scope.pop()).is_some();
+            let failed = scope.pop().is_some();
             ms.ok().filter(|_| !failed)
         });
         let StandIn { pattern, q, k, v } = stand_in(heads)?;
@@ -608,9 +619,9 @@ impl Engine {
         let mut prepared = Vec::new();
         for tile in candidates {
             let o = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), return_probabilities: false, return_row_stats: false, ..*opts };
-            let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let scope = super::kernels::ErrorScopes::push(&self.device);
             let warm = self.prepare_attention(&q, &k, &v, &pattern, &o).and_then(|p| p.time(1, 0).map(|_| p));
-            let failed = pollster::block_on(scope.pop()).is_some();
+            let failed = scope.pop().is_some();
             if let (Ok(p), false) = (warm, failed) {
                 prepared.push((tile, p, Vec::with_capacity(TUNE_REPEATS)));
             }
@@ -1447,14 +1458,17 @@ impl PreparedAttention<'_> {
         let mut timer = super::timing::PassTimer::new(&e.device, &e.queue, passes);
         let mut times = RunTimes::default();
         let mut stages: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        let mut incomplete = false;
         for i in 0..warmup + iters {
             let mut encoder = e.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sparse-attn timed run") });
             e.encode_inner(&mut encoder, &self.plan, self.buffers(), &self.pattern, &self.workspace, None, timer.as_mut(), self.mra.as_ref())?;
             if let Some(t) = &timer {
                 t.resolve(&mut encoder);
             }
+            // The clock covers the GPU's work, not the validation and encoding in finish().
+            let commands = encoder.finish();
             let t0 = std::time::Instant::now();
-            e.queue.submit([encoder.finish()]);
+            e.queue.submit([commands]);
             e.wait_idle()?;
             let wall = t0.elapsed().as_secs_f64() * 1e3;
             let per_stage = match timer.as_mut() {
@@ -1463,6 +1477,9 @@ impl PreparedAttention<'_> {
             };
             if i >= warmup {
                 times.wall_ms.push(wall);
+                // A run with an untimed pass (or timestamps out of order) makes every run
+                // wall-clock: a partial sum would pass for the whole.
+                incomplete |= timer.as_ref().is_some_and(|t| t.incomplete());
                 if !per_stage.is_empty() {
                     times.gpu_ms.push(per_stage.values().sum::<f64>() / 1e6);
                     for (k, ns) in per_stage {
@@ -1470,6 +1487,10 @@ impl PreparedAttention<'_> {
                     }
                 }
             }
+        }
+        if incomplete {
+            times.gpu_ms.clear();
+            stages.clear();
         }
         times.stage_ms = stages.iter().map(|(k, v)| (k.clone(), median(v))).collect();
         times.stage_runs_ms = stages;

@@ -302,6 +302,28 @@ impl KernelCache {
     }
 }
 
+/// Error scopes for every kind of wgpu error: validation, out of memory, and internal (a
+/// pipeline the driver fails to compile or link is an internal error, which without a scope
+/// reaches the uncaptured-error handler, whose default panics).
+pub(crate) struct ErrorScopes(Vec<wgpu::ErrorScopeGuard>);
+
+impl ErrorScopes {
+    pub(crate) fn push(device: &wgpu::Device) -> Self {
+        Self([wgpu::ErrorFilter::Validation, wgpu::ErrorFilter::OutOfMemory, wgpu::ErrorFilter::Internal].into_iter().map(|f| device.push_error_scope(f)).collect())
+    }
+
+    /// Pops every scope, innermost first; the first error any of them caught.
+    pub(crate) fn pop(mut self) -> Option<wgpu::Error> {
+        let mut first = None;
+        while let Some(scope) = self.0.pop() {
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                first.get_or_insert(e);
+            }
+        }
+        first
+    }
+}
+
 /// Compiles one WGSL module against an explicit bind-group layout (binding `i` used as
 /// `bindings[i]`): one pipeline per entry point, in order, all sharing the layout. A shader or
 /// pipeline the driver rejects is an `Error::Gpu` naming `label` (not wgpu's default panic).
@@ -332,7 +354,7 @@ pub(crate) fn compile_module(
             count: None,
         })
         .collect();
-    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let scope = ErrorScopes::push(device);
     let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(label), entries: &entries });
     let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
         label: Some(label),
@@ -353,7 +375,7 @@ pub(crate) fn compile_module(
             })
         })
         .collect();
-    if let Some(e) = pollster::block_on(scope.pop()) {
+    if let Some(e) = scope.pop() {
         return Err(crate::Error::Gpu(format!("compiling {label}: {e}")));
     }
     Ok((layout, pipelines))

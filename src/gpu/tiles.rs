@@ -453,6 +453,13 @@ impl TileCache {
         }
     }
 
+    /// Keeps a choice in memory only (not a timed one: never written to the disk cache).
+    pub fn remember(&self, key: TuneKey, tile: FusedTile) {
+        if let Ok(mut m) = self.map.lock() {
+            m.insert(key, tile);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.map.lock().map(|m| m.len()).unwrap_or(0)
     }

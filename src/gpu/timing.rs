@@ -12,6 +12,9 @@ pub struct PassTimer {
     capacity: u32,
     labels: Vec<&'static str>,
     period_ns: f64,
+    /// The last run had a pass without timestamps (capacity used up) or a pass whose end
+    /// preceded its start: its sum is not the run's time.
+    incomplete: bool,
 }
 
 impl PassTimer {
@@ -43,6 +46,7 @@ impl PassTimer {
             capacity,
             labels: Vec::new(),
             period_ns: queue.get_timestamp_period() as f64,
+            incomplete: false,
         })
     }
 
@@ -50,6 +54,7 @@ impl PassTimer {
     pub fn pass_writes(&mut self, label: &'static str) -> Option<wgpu::ComputePassTimestampWrites<'_>> {
         let i = self.labels.len() as u32 * 2;
         if i + 2 > self.capacity {
+            self.incomplete = true;
             return None;
         }
         self.labels.push(label);
@@ -73,10 +78,19 @@ impl PassTimer {
         }
         let ticks: Vec<u64> = engine.read_buffer(&self.read)?;
         for (p, label) in self.labels.iter().enumerate() {
-            let dt = ticks[2 * p + 1].saturating_sub(ticks[2 * p]) as f64 * self.period_ns;
-            *out.entry(*label).or_insert(0.0) += dt;
+            let (start, end) = (ticks[2 * p], ticks[2 * p + 1]);
+            // A counter that wrapped (fewer than 64 valid bits) or a driver's disorder.
+            self.incomplete |= end < start;
+            *out.entry(*label).or_insert(0.0) += end.saturating_sub(start) as f64 * self.period_ns;
         }
         self.labels.clear();
         Ok(out)
+    }
+
+    /// Whether the run last read (and any run since the timer was made) missed a pass or read
+    /// timestamps out of order; its sums then understate the run. Sticky: callers fall back to
+    /// the wall clock for the whole series.
+    pub fn incomplete(&self) -> bool {
+        self.incomplete
     }
 }
