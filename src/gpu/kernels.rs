@@ -324,6 +324,15 @@ impl ErrorScopes {
     }
 }
 
+impl Drop for ErrorScopes {
+    /// Scopes left by an early return close innermost first too (a Vec drops from the front).
+    fn drop(&mut self) {
+        while let Some(scope) = self.0.pop() {
+            drop(scope);
+        }
+    }
+}
+
 /// Compiles one WGSL module against an explicit bind-group layout (binding `i` used as
 /// `bindings[i]`): one pipeline per entry point, in order, all sharing the layout. A shader or
 /// pipeline the driver rejects is an `Error::Gpu` naming `label` (not wgpu's default panic).

@@ -436,9 +436,7 @@ impl TileCache {
         }
         let path = std::env::var(ENV_TUNE_CACHE).ok()?;
         let t = read_disk_cache(std::path::Path::new(&path)).ok()?.get(&key.file_key()).copied()?;
-        if let Ok(mut m) = self.map.lock() {
-            m.insert(key.clone(), t);
-        }
+        self.remember(key.clone(), t);
         Some(t)
     }
 
@@ -448,9 +446,7 @@ impl TileCache {
                 tracing::warn!("tile cache {path} not updated: {e}");
             }
         }
-        if let Ok(mut m) = self.map.lock() {
-            m.insert(key, tile);
-        }
+        self.remember(key, tile);
     }
 
     /// Keeps a choice in memory only (not a timed one: never written to the disk cache).

@@ -344,7 +344,7 @@ impl GpuLowRank {
         };
         let subset_grid = grid((rows as u64 * m as u64).div_ceil(64))?;
         let row_grid = grid(rows as u64)?;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let scope = crate::gpu::kernels::ErrorScopes::push(device);
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("sparse-attn lowrank encoder"),
         });
@@ -378,7 +378,7 @@ impl GpuLowRank {
         }
         encoder.copy_buffer_to_buffer(&out_buf, 0, &out_read, 0, out_buf.size());
         engine.queue().submit([encoder.finish()]);
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = scope.pop() {
             return Err(Error::Gpu(format!("lowrank dispatch: {e}")));
         }
         let to_array =

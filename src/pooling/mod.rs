@@ -215,7 +215,7 @@ impl GpuPooling {
         };
         let emb_read = read("sparse-attn pooling embeddings readback", emb_buf.size());
         let score_read = read("sparse-attn pooling scores readback", score_buf.size());
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let scope = crate::gpu::kernels::ErrorScopes::push(device);
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sparse-attn pooling encoder") });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("sparse-attn pooling pass"), timestamp_writes: None });
@@ -226,7 +226,7 @@ impl GpuPooling {
         encoder.copy_buffer_to_buffer(&emb_buf, 0, &emb_read, 0, emb_buf.size());
         encoder.copy_buffer_to_buffer(&score_buf, 0, &score_read, 0, score_buf.size());
         engine.queue().submit([encoder.finish()]);
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = scope.pop() {
             return Err(Error::Gpu(format!("pooling dispatch: {e}")));
         }
         let ef: Vec<f32> = engine.read_buffer(&emb_read)?;

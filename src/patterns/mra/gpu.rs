@@ -262,7 +262,7 @@ impl GpuMraLowRes {
             k_means_off: u(q_items),
             v_means_off: u(q_items + kv_items),
         };
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let scope = crate::gpu::kernels::ErrorScopes::push(device);
         let init = |label: &'static str, contents: &[u8], usage: wgpu::BufferUsages| device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents, usage });
         let empty = |label: &'static str, elems: usize, usage: wgpu::BufferUsages| {
             device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: (elems.max(1) * 4) as u64, usage, mapped_at_creation: false })
@@ -315,7 +315,7 @@ impl GpuMraLowRes {
             encoder.copy_buffer_to_buffer(from, 0, to, 0, from.size());
         }
         engine.queue().submit([encoder.finish()]);
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = scope.pop() {
             return Err(Error::Gpu(format!("mra lowres dispatch: {e}")));
         }
         Ok(ChunkOut {
