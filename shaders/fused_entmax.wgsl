@@ -384,7 +384,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 if (u >= TPR) {
                     break;
                 }
-                if (c >= pool_kept[rr * TPR + u]) {
+                if (c >= min(pool_kept[rr * TPR + u], CAPL)) {
                     u++;
                     c = 0u;
                     continue;

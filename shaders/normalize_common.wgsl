@@ -30,6 +30,22 @@ fn score_index(ctx: RowCtx, e: u32) -> u32 {
     return tile_of(ctx.slice, b) * (BQ * BK) + ctx.r * BK + e % BK - params.scores_base;
 }
 
+// `scores` and `stats` through guarded accessors: an index past the binding (a wrong window
+// base wraps below zero to a huge u32) reads 0 and writes nothing, instead of wgpu clamping it
+// onto some other row's entry.
+fn score_get(at: u32) -> f32 {
+    if (at < arrayLength(&scores)) {
+        return scores[at];
+    }
+    return 0.0;
+}
+
+fn score_set(at: u32, x: f32) {
+    if (at < arrayLength(&scores)) {
+        scores[at] = x;
+    }
+}
+
 fn element_allowed(ctx: RowCtx, e: u32) -> bool {
     return allowed(ctx.first + e / BK, ctx.qb, ctx.r, e % BK);
 }
@@ -40,7 +56,7 @@ fn row_max_count(ctx: RowCtx, lid: u32) -> vec2<f32> {
     var n = 0.0;
     for (var e = lid; e < ctx.len; e += NT) {
         if (element_allowed(ctx, e)) {
-            m = max(m, scores[score_index(ctx, e)]);
+            m = max(m, score_get(score_index(ctx, e)));
             n += 1.0;
         }
     }
@@ -50,7 +66,9 @@ fn row_max_count(ctx: RowCtx, lid: u32) -> vec2<f32> {
 fn write_stats(w: u32, lid: u32, support: u32, iterations: u32) {
     if (lid == 0u) {
         let at = 2u * (params.row_base * BQ + w) - params.stats_base;
-        stats[at] = support;
-        stats[at + 1u] = iterations;
+        if (at + 1u < arrayLength(&stats)) {
+            stats[at] = support;
+            stats[at + 1u] = iterations;
+        }
     }
 }

@@ -29,7 +29,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         var s2 = 0.0;
         for (var el = lid; el < ctx.len; el += NT) {
             if (element_allowed(ctx, el)) {
-                let x = am1 * (scores[score_index(ctx, el)] - m) - st.tau;
+                let x = am1 * (score_get(score_index(ctx, el)) - m) - st.tau;
                 if (x > 0.0) {
                     let t = moment_terms(x);
                     s0 += t.x;
@@ -50,7 +50,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var s = 0.0;
     for (var el = lid; el < ctx.len; el += NT) {
         if (element_allowed(ctx, el)) {
-            let x = am1 * (scores[score_index(ctx, el)] - m) - tau;
+            let x = am1 * (score_get(score_index(ctx, el)) - m) - tau;
             if (x > 0.0) {
                 s += pow_e(x);
             }
@@ -62,13 +62,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let at = score_index(ctx, el);
         var p = 0.0;
         if (element_allowed(ctx, el) && total > 0.0) {
-            let x = am1 * (scores[at] - m) - tau;
+            let x = am1 * (score_get(at) - m) - tau;
             if (x > 0.0) {
                 p = pow_e(x) / total;
             }
         }
         support += select(0.0, 1.0, p > 0.0);
-        scores[at] = p;
+        score_set(at, p);
     }
     let cnt = reduce_sum(lid, vec4<f32>(support, 0.0, 0.0, 0.0)).x;
     write_stats(w, lid, u32(cnt), iterations);

@@ -20,7 +20,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var sum = 0.0;
     for (var e = lid; e < ctx.len; e += NT) {
         if (element_allowed(ctx, e)) {
-            sum += exp(scores[score_index(ctx, e)] - m);
+            sum += exp(score_get(score_index(ctx, e)) - m);
         }
     }
     var total = reduce_sum(lid, vec4<f32>(sum, 0.0, 0.0, 0.0)).x;
@@ -36,10 +36,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let at = score_index(ctx, e);
         var p = 0.0;
         if (element_allowed(ctx, e) && total > 0.0) {
-            p = exp(scores[at] - m) / total;
+            p = exp(score_get(at) - m) / total;
         }
         support += select(0.0, 1.0, p > 0.0);
-        scores[at] = p;
+        score_set(at, p);
     }
     let n = reduce_sum(lid, vec4<f32>(support, 0.0, 0.0, 0.0)).x;
     write_stats(w, lid, u32(n), 0u);

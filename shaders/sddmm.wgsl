@@ -46,8 +46,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             let r = idx / DC;
             let dd = d0 + idx % DC;
             var x = 0.0;
-            if (qb * BQ + r < params.seq_q && dd < d) {
-                x = f32(q[(q_row0 + r) * d + dd - params.q_base]);
+            // Each index is also checked against its binding (a wrong window base wraps to a huge
+            // u32, which wgpu would clamp silently).
+            let at = (q_row0 + r) * d + dd - params.q_base;
+            if (qb * BQ + r < params.seq_q && dd < d && at < arrayLength(&q)) {
+                x = f32(q[at]);
             }
             q_s[idx] = x;
         }
@@ -55,8 +58,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             let c = idx / DC;
             let dd = d0 + idx % DC;
             var x = 0.0;
-            if (kb * BK + c < params.seq_kv && dd < d) {
-                x = f32(k[(k_row0 + c) * d + dd - params.kv_base]);
+            let at = (k_row0 + c) * d + dd - params.kv_base;
+            if (kb * BK + c < params.seq_kv && dd < d && at < arrayLength(&k)) {
+                x = f32(k[at]);
             }
             k_s[idx] = x;
         }
@@ -71,6 +75,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     let out0 = tile * (BQ * BK) + row * BK - params.scores_base;
     for (var j = 0u; j < CPT; j++) {
-        scores[out0 + lane + j * TPR] = acc[j] * params.scale;
+        let at = out0 + lane + j * TPR;
+        if (at < arrayLength(&scores)) {
+            scores[at] = acc[j] * params.scale;
+        }
     }
 }

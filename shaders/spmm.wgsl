@@ -44,14 +44,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 let key = kb * BK + kc + idx / DCH;
                 let col = col0 + idx % DCH;
                 var x = 0.0;
-                if (key < params.seq_kv && col < d) {
-                    x = f32(v[(v_slice0 + key) * d + col - params.kv_base]);
+                // Each index is also checked against its binding (a wrong window base wraps to a
+                // huge u32, which wgpu would clamp silently).
+                let at = (v_slice0 + key) * d + col - params.kv_base;
+                if (key < params.seq_kv && col < d && at < arrayLength(&v)) {
+                    x = f32(v[at]);
                 }
                 v_s[idx] = x;
             }
             workgroupBarrier();
             for (var kk = 0u; kk < KC; kk++) {
-                let p = scores[p0 + kc + kk];
+                var p = 0.0;
+                if (p0 + kc + kk < arrayLength(&scores)) {
+                    p = scores[p0 + kc + kk];
+                }
                 if (p != 0.0) {
                     for (var j = 0u; j < CPT; j++) {
                         acc[j] += p * v_s[kk * DCH + lane + j * TPR];
@@ -66,7 +72,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let out0 = (slice * params.seq_q + i) * d - params.o_base;
         for (var j = 0u; j < CPT; j++) {
             let col = col0 + lane + j * TPR;
-            if (col < d) {
+            if (col < d && out0 + col < arrayLength(&o)) {
                 // MRA: + weight * N of the row's folded remainder (0 without one).
                 o[out0 + col] = elem(acc[j] + mra_weighted(vrow, row, col));
             }

@@ -487,3 +487,50 @@ fn batched_projection_matches_the_cpu_and_names_non_finite_inputs() {
     b_bad[4] = f32::NAN;
     assert!(matches!(engine.project_batched(&x.view(), &w, &b_bad, rank), Err(Error::NonFinite { tensor: "projection biases", index: 4, .. })));
 }
+
+/// Every Q/K/V load is checked against its binding, not only against the row and head_dim
+/// bounds: a plan whose Q and K/V window bases lie past every index (each index wraps below zero
+/// to a huge u32) reads zeros, so every output row is exactly 0. Unguarded, wgpu clamps those
+/// loads onto the bindings' last elements and the rows come out as V's last row.
+#[test]
+fn loads_past_a_binding_read_zeros_not_clamped_data() {
+    let Some(engine) = engine() else { return };
+    let dev = engine.device();
+    // head_dim 32 takes the fused kernels' vec4 loads, 30 their scalar ones.
+    let cases = [
+        (ExecPath::ThreeKernel, Normalizer::Softmax, 32),
+        (ExecPath::ThreeKernel, Normalizer::ENTMAX15, 30),
+        (ExecPath::Fused, Normalizer::Softmax, 32),
+        (ExecPath::Fused, Normalizer::Softmax, 30),
+        (ExecPath::Fused, Normalizer::ENTMAX15, 32),
+        (ExecPath::Fused, Normalizer::ENTMAX15, 30),
+    ];
+    for (path, normalizer, d) in cases {
+        let shape = AttentionShape::new(1, 2, 40, d);
+        let (q, k, v) = random_qkv((1, 2, 40, d), (1, 2, 40, d), 11, 2.0);
+        let v = v.mapv(|x| x + 2.0); // no V element is 0, so a clamped load cannot pass for a guarded one
+        let pattern = Window::new(12).with_blocks(16, 16).build(&shape).unwrap();
+        let opts = AttentionOptions { path, ..AttentionOptions::new(normalizer) };
+        let mut plan = engine.plan(&shape, &pattern, &opts).expect("plan");
+        assert_eq!(plan.path, path);
+        for chunk in &mut plan.chunks {
+            chunk.params.q_base = chunk.params.q_base.wrapping_add(1 << 30);
+            chunk.params.kv_base = chunk.params.kv_base.wrapping_add(1 << 30);
+        }
+        let upload = |a: &[f32], usage| dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("test input"), contents: bytemuck::cast_slice(a), usage });
+        let (qb, kb, vb) = (upload(q.as_slice().unwrap(), wgpu::BufferUsages::STORAGE), upload(k.as_slice().unwrap(), wgpu::BufferUsages::STORAGE), upload(v.as_slice().unwrap(), wgpu::BufferUsages::STORAGE));
+        // O starts non-zero, so a row the kernels never write fails too.
+        let ob = upload(&vec![7.0f32; 2 * 40 * d], wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC);
+        let bytes = (2 * 40 * d * 4) as u64;
+        let read = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("test read"), size: bytes, usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ, mapped_at_creation: false });
+        let (gp, ws) = (engine.upload_pattern(&pattern), engine.create_workspace(&plan));
+        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("test encode") });
+        engine.encode(&mut enc, &plan, AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob }, &gp, &ws, None, None).expect("encode");
+        enc.copy_buffer_to_buffer(&ob, 0, &read, 0, bytes);
+        engine.queue().submit([enc.finish()]);
+        let got: Vec<f32> = engine.read_buffer(&read).unwrap();
+        if let Some((i, x)) = got.iter().enumerate().find(|(_, x)| **x != 0.0) {
+            panic!("{path:?} {} head_dim {d}: index {i}: got {x}, expected 0 (loads past the binding must read zeros)", normalizer.label());
+        }
+    }
+}
