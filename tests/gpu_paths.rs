@@ -6,7 +6,8 @@ mod common;
 use common::{assert_close, engine, own_engine, random4, random_qkv, tolerance};
 use sparse_attn::gpu::plan::PlanLimits;
 use sparse_attn::patterns::{Dense, RandomBlocks, Window};
-use sparse_attn::{reference, AttentionBuffers, AttentionOptions, AttentionShape, DType, Error, ExecPath, Normalizer};
+use sparse_attn::gpu::plan::Plan;
+use sparse_attn::{reference, AttentionBuffers, AttentionOptions, AttentionShape, BlockPattern, DType, Engine, Error, ExecPath, Normalizer};
 use wgpu::util::DeviceExt;
 
 #[test]
@@ -247,6 +248,25 @@ fn a_forced_tile_that_does_not_fit_is_an_error_on_auto_too() {
     assert_eq!((plan.path, plan.fused), (ExecPath::Fused, Some(entmax_tile)));
 }
 
+/// A buffer holding `data`.
+fn upload(engine: &Engine, data: &[f32], usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    engine.device().create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("test input"), contents: bytemuck::cast_slice(data), usage })
+}
+
+/// Records `plan` through the buffer-level API into the test's own encoder, submits it and reads
+/// O (all of `buffers.o`, which needs COPY_SRC) back.
+fn encode_and_read_o(engine: &Engine, plan: &Plan, pattern: &BlockPattern, buffers: AttentionBuffers<'_>) -> Vec<f32> {
+    let dev = engine.device();
+    let bytes = buffers.o.size();
+    let read = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("test read"), size: bytes, usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ, mapped_at_creation: false });
+    let (gp, ws) = (engine.upload_pattern(pattern), engine.create_workspace(plan));
+    let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("test encode") });
+    engine.encode(&mut enc, plan, buffers, &gp, &ws, None, None).expect("encode");
+    enc.copy_buffer_to_buffer(buffers.o, 0, &read, 0, bytes);
+    engine.queue().submit([enc.finish()]);
+    engine.read_buffer(&read).expect("read O back")
+}
+
 #[test]
 fn buffer_level_call_records_into_callers_encoder() {
     let Some(engine) = engine() else { return };
@@ -256,20 +276,10 @@ fn buffer_level_call_records_into_callers_encoder() {
     let opts = AttentionOptions::new(Normalizer::ENTMAX15);
     let plan = engine.plan(&shape, &pattern, &opts).expect("plan");
     let dev = engine.device();
-    let upload = |a: &ndarray::Array4<f32>| {
-        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("test input"), contents: bytemuck::cast_slice(a.as_slice().unwrap()), usage: wgpu::BufferUsages::STORAGE })
-    };
-    let (qb, kb, vb) = (upload(&q), upload(&k), upload(&v));
-    let bytes = (2 * 64 * 32 * 4) as u64;
-    let ob = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("test o"), size: bytes, usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC, mapped_at_creation: false });
-    let read = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("test read"), size: bytes, usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ, mapped_at_creation: false });
-    let gp = engine.upload_pattern(&pattern);
-    let ws = engine.create_workspace(&plan);
-    let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("test encode") });
-    engine.encode(&mut enc, &plan, AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob }, &gp, &ws, None, None).expect("encode");
-    enc.copy_buffer_to_buffer(&ob, 0, &read, 0, bytes);
-    engine.queue().submit([enc.finish()]);
-    let got: Vec<f32> = engine.read_buffer(&read).unwrap();
+    let input = |a: &ndarray::Array4<f32>| upload(engine, a.as_slice().unwrap(), wgpu::BufferUsages::STORAGE);
+    let (qb, kb, vb) = (input(&q), input(&k), input(&v));
+    let ob = upload(engine, &[0.0; 2 * 64 * 32], wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC);
+    let got = encode_and_read_o(engine, &plan, &pattern, AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob });
     let want = reference::attention(&q, &k, &v, &pattern, Normalizer::ENTMAX15).unwrap();
     assert_close("buffer-level", &got, want.as_slice().unwrap(), tolerance(DType::F32));
 
@@ -495,7 +505,6 @@ fn batched_projection_matches_the_cpu_and_names_non_finite_inputs() {
 #[test]
 fn loads_past_a_binding_read_zeros_not_clamped_data() {
     let Some(engine) = engine() else { return };
-    let dev = engine.device();
     // head_dim 32 takes the fused kernels' vec4 loads, 30 their scalar ones.
     let cases = [
         (ExecPath::ThreeKernel, Normalizer::Softmax, 32),
@@ -517,18 +526,11 @@ fn loads_past_a_binding_read_zeros_not_clamped_data() {
             chunk.params.q_base = chunk.params.q_base.wrapping_add(1 << 30);
             chunk.params.kv_base = chunk.params.kv_base.wrapping_add(1 << 30);
         }
-        let upload = |a: &[f32], usage| dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("test input"), contents: bytemuck::cast_slice(a), usage });
-        let (qb, kb, vb) = (upload(q.as_slice().unwrap(), wgpu::BufferUsages::STORAGE), upload(k.as_slice().unwrap(), wgpu::BufferUsages::STORAGE), upload(v.as_slice().unwrap(), wgpu::BufferUsages::STORAGE));
+        let input = |a: &ndarray::Array4<f32>| upload(engine, a.as_slice().unwrap(), wgpu::BufferUsages::STORAGE);
+        let (qb, kb, vb) = (input(&q), input(&k), input(&v));
         // O starts non-zero, so a row the kernels never write fails too.
-        let ob = upload(&vec![7.0f32; 2 * 40 * d], wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC);
-        let bytes = (2 * 40 * d * 4) as u64;
-        let read = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("test read"), size: bytes, usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ, mapped_at_creation: false });
-        let (gp, ws) = (engine.upload_pattern(&pattern), engine.create_workspace(&plan));
-        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("test encode") });
-        engine.encode(&mut enc, &plan, AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob }, &gp, &ws, None, None).expect("encode");
-        enc.copy_buffer_to_buffer(&ob, 0, &read, 0, bytes);
-        engine.queue().submit([enc.finish()]);
-        let got: Vec<f32> = engine.read_buffer(&read).unwrap();
+        let ob = upload(engine, &vec![7.0f32; 2 * 40 * d], wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC);
+        let got = encode_and_read_o(engine, &plan, &pattern, AttentionBuffers { q: &qb, k: &kb, v: &vb, o: &ob });
         if let Some((i, x)) = got.iter().enumerate().find(|(_, x)| **x != 0.0) {
             panic!("{path:?} {} head_dim {d}: index {i}: got {x}, expected 0 (loads past the binding must read zeros)", normalizer.label());
         }

@@ -602,21 +602,26 @@ impl Engine {
             }
             Some(StandIn { pattern, q, k, v })
         };
+        // `tile` prepared on `s` and run once as a warm-up; None when it failed to build or run
+        // (an error any scope caught counts: the driver may reject a tile the limits allowed).
+        let warmed = |tile: FusedTile, s: &StandIn| {
+            let o = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), return_probabilities: false, return_row_stats: false, ..*opts };
+            let scope = super::kernels::ErrorScopes::push(&self.device);
+            let warm = self.prepare_attention(&s.q, &s.k, &s.v, &s.pattern, &o).and_then(|p| p.time(1, 0).map(|_| p));
+            let failed = scope.pop().is_some();
+            warm.ok().filter(|_| !failed)
+        };
         // How many heads keep the adapter busy, timed on the first candidate; the size it
         // settles on is the last one that ran, whose stand-in is kept.
         let probe = candidates.first().copied()?;
         let mut last_ran: Option<(usize, StandIn)> = None;
         let heads = tiles::stand_in_heads(n, |heads| {
             let s = stand_in(heads)?;
-            let o = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(probe), return_probabilities: false, return_row_stats: false, ..*opts };
-            let scope = super::kernels::ErrorScopes::push(&self.device);
-            let ms = self.prepare_attention(&s.q, &s.k, &s.v, &s.pattern, &o).and_then(|p| p.time(1, 1)).map(|t| t.median_ms());
-            let failed = scope.pop().is_some();
-            let ms = ms.ok().filter(|_| !failed)?;
+            let ms = warmed(probe, &s)?.time(0, 1).ok()?.median_ms();
             last_ran = Some((heads, s));
             Some(ms)
         });
-        let StandIn { pattern, q, k, v } = match last_ran {
+        let s = match last_ran {
             Some((ran, s)) if ran == heads => s,
             _ => stand_in(heads)?,
         };
@@ -625,11 +630,7 @@ impl Engine {
         // score cache), and a cut would silently drop the last ones as candidates are added.
         let mut prepared = Vec::new();
         for tile in candidates {
-            let o = AttentionOptions { path: ExecPath::Fused, fused_tile: Some(tile), return_probabilities: false, return_row_stats: false, ..*opts };
-            let scope = super::kernels::ErrorScopes::push(&self.device);
-            let warm = self.prepare_attention(&q, &k, &v, &pattern, &o).and_then(|p| p.time(1, 0).map(|_| p));
-            let failed = scope.pop().is_some();
-            if let (Ok(p), false) = (warm, failed) {
+            if let Some(p) = warmed(tile, &s) {
                 prepared.push((tile, p, Vec::with_capacity(TUNE_REPEATS)));
             }
         }
